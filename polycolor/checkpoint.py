@@ -1,0 +1,195 @@
+"""The one checkpoint format, used by train, tune, predict and serve.
+
+A directory::
+
+    model.safetensors   the weights (never a pickle); its metadata holds the hash of config.json's model + palette
+    config.json         format version, package version, ModelConfig, palette (name -> RGB), image size,
+                        sha256 of model.safetensors, training metrics when known
+    train_state.pt      optional, training only: optimiser, LR schedule, RNG state, epoch (tensors and
+                        plain containers, loaded with torch.load(weights_only=True))
+
+Written atomically: into a temporary sibling directory, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from polycolor.colors import RGB
+from polycolor.model import ConditionalUNet, ModelConfig
+
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG, TRAIN_STATE = "model.safetensors", "config.json", "train_state.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the reason."""
+
+
+@dataclass
+class Loaded:
+    model: ConditionalUNet
+    palette: dict[str, RGB]
+    metrics: dict = field(default_factory=dict)
+    path: Path | None = None
+
+
+def package_version() -> str:
+    try:
+        return version("polycolor")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def config_sha256(model_config: dict, palette: dict) -> str:
+    return hashlib.sha256(json.dumps({"model": model_config, "palette": palette}, sort_keys=True).encode()).hexdigest()
+
+
+def unwrap(model: torch.nn.Module) -> ConditionalUNet:
+    """The ConditionalUNet inside DDP / torch.compile wrappers."""
+    while not isinstance(model, ConditionalUNet):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model
+
+
+@contextmanager
+def atomic_directory(path: str | Path):
+    """Yield a temporary sibling of ``path`` to fill; on success it replaces ``path`` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write(path: str | Path, model: torch.nn.Module, palette: dict[str, RGB], metrics: dict | None = None,
+          train_state: dict | None = None) -> Path:  # fmt: skip
+    """Write a checkpoint directory at ``path`` atomically, replacing any previous one there."""
+    with atomic_directory(path) as tmp:
+        write_into(tmp, model, palette, metrics, train_state)
+    return Path(path)
+
+
+def export(source: str | Path, path: str | Path) -> Loaded:
+    """Verify the checkpoint at ``source`` and copy its weights and config (no training state) to ``path``."""
+    loaded = load(source)
+    with atomic_directory(path) as tmp:
+        for name in (WEIGHTS, CONFIG):
+            shutil.copyfile(Path(source) / name, tmp / name)
+    return loaded
+
+
+def write_into(directory: Path, model: torch.nn.Module, palette: dict[str, RGB], metrics: dict | None = None,
+               train_state: dict | None = None) -> None:  # fmt: skip
+    """Write the checkpoint files into an existing (e.g. temporary) directory."""
+    directory, model = Path(directory), unwrap(model)
+    model_config = model.cfg.to_dict()
+    palette = {name: list(map(int, rgb)) for name, rgb in palette.items()}
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, directory / WEIGHTS, metadata={"config_sha256": config_sha256(model_config, palette)})
+    config = {
+        "format_version": FORMAT_VERSION,
+        "package_version": package_version(),
+        "model": model_config,
+        "palette": palette,
+        "image_size": model.cfg.image_size,
+        "weights_sha256": file_sha256(directory / WEIGHTS),
+        "metrics": metrics or {},
+    }
+    (directory / CONFIG).write_text(json.dumps(config, indent=2))
+    if train_state is not None:
+        torch.save(train_state, directory / TRAIN_STATE)
+    for name in os.listdir(directory):
+        with open(directory / name, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def read_config(path: str | Path) -> dict:
+    file = Path(path) / CONFIG
+    try:
+        config = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing; a checkpoint directory holds {CONFIG} and {WEIGHTS}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{file}: format_version {config.get('format_version')!r} is not supported; expected {FORMAT_VERSION}")
+    missing = {"model", "palette", "weights_sha256"} - set(config)
+    if missing:
+        raise CheckpointError(f"{file}: missing field(s) {sorted(missing)}")
+    return config
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
+    """Load and verify a checkpoint directory; CheckpointError names the file and what is wrong."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory (expected {CONFIG} and {WEIGHTS} inside)")
+    config = read_config(path)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing")
+    if file_sha256(weights) != config["weights_sha256"]:
+        raise CheckpointError(f"{weights}: sha256 does not match {CONFIG}'s weights_sha256; the file is truncated or altered")
+    try:
+        cfg = ModelConfig(**config["model"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path / CONFIG}: invalid model config ({err})") from None
+    try:
+        with safe_open(weights, "pt") as f:
+            recorded = (f.metadata() or {}).get("config_sha256")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from None
+    if recorded != config_sha256(config["model"], config["palette"]):
+        raise CheckpointError(f"{weights}: was saved with a different model config or palette than {path / CONFIG} records")
+    model = ConditionalUNet(cfg)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as err:
+        raise CheckpointError(f"{weights}: weights do not fit the model config ({str(err).splitlines()[0]})") from None
+    palette = {name: tuple(rgb) for name, rgb in config["palette"].items()}
+    return Loaded(model.to(device).eval(), palette, config.get("metrics", {}), path)
+
+
+def load_train_state(path: str | Path) -> dict | None:
+    """The optimiser / schedule / RNG / epoch state saved beside the weights, or None."""
+    file = Path(path) / TRAIN_STATE
+    if not file.is_file():
+        return None
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt or non-tensor pickles
+        raise CheckpointError(f"{file}: cannot be loaded safely ({type(err).__name__}: {err})") from None

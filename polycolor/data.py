@@ -1,0 +1,321 @@
+"""The polygon dataset on disk: read, validate, and serve it as a torch Dataset.
+
+Layout (the real data's, and what ``polycolor.synth`` writes)::
+
+    DIR/{training,validation}/data.json          [{"input_polygon", "colour", "output_image"}, ...]
+    DIR/{training,validation}/inputs/*.png       black outline on white
+    DIR/{training,validation}/outputs/*.png      white plus the outline and what it encloses in one colour
+
+    python -m polycolor.data check DIR
+    python -m polycolor.data synth OUT --train 1000 --val 100 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as TF
+
+from polycolor.colors import RGB, parse_color
+
+IMAGE_SIZE = 128
+SPLITS = ("training", "validation")
+KEYS = ("input_polygon", "colour", "output_image")
+WHITE = (255, 255, 255)
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be read; the message names the split, row, file and what was expected."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Images -> arrays. Outlines are "ink" masks (True = outline pixel) so zero padding means background.
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode (RGB, RGBA, L, P, 16-bit, ...) -> 8-bit RGB, transparency composited on white."""
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        scale = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        gray = np.clip(np.rint(values / scale * 255), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "P", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE + (255,)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def outline_array(image: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
+    """(size, size) bool ink mask; downscaling keeps any ink in a cell, so thin outlines survive."""
+    ink = torch.from_numpy(np.asarray(to_rgb(image).convert("L")) < 128)[None, None].float()
+    if ink.shape[-2:] != (size, size):
+        if ink.shape[-2] >= size and ink.shape[-1] >= size:
+            ink = F.adaptive_max_pool2d(ink, size)
+        else:
+            ink = F.interpolate(ink, size=(size, size), mode="nearest-exact")
+    return ink[0, 0].numpy() > 0.5
+
+
+def target_array(image: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
+    """(size, size, 3) uint8 RGB, resized nearest-neighbour so no new colours appear."""
+    rgb = to_rgb(image)
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.NEAREST)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def fill_color(target: np.ndarray) -> RGB | None:
+    """The most common non-white colour of a (H, W, 3) target, or None for an all-white one."""
+    paint = target.reshape(-1, 3)
+    paint = paint[(paint != 255).any(axis=1)]
+    if len(paint) == 0:
+        return None
+    values, counts = np.unique(paint, axis=0, return_counts=True)
+    return tuple(int(v) for v in values[counts.argmax()])
+
+
+def open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DatasetError(f"{path}: not a readable image ({err})") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# A split in memory: what the driver reads once and ships to workers through Ray's object store.
+
+
+@dataclass
+class Split:
+    outlines: np.ndarray  # (N, H, W) bool ink
+    targets: np.ndarray  # (N, H, W, 3) uint8
+    colors: list[str]  # the colour name of each pair, as the dataset spells it
+    inputs: list[str] = field(default_factory=list)  # file stem of each outline
+
+    def __len__(self) -> int:
+        return len(self.colors)
+
+    @property
+    def palette(self) -> dict[str, RGB]:
+        """Each colour name -> the RGB its targets actually use."""
+        palette: dict[str, RGB] = {}
+        for name, target in zip(self.colors, self.targets):
+            if name not in palette and (rgb := fill_color(target)) is not None:
+                palette[name] = rgb
+        return palette
+
+    def rgbs(self) -> np.ndarray:
+        """(N, 3) uint8 condition colour per pair: the dataset's palette first, then the CSS table."""
+        palette = self.palette
+        return np.array([parse_color(name, palette) for name in self.colors], dtype=np.uint8)
+
+
+def read_rows(split_dir: Path) -> list[dict]:
+    path = Path(split_dir) / "data.json"
+    try:
+        rows = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file does not exist (expected a split with data.json, inputs/, outputs/)") from None
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(rows, list):
+        raise DatasetError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+    return rows
+
+
+def read_split(split_dir: str | Path, size: int = IMAGE_SIZE) -> Split:
+    """Read and validate one split; DatasetError lists every problem found."""
+    split_dir = Path(split_dir)
+    problems = check_split(split_dir)
+    if problems:
+        raise DatasetError(f"{split_dir} failed its check:\n  " + "\n  ".join(problems))
+    rows = read_rows(split_dir)
+    outlines = {name: outline_array(open_image(split_dir / "inputs" / name), size) for name in {r["input_polygon"] for r in rows}}
+    return Split(
+        outlines=np.stack([outlines[r["input_polygon"]] for r in rows]),
+        targets=np.stack([target_array(open_image(split_dir / "outputs" / r["output_image"]), size) for r in rows]),
+        colors=[r["colour"] for r in rows],
+        inputs=[Path(r["input_polygon"]).stem for r in rows],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation: every problem, each naming split, row, file and what was expected.
+
+
+def check_split(split_dir: Path) -> list[str]:
+    split = split_dir.name
+    try:
+        rows = read_rows(split_dir)
+    except DatasetError as err:
+        return [str(err)]
+    problems: list[str] = []
+    seen: dict[tuple, int] = {}
+    colour_of: dict[str, tuple[RGB, str]] = {}
+    sizes: dict[str, tuple[int, int]] = {}
+    for i, row in enumerate(rows):
+        where = f"{split} row {i}"
+        if not isinstance(row, dict):
+            problems.append(f"{where}: expected an object with keys {list(KEYS)}, got {type(row).__name__}")
+            continue
+        missing, extra = set(KEYS) - set(row), set(row) - set(KEYS)
+        if missing:
+            problems.append(f"{where}: missing key(s) {sorted(missing)}; expected {list(KEYS)}")
+        if extra:
+            problems.append(f"{where}: unexpected key(s) {sorted(extra)}; expected {list(KEYS)}")
+        if missing:
+            continue
+        bad = [k for k in KEYS if not isinstance(row[k], str) or not row[k]]
+        if bad:
+            problems.append(f"{where}: {bad} must be non-empty strings")
+            continue
+        key = tuple(row[k] for k in KEYS)
+        if key in seen:
+            problems.append(f"{where}: duplicates row {seen[key]} ({row['output_image']})")
+        seen.setdefault(key, i)
+        images = {}
+        for folder, name in (("inputs", row["input_polygon"]), ("outputs", row["output_image"])):
+            try:
+                images[folder] = open_image(split_dir / folder / name)
+            except DatasetError:
+                exists = (split_dir / folder / name).is_file()
+                what = "is not a readable image" if exists else "does not exist"
+                problems.append(f"{where}: {folder}/{name} {what}; expected a PNG or JPEG")
+        if len(images) < 2:
+            continue
+        sizes[row["output_image"]] = images["outputs"].size
+        if images["inputs"].size != images["outputs"].size:
+            problems.append(
+                f"{where}: outputs/{row['output_image']} is {images['outputs'].size[0]}x{images['outputs'].size[1]}, "
+                f"expected the size of inputs/{row['input_polygon']} ({images['inputs'].size[0]}x{images['inputs'].size[1]})"
+            )
+        rgb = fill_color(np.asarray(to_rgb(images["outputs"])))
+        if rgb is None:
+            problems.append(f"{where}: outputs/{row['output_image']} is all white; expected a filled polygon")
+            continue
+        first = colour_of.setdefault(row["colour"], (rgb, row["output_image"]))
+        if first[0] != rgb:
+            problems.append(
+                f"{where}: outputs/{row['output_image']} paints colour {row['colour']!r} as {rgb}, "
+                f"but outputs/{first[1]} paints it as {first[0]}; expected one RGB per colour name"
+            )
+    return problems
+
+
+def check(root: str | Path) -> tuple[list[str], list[str]]:
+    """(summary lines, problems) for a dataset root holding training/ and/or validation/."""
+    root = Path(root)
+    if not root.is_dir():
+        return [], [f"{root}: directory does not exist"]
+    present = [s for s in SPLITS if (root / s).is_dir()]
+    if not present:
+        return [], [f"{root}: expected subdirectories {list(SPLITS)} (each with data.json, inputs/, outputs/)"]
+    summary, problems = [], []
+    for name in present:
+        split_problems = check_split(root / name)
+        problems += split_problems
+        if split_problems:
+            continue
+        split = read_split(root / name)
+        sizes = Counter(f"{i.size[0]}x{i.size[1]}" for i in map(open_image, (root / name / "outputs").glob("*.png")))
+        summary.append(f"{name}: {len(split)} pairs, {len(set(split.inputs))} outlines, image sizes {dict(sizes)}")
+        for colour, rgb in sorted(split.palette.items()):
+            summary.append(f"  {colour:<12} {rgb}  x{split.colors.count(colour)}")
+        summary.append("  shapes: " + ", ".join(f"{s} x{n}" for s, n in sorted(Counter(split.inputs).items())))
+    return summary, problems
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch Dataset.
+
+
+class PolygonDataset(Dataset):
+    """Pairs as tensors: outline (1, H, W) ink in {0, 1}, rgb (3,) in [0, 1], target (3, H, W) in [0, 1],
+    token (the colour's index in ``vocabulary``, -1 when absent; used by the ``embedding`` mode).
+
+    With ``augment`` each pair gets the same random flip / 90-degree rotation / small affine on outline
+    and target; the affine fills with white and uses nearest-neighbour, so no new colour appears.
+    """
+
+    def __init__(self, split: Split, vocabulary: Sequence[str] = (), augment: bool = False, affine: bool = False):
+        self.split, self.augment, self.affine = split, augment, affine
+        self.rgb = torch.from_numpy(split.rgbs()).float() / 255
+        index = {name: i for i, name in enumerate(vocabulary)}
+        self.tokens = torch.tensor([index.get(name, -1) for name in split.colors])
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        outline = torch.from_numpy(self.split.outlines[i]).float()[None]  # (1, H, W)
+        target = torch.from_numpy(self.split.targets[i]).permute(2, 0, 1).float() / 255  # (3, H, W)
+        if self.augment:
+            outline, target = augment_pair(outline, target, affine=self.affine)
+        return outline, self.rgb[i], target, self.tokens[i]
+
+
+def augment_pair(outline: torch.Tensor, target: torch.Tensor, affine: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random geometric transform on (1, H, W) outline and (3, H, W) target."""
+    if torch.rand(()) < 0.5:
+        outline, target = outline.flip(-1), target.flip(-1)
+    k = int(torch.randint(4, ()))
+    outline, target = outline.rot90(k, (-2, -1)), target.rot90(k, (-2, -1))
+    if affine:
+        angle = float(torch.empty(()).uniform_(-15, 15))
+        shift = [int(v) for v in torch.randint(-8, 9, (2,))]
+        nearest = TF.InterpolationMode.NEAREST
+        outline = TF.affine(outline, angle=angle, translate=shift, scale=1.0, shear=[0.0], interpolation=nearest, fill=0.0)
+        target = TF.affine(target, angle=angle, translate=shift, scale=1.0, shear=[0.0], interpolation=nearest, fill=1.0)
+    return outline.contiguous(), target.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m polycolor.data", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    check_cmd = commands.add_parser("check", help="validate a dataset directory and summarise it")
+    check_cmd.add_argument("dir", help="dataset root holding training/ and/or validation/")
+    synth_cmd = commands.add_parser("synth", help="write a synthetic dataset in the real layout")
+    synth_cmd.add_argument("out", help="output directory (created)")
+    synth_cmd.add_argument("--train", type=int, default=1000, help="training pairs (default 1000)")
+    synth_cmd.add_argument("--val", type=int, default=100, help="validation pairs (default 100)")
+    synth_cmd.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth_cmd.add_argument("--size", type=int, default=IMAGE_SIZE, help="image size in pixels (default 128)")
+    args = parser.parse_args(argv)
+
+    if args.command == "check":
+        summary, problems = check(args.dir)
+        print("\n".join(summary))
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        print(f"{args.dir}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+        return 1 if problems else 0
+
+    from polycolor import synth
+
+    for name, count, seed in (("training", args.train, args.seed), ("validation", args.val, args.seed + 1)):
+        synth.write_split(synth.generate(count, seed=seed, size=args.size), Path(args.out) / name)
+    print(f"wrote {args.train} training and {args.val} validation pairs to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Colorizer: load a checkpoint once, colour outlines.
+
+    python -m polycolor.predict --checkpoint CKPT --image outline.png --color teal --out teal.png
+    python -m polycolor.predict --checkpoint CKPT --data SPLIT_DIR --out OUT_DIR   # one PNG per data.json row
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from polycolor import checkpoint
+from polycolor.colors import RGB, normalize_name, parse_color, suggestion
+from polycolor.data import outline_array, read_rows
+
+
+class Colorizer:
+    """A loaded model and its palette. ``colorize`` takes any image Pillow reads and a colour string."""
+
+    def __init__(self, model: torch.nn.Module, palette: dict[str, RGB], device: str | torch.device = "cpu", batch_size: int = 64):
+        self.model = model.to(device).eval()
+        self.palette, self.device, self.batch_size = palette, torch.device(device), batch_size
+        self.vocabulary = {normalize_name(n): i for i, n in enumerate(model.cfg.vocabulary)}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None) -> Colorizer:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        loaded = checkpoint.load(path, device=device)
+        return cls(loaded.model, loaded.palette, device)
+
+    @property
+    def image_size(self) -> int:
+        return self.model.cfg.image_size
+
+    @property
+    def conditioning(self) -> str:
+        return self.model.cfg.conditioning
+
+    def parse(self, colour: object) -> tuple[RGB, int]:
+        """(RGB, vocabulary token or -1); ValueError for a colour this checkpoint cannot paint."""
+        rgb = parse_color(colour, self.palette)
+        if self.conditioning != "embedding":
+            return rgb, -1
+        token = self.vocabulary.get(normalize_name(colour))
+        if token is None:
+            names = {n: self.palette.get(n, (0, 0, 0)) for n in self.model.cfg.vocabulary}
+            raise ValueError(f"colour {colour!r} is not in this checkpoint's vocabulary{suggestion(colour, names)}")
+        return rgb, token
+
+    @torch.inference_mode()
+    def colorize_arrays(self, outlines: np.ndarray, colours: Sequence[str]) -> np.ndarray:
+        """(N, H, W) bool ink at the model's size + N colours -> (N, H, W, 3) uint8 RGB."""
+        parsed = [self.parse(c) for c in colours]
+        rgbs = torch.tensor([p[0] for p in parsed], dtype=torch.float32) / 255
+        tokens = torch.tensor([p[1] for p in parsed])
+        out = []
+        for start in range(0, len(outlines), self.batch_size):
+            stop = start + self.batch_size
+            ink = torch.from_numpy(np.asarray(outlines[start:stop])).float()[:, None].to(self.device)
+            tok = tokens[start:stop].to(self.device) if self.conditioning == "embedding" else None
+            image = self.model(ink, rgbs[start:stop].to(self.device), tok, hard=True)  # (B, 3, H, W)
+            out.append((image * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+        return np.concatenate(out) if out else np.empty((0, self.image_size, self.image_size, 3), np.uint8)
+
+    def colorize_batch(self, images: Sequence[Image.Image | str | Path], colours: Sequence[str], original_size: bool = False) -> list[Image.Image]:
+        pils = [Image.open(i) if isinstance(i, (str, Path)) else i for i in images]
+        outlines = np.stack([outline_array(image, self.image_size) for image in pils])
+        results = [Image.fromarray(a) for a in self.colorize_arrays(outlines, colours)]
+        if original_size:
+            results = [r.resize(i.size, Image.Resampling.NEAREST) for r, i in zip(results, pils)]
+        return results
+
+    def colorize(self, image: Image.Image | str | Path, colour: str, original_size: bool = False) -> Image.Image:
+        """The outline filled with ``colour``: 128x128 RGB, or the input's size with ``original_size``."""
+        return self.colorize_batch([image], [colour], original_size)[0]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m polycolor.predict", description="Colour polygon outlines with a checkpoint.")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="one outline image (any format Pillow reads)")
+    source.add_argument("--data", help="a split directory: colour every row of its data.json")
+    parser.add_argument("--color", "--colour", dest="color", help="colour name, #hex or rgb(r,g,b) (with --image)")
+    parser.add_argument("--out", required=True, help="output PNG (with --image) or directory (with --data)")
+    parser.add_argument("--original-size", action="store_true", help="return the input's size, not the model's")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    args = parser.parse_args(argv)
+    if args.image and not args.color:
+        parser.error("--image needs --color")
+
+    try:
+        colorizer = Colorizer.from_checkpoint(args.checkpoint, device=args.device)
+        if args.image:
+            colorizer.colorize(args.image, args.color, args.original_size).save(args.out)
+            print(f"wrote {args.out}")
+            return 0
+        split_dir, out = Path(args.data), Path(args.out)
+        rows = read_rows(split_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for start in range(0, len(rows), colorizer.batch_size):
+            chunk = rows[start : start + colorizer.batch_size]
+            images = [split_dir / "inputs" / r["input_polygon"] for r in chunk]
+            for row, result in zip(chunk, colorizer.colorize_batch(images, [r["colour"] for r in chunk], args.original_size)):
+                result.save(out / row["output_image"])
+        print(f"wrote {len(rows)} images to {out}")
+        return 0
+    except (checkpoint.CheckpointError, ValueError, OSError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Shared fixtures: the real dataset (skipped cleanly when absent), tiny checkpoints, one local Ray."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from polycolor import checkpoint, synth
+from polycolor.model import ConditionalUNet, ModelConfig
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+AYNA = Path(os.environ.get("POLYCOLOR_AYNA_DIR", Path(__file__).resolve().parents[1] / "../shared/datasets/ayna")).resolve()
+
+
+@pytest.fixture(scope="session")
+def ayna() -> Path:
+    if not (AYNA / "training" / "data.json").is_file():
+        pytest.skip(f"real dataset not found at {AYNA} (set POLYCOLOR_AYNA_DIR)")
+    return AYNA
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """A small synthetic dataset in the real layout."""
+    root = tmp_path_factory.mktemp("synth")
+    synth.write_split(synth.generate(24, seed=1), root / "training")
+    synth.write_split(synth.generate(8, seed=2), root / "validation")
+    return root
+
+
+def tiny_model(conditioning: str = "concat", head: str = "mask", seed: int = 0) -> ConditionalUNet:
+    torch.manual_seed(seed)
+    vocabulary = tuple(synth.REAL_PALETTE) if conditioning == "embedding" else ()
+    cfg = ModelConfig(conditioning=conditioning, head=head, base_width=8, multipliers=(1, 2), mid_dilations=(1,), vocabulary=vocabulary)
+    return ConditionalUNet(cfg)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path) -> Path:
+    return checkpoint.write(tmp_path / "ckpt", tiny_model(), synth.REAL_PALETTE, {"pixel_exact": 0.5})
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every Ray-level test of the session, shut down at the end."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,95 @@
+import json
+import pickle
+
+import pytest
+import torch
+
+from polycolor import checkpoint, synth
+from polycolor.checkpoint import CheckpointError
+
+from conftest import tiny_model
+
+
+def test_round_trip_gives_identical_outputs(tmp_path):
+    model = tiny_model("film")
+    path = checkpoint.write(tmp_path / "c", model, synth.REAL_PALETTE, {"pixel_exact": 0.9})
+    loaded = checkpoint.load(path)
+    x, rgb = torch.rand(2, 1, 128, 128), torch.rand(2, 3)
+    assert torch.equal(model.eval()(x, rgb), loaded.model(x, rgb))
+    assert loaded.palette["green"] == (0, 255, 0) and loaded.metrics == {"pixel_exact": 0.9}
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_rewrite_is_atomic_and_leaves_no_temporaries(tmp_path):
+    path = checkpoint.write(tmp_path / "c", tiny_model(seed=1), synth.REAL_PALETTE)
+    checkpoint.write(path, tiny_model(seed=2), synth.REAL_PALETTE)
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]
+    assert torch.equal(checkpoint.load(path).model.out.weight, tiny_model(seed=2).out.weight)
+
+
+def test_truncated_weights_fail_naming_the_file(tiny_checkpoint):
+    weights = tiny_checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="model.safetensors: sha256 does not match"):
+        checkpoint.load(tiny_checkpoint)
+
+
+def test_tampered_weights_fail(tiny_checkpoint):
+    weights = tiny_checkpoint / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="truncated or altered"):
+        checkpoint.load(tiny_checkpoint)
+
+
+def test_swapped_config_is_refused(tmp_path, tiny_checkpoint):
+    other = checkpoint.write(tmp_path / "other", tiny_model("film"), synth.REAL_PALETTE)
+    config = json.loads((other / "config.json").read_text())
+    config["weights_sha256"] = json.loads((tiny_checkpoint / "config.json").read_text())["weights_sha256"]
+    (tiny_checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="different model config or palette"):
+        checkpoint.load(tiny_checkpoint)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: (c / "model.safetensors").unlink(), "model.safetensors: missing"),
+        (lambda c: (c / "config.json").unlink(), "config.json: missing"),
+        (lambda c: (c / "config.json").write_text("{not json"), "config.json: not valid JSON"),
+        (lambda c: (c / "config.json").write_text(json.dumps({"format_version": 99})), "format_version 99 is not supported"),
+    ],
+)
+def test_broken_checkpoints_name_the_file(tiny_checkpoint, edit, message):
+    edit(tiny_checkpoint)
+    with pytest.raises(CheckpointError, match=message):
+        checkpoint.load(tiny_checkpoint)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        checkpoint.load(tmp_path / "nothing")
+
+
+class Exploit:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_malicious_pickle_in_train_state_is_refused_without_side_effects(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tiny_checkpoint / "train_state.pt").write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(CheckpointError, match="train_state.pt: cannot be loaded safely"):
+        checkpoint.load_train_state(tiny_checkpoint)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_train_state_round_trip(tmp_path):
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = {"optimizer": optimizer.state_dict(), "epoch": 3}
+    path = checkpoint.write(tmp_path / "c", model, synth.REAL_PALETTE, train_state=state)
+    assert checkpoint.load_train_state(path)["epoch"] == 3
+    exported = checkpoint.export(path, tmp_path / "best")
+    assert not (tmp_path / "best" / "train_state.pt").exists() and exported.palette

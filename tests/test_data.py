@@ -1,0 +1,147 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from polycolor import data
+from polycolor.data import DatasetError, PolygonDataset, augment_pair, check, outline_array, read_split, target_array
+
+
+def test_real_dataset_passes_check_and_loads(ayna):
+    summary, problems = check(ayna)
+    assert problems == []
+    assert any("training: 56 pairs" in line for line in summary)
+    train, val = read_split(ayna / "training"), read_split(ayna / "validation")
+    assert (len(train), len(val)) == (56, 5)
+    assert train.palette["green"] == (0, 255, 0) and train.palette["purple"] == (128, 0, 128)
+    outline, rgb, target, token = PolygonDataset(train)[0]
+    assert outline.shape == (1, 128, 128) and target.shape == (3, 128, 128) and rgb.shape == (3,)
+    assert set(outline.unique().tolist()) == {0.0, 1.0} and 0 <= target.min() and target.max() <= 1
+
+
+def test_check_cli_exit_codes(ayna, tmp_path, capsys):
+    assert data.main(["check", str(ayna)]) == 0
+    assert "cyan" in capsys.readouterr().out
+    assert data.main(["check", str(tmp_path / "nope")]) == 1
+
+
+def broken_copy(ayna, tmp_path, edit):
+    root = tmp_path / "broken"
+    shutil.copytree(ayna / "validation", root / "validation")
+    rows = json.loads((root / "validation" / "data.json").read_text())
+    edit(root / "validation", rows)
+    (root / "validation" / "data.json").write_text(json.dumps(rows))
+    _, problems = check(root)
+    return problems
+
+
+def _drop_key(d, rows):
+    del rows[1]["colour"]
+
+
+def _extra_key(d, rows):
+    rows[0]["shape"] = "x"
+
+
+def _missing_file(d, rows):
+    (d / "outputs" / rows[2]["output_image"]).unlink()
+
+
+def _not_image(d, rows):
+    (d / "inputs" / rows[0]["input_polygon"]).write_bytes(b"not a png at all")
+
+
+def _colour_disagrees(d, rows):
+    rows[0]["colour"] = rows[1]["colour"]  # blue_octagon's file now claims another row's colour name
+
+
+def _duplicate(d, rows):
+    rows.append(dict(rows[3]))
+
+
+def _size(d, rows):
+    path = d / "outputs" / rows[4]["output_image"]
+    Image.open(path).resize((64, 64)).save(path)
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (_drop_key, "validation row 1: missing key(s) ['colour']"),
+        (_extra_key, "validation row 0: unexpected key(s) ['shape']"),
+        (_missing_file, "validation row 2: outputs/"),
+        (_not_image, "is not a readable image"),
+        (_colour_disagrees, "expected one RGB per colour name"),
+        (_duplicate, "validation row 5: duplicates row 3"),
+        (_size, "is 64x64, expected the size of inputs/"),
+    ],
+)
+def test_each_broken_copy_gives_its_named_error(ayna, tmp_path, edit, expected):
+    problems = broken_copy(ayna, tmp_path, edit)
+    assert any(expected in p for p in problems), problems
+    with pytest.raises(DatasetError, match="failed its check"):
+        read_split(tmp_path / "broken" / "validation")
+
+
+def test_bad_json_is_named(tmp_path):
+    (tmp_path / "validation").mkdir()
+    (tmp_path / "validation" / "data.json").write_text("[{")
+    _, problems = check(tmp_path)
+    assert problems and "data.json: not valid JSON" in problems[0]
+
+
+def outline_image(size=128, width=2):
+    ink = np.zeros((size, size), bool)
+    ink[20:100, 20 : 20 + width] = ink[20:100, 100 - width : 100] = True
+    ink[20 : 20 + width, 20:100] = ink[100 - width : 100, 20:100] = True
+    return ink
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "I;16", "LA"])
+def test_any_image_mode_gives_the_same_outline(mode):
+    ink = outline_image()
+    gray = np.where(ink, 0, 255).astype(np.uint8)
+    image = Image.fromarray(gray.astype(np.uint16) * 257) if mode == "I;16" else Image.fromarray(gray).convert(mode)
+    assert (outline_array(image) == ink).all(), mode
+
+
+def test_transparent_background_counts_as_white():
+    rgba = np.zeros((128, 128, 4), np.uint8)  # fully transparent black...
+    rgba[outline_image()] = (0, 0, 0, 255)  # ...except the opaque outline
+    assert (outline_array(Image.fromarray(rgba, "RGBA")) == outline_image()).all()
+
+
+def test_downscaling_keeps_thin_outlines():
+    big = np.zeros((512, 512), bool)
+    big[80:400, 80] = big[80:400, 399] = big[80, 80:400] = big[399, 80:400] = True  # 1 px in 512 px
+    small = outline_array(Image.fromarray(np.where(big, 0, 255).astype(np.uint8)))
+    filled = ndimage.binary_fill_holes(small)
+    assert filled.sum() > small.sum() + 3000  # still closed: it encloses its interior
+
+
+def test_targets_resize_nearest_without_new_colours():
+    target = np.full((256, 256, 3), 255, np.uint8)
+    target[40:200, 40:200] = (255, 165, 0)
+    colours = {tuple(c) for c in target_array(Image.fromarray(target)).reshape(-1, 3)}
+    assert colours == {(255, 255, 255), (255, 165, 0)}
+
+
+def test_augmentation_keeps_pairs_aligned_and_fills_white(ayna):
+    split = read_split(ayna / "training")
+    torch.manual_seed(0)
+    for i in range(0, 56, 7):
+        outline = torch.from_numpy(split.outlines[i]).float()[None]
+        target = torch.from_numpy(split.targets[i]).permute(2, 0, 1).float() / 255
+        colour = torch.tensor(split.palette[split.colors[i]]) / 255
+        for _ in range(4):
+            o, t = augment_pair(outline, target, affine=True)
+            painted = (t < 1).any(0)
+            # the target is still exactly white or the one colour: nothing black, nothing blended
+            assert ((t == 1).all(0) | (t == colour[:, None, None]).all(0)).all()
+            # every outline pixel is painted: outline and target moved together
+            assert painted[o[0] > 0].all()
+            assert not (o[0] > 0)[~painted].any()

@@ -1,0 +1,54 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from polycolor import checkpoint, predict, synth
+from polycolor.predict import Colorizer
+
+from conftest import tiny_model
+
+
+def test_colorize_any_image_and_original_size(tiny_checkpoint, ayna):
+    colorizer = Colorizer.from_checkpoint(tiny_checkpoint, device="cpu")
+    outline = Image.open(ayna / "training" / "inputs" / "star.png")
+    out = colorizer.colorize(outline, "red")
+    assert out.size == (128, 128) and out.mode == "RGB"
+    big = colorizer.colorize(outline.resize((300, 200)).convert("RGBA"), "#00ff00", original_size=True)
+    assert big.size == (300, 200)
+    colours = {tuple(c) for c in np.asarray(out).reshape(-1, 3)}
+    assert colours <= {(255, 255, 255), (255, 0, 0)}  # exactly white or exactly red
+    batch = colorizer.colorize_batch([outline, outline], ["red", "blue"])
+    assert np.array_equal(np.asarray(batch[0]), np.asarray(out))
+
+
+def test_unknown_colour_suggests_names(tiny_checkpoint):
+    colorizer = Colorizer.from_checkpoint(tiny_checkpoint, device="cpu")
+    with pytest.raises(ValueError, match="did you mean 'red'"):
+        colorizer.colorize(Image.new("RGB", (128, 128), "white"), "redd")
+
+
+def test_embedding_mode_is_a_closed_vocabulary(tmp_path):
+    path = checkpoint.write(tmp_path / "e", tiny_model("embedding"), synth.REAL_PALETTE)
+    colorizer = Colorizer.from_checkpoint(path, device="cpu")
+    assert colorizer.colorize(Image.new("L", (128, 128), 255), "Purple").size == (128, 128)
+    with pytest.raises(ValueError, match="not in this checkpoint's vocabulary"):
+        colorizer.colorize(Image.new("L", (128, 128), 255), "teal")
+
+
+def test_predict_cli_single_and_split(tiny_checkpoint, ayna, tmp_path, capsys):
+    out = tmp_path / "one.png"
+    args = ["--checkpoint", str(tiny_checkpoint), "--image", str(ayna / "validation/inputs/star.png"), "--color", "teal", "--out", str(out)]
+    assert predict.main(args) == 0 and Image.open(out).size == (128, 128)
+    assert predict.main(["--checkpoint", str(tiny_checkpoint), "--data", str(ayna / "validation"), "--out", str(tmp_path / "split")]) == 0
+    rows = json.loads((ayna / "validation" / "data.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "split").iterdir()) == sorted(r["output_image"] for r in rows)
+
+
+def test_predict_cli_errors_are_clear(tiny_checkpoint, tmp_path, capsys):
+    assert predict.main(["--checkpoint", str(tmp_path / "missing"), "--image", "x.png", "--color", "red", "--out", "o.png"]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
+    Image.new("RGB", (10, 10)).save(tmp_path / "x.png")
+    assert predict.main(["--checkpoint", str(tiny_checkpoint), "--image", str(tmp_path / "x.png"), "--color", "nocolour", "--out", str(tmp_path / "o.png")]) == 2
+    assert "unknown colour 'nocolour'" in capsys.readouterr().err

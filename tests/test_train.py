@@ -1,0 +1,145 @@
+"""Ray Train: a real TorchTrainer on the session's local Ray, tiny configs, faults injected for real."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from polycolor import checkpoint, train
+from polycolor.predict import Colorizer
+from polycolor.train import SMOKE, TrainConfig, best_of, build_trainer, train_loop_per_worker
+
+pytestmark = pytest.mark.timeout(300)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def smoke(name: str, **overrides) -> TrainConfig:
+    return TrainConfig(**(SMOKE | dict(name=name, threads=1) | overrides))
+
+
+def epoch_logger(log: Path, crash_at: int | None = None, kill: bool = False, always: bool = False):
+    """after_epoch hook: append the epoch to ``log``; fail the first attempt at ``crash_at`` (``always``: every epoch)."""
+
+    def after_epoch(epoch: int) -> None:
+        import ray.train
+
+        if ray.train.get_context().get_world_rank() != 0:
+            return
+        with open(log, "a") as f:
+            f.write(f"{epoch}\n")
+        marker = log.with_suffix(".crashed")
+        if always or (epoch == crash_at and not marker.exists()):
+            marker.touch()
+            with open(log.with_suffix(".attempts"), "a") as f:
+                f.write("x")
+            if kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError("boom-original: injected failure")
+
+    return after_epoch
+
+
+def epochs(log: Path) -> list[int]:
+    return [int(line) for line in log.read_text().split()]
+
+
+def test_bad_flags_fail_before_ray_starts(tmp_path):
+    for flags, message in [
+        (["--lr", "-1"], "lr = -1.0 is out of range"),
+        (["--conditioning", "clip"], "conditioning 'clip' is unknown"),
+        (["--data", str(tmp_path / "missing")], "directory does not exist"),
+        (["--epochs", "0"], "epochs = 0 is out of range"),
+    ]:
+        done = subprocess.run([sys.executable, "-m", "polycolor.train", *flags], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, (flags, done.stderr)
+        assert "Started a local Ray" not in done.stdout + done.stderr and "Traceback" not in done.stderr
+
+
+def test_two_worker_run_completes_loads_and_logs_to_wandb(ray_session, tmp_path):
+    cfg = smoke("two", workers=2, wandb=True, wandb_dir=str(tmp_path / "wb"))
+    result = build_trainer(cfg, str(tmp_path)).fit()
+    best, metrics = best_of(result)
+    assert metrics["epoch"] == cfg.epochs - 1 and 0 < metrics["pixel_exact"] <= 1
+    with best.as_directory() as directory:
+        exported = checkpoint.export(directory, tmp_path / "best")
+    colorizer = Colorizer.from_checkpoint(tmp_path / "best", device="cpu")
+    assert colorizer.colorize(Image.new("RGB", (128, 128), "white"), "red").size == (128, 128)
+    assert exported.metrics["epoch"] == metrics["epoch"]
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert runs and runs[0].stat().st_size > 0
+
+
+def test_T1_T5_worker_raises_once_resumes_from_checkpoint_and_matches_uninterrupted(ray_session, tmp_path):
+    log = tmp_path / "flaky.log"
+    cfg = smoke("flaky", epochs=4)
+    loop = partial(train_loop_per_worker, after_epoch=epoch_logger(log, crash_at=1))
+    result = build_trainer(cfg, str(tmp_path), max_failures=1, loop=loop).fit()
+    seen = epochs(log)
+    assert seen[:2] == [0, 1] and seen[-1] == 3
+    assert seen[2] in (1, 2), f"resumed from epoch {seen[2]}, not from the last checkpoint"  # never 0
+    assert len(seen) <= 5  # at most one epoch recomputed
+    flaky = best_of(result)[1]
+
+    clean_log = tmp_path / "clean.log"
+    clean = build_trainer(smoke("clean", epochs=4), str(tmp_path), loop=partial(train_loop_per_worker, after_epoch=epoch_logger(clean_log))).fit()
+    assert epochs(clean_log) == [0, 1, 2, 3]
+    steady = best_of(clean)[1]
+    assert abs(flaky["l1"] - steady["l1"]) <= 0.01 * steady["l1"] + 1e-9
+    assert flaky["lr"] == pytest.approx(steady["lr"])  # the LR schedule resumed where it was
+    with clean.checkpoint.as_directory() as a, result.checkpoint.as_directory() as b:
+        wa, wb = checkpoint.load(a).model.state_dict(), checkpoint.load(b).model.state_dict()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_T2_worker_process_sigkilled_resumes(ray_session, tmp_path):
+    log = tmp_path / "killed.log"
+    loop = partial(train_loop_per_worker, after_epoch=epoch_logger(log, crash_at=0, kill=True))
+    result = build_trainer(smoke("killed", epochs=3), str(tmp_path), max_failures=1, loop=loop).fit()
+    seen = epochs(log)
+    assert seen[0] == 0 and seen[-1] == 2 and seen[1] in (0, 1) and len(seen) <= 4
+    assert result.checkpoint is not None
+
+
+def test_T3_failing_every_attempt_stops_after_max_failures_plus_one(ray_session, tmp_path):
+    from ray.train import TrainingFailedError
+
+    log = tmp_path / "doomed.log"
+    loop = partial(train_loop_per_worker, after_epoch=epoch_logger(log, crash_at=0, always=True))
+    with pytest.raises(TrainingFailedError) as err:
+        build_trainer(smoke("doomed"), str(tmp_path), max_failures=2, loop=loop).fit()
+    assert log.with_suffix(".attempts").read_text() == "xxx"
+    assert "boom-original" in str(err.value) or "boom-original" in repr(err.value.__cause__)
+
+
+def test_T4_driver_killed_then_resume_continues_and_keeps_the_right_checkpoints(ray_session, tmp_path):
+    env = os.environ | {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "polycolor.train", "--smoke-test", "--epochs", "8", "--threads", "1",
+               "--storage", str(tmp_path), "--name", "t4", "--keep", "2"]  # fmt: skip
+    driver = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not list((tmp_path / "t4").glob("checkpoint_*")) and time.time() < deadline:
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert list((tmp_path / "t4").glob("checkpoint_*")), "no checkpoint appeared before the deadline"
+
+    again = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert "already exists" in again.stderr  # a reused name never resumes by accident
+    resumed = subprocess.run([*command, "--resume"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    output = resumed.stdout + resumed.stderr
+    start = int(output.split("resuming t4 at epoch ")[1].split()[0])
+    assert start >= 1
+    assert "epoch 8/8" in output
+    kept = sorted((tmp_path / "t4").glob("checkpoint_*"))
+    loaded = [checkpoint.load(path) for path in kept]
+    assert len(kept) == 2
+    best = checkpoint.load(tmp_path / "t4" / "best")
+    assert best.metrics["pixel_exact"] == max(item.metrics["pixel_exact"] for item in loaded)
