@@ -184,6 +184,19 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
     return Loaded(model.to(device).eval(), palette, config.get("metrics", {}), path)
 
 
+def fetch(uri: str, cache: str | Path | None = None) -> Path:
+    """A local copy of a checkpoint at a URI (s3://, gs://, ...) through pyarrow; a local path as is."""
+    if "://" not in uri or uri.startswith("file://"):
+        return Path(uri.removeprefix("file://"))
+    import tempfile
+
+    import pyarrow.fs
+
+    local = Path(cache or tempfile.mkdtemp(prefix="polycolor-ckpt-"))
+    pyarrow.fs.copy_files(uri, str(local), destination_filesystem=pyarrow.fs.LocalFileSystem())
+    return local
+
+
 def load_train_state(path: str | Path) -> dict | None:
     """The optimiser / schedule / RNG / epoch state saved beside the weights, or None."""
     file = Path(path) / TRAIN_STATE

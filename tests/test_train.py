@@ -113,7 +113,7 @@ def test_T3_failing_every_attempt_stops_after_max_failures_plus_one(ray_session,
     log = tmp_path / "doomed.log"
     loop = partial(train_loop_per_worker, after_epoch=epoch_logger(log, crash_at=0, always=True))
     with pytest.raises(TrainingFailedError) as err:
-        build_trainer(smoke("doomed"), str(tmp_path), max_failures=2, loop=loop).fit()
+        build_trainer(smoke("doomed", epochs=6), str(tmp_path), max_failures=2, loop=loop).fit()
     assert log.with_suffix(".attempts").read_text() == "xxx"
     assert "boom-original" in str(err.value) or "boom-original" in repr(err.value.__cause__)
 

@@ -1,0 +1,112 @@
+"""Run the default training recipe and score its best checkpoint where it was never trained.
+
+    python bench/train_quality.py [--ayna ../shared/datasets/ayna] [--out bench/results/quality] [-- extra train flags]
+
+Evaluates on: the real validation split, a fresh synthetic split (unseen poses and colours), and shapes
+the generator never draws (arrow, L, heart, house, crescent-free concave "T") in random CSS/hex colours.
+Prints a table and the wall time, writes results.json and bench/showcase.png (the README's picture).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from polycolor import synth
+from polycolor.colors import parse_color, to_hex
+from polycolor.data import Split, read_split
+from polycolor.evaluate import evaluate_split
+from polycolor.predict import Colorizer
+
+ROOT = Path(__file__).resolve().parents[1]
+BAR = {"pixel_exact": 0.999, "iou": 0.995, "color_error": 2 / 255}
+
+NOVEL = {  # unit-radius outlines the generator never draws
+    "arrow": [(-1, -0.3), (0.2, -0.3), (0.2, -0.7), (1, 0), (0.2, 0.7), (0.2, 0.3), (-1, 0.3)],
+    "ell": [(-0.8, -1), (-0.2, -1), (-0.2, 0.4), (0.8, 0.4), (0.8, 1), (-0.8, 1)],
+    "house": [(-0.8, 1), (-0.8, -0.2), (0, -1), (0.8, -0.2), (0.8, 1)],
+    "tee": [(-1, -1), (1, -1), (1, -0.4), (0.3, -0.4), (0.3, 1), (-0.3, 1), (-0.3, -0.4), (-1, -0.4)],
+    "heart": [(16 * np.sin(t) ** 3 / 17, -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)) / 17) for t in np.linspace(0, 2 * np.pi, 60, endpoint=False)],
+}  # fmt: skip
+
+
+def novel_split(n: int, seed: int = 7) -> Split:
+    rng = np.random.default_rng(seed)
+    names = [c for c in synth.NAMED_COLORS if c not in synth.REAL_PALETTE]
+    outlines, targets, colours, inputs = [], [], [], []
+    while len(outlines) < n:
+        kind = list(NOVEL)[len(outlines) % len(NOVEL)]
+        angle, radius, width = rng.uniform(0, 2 * np.pi), rng.uniform(20, 50), int(rng.integers(1, 5))
+        rotation = np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]])
+        points = np.array(NOVEL[kind]) @ rotation * radius + 64
+        ink = synth.draw_outline(points, width, 128)
+        if ndimage.binary_fill_holes(ink).sum() < ink.sum() + 4:
+            continue  # a 1 px outline that leaks under the 4-connected fill encloses nothing: not a polygon
+        i = len(outlines)
+        name = str(rng.choice(names)) if i % 2 else to_hex(tuple(int(v) for v in rng.integers(0, 200, 3)))
+        target = np.full((128, 128, 3), 255, np.uint8)
+        target[ndimage.binary_fill_holes(ink)] = parse_color(name)
+        outlines.append(ink), targets.append(target), colours.append(name), inputs.append(kind)
+    return Split(np.stack(outlines), np.stack(targets), colours, inputs)
+
+
+def showcase(colorizer: Colorizer, sets: dict[str, Split], path: Path) -> None:
+    """Two rows: outlines, then the model's output, for a few real and unseen samples."""
+    picks = [(sets["real validation"], i) for i in range(len(sets["real validation"]))] + [(sets["unseen shapes"], i) for i in range(5)]
+    top = [np.repeat(np.where(s.outlines[i], 0, 255).astype(np.uint8)[..., None], 3, 2) for s, i in picks]
+    bottom = [colorizer.colorize_arrays(s.outlines[i : i + 1], [s.colors[i]])[0] for s, i in picks]
+    pad = lambda row: np.concatenate([np.pad(t, ((4, 4), (4, 4), (0, 0)), constant_values=235) for t in row], axis=1)  # noqa: E731
+    Image.fromarray(np.concatenate([pad(top), pad(bottom)], axis=0)).save(path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ayna", default=os.environ.get("POLYCOLOR_AYNA_DIR", str(ROOT.parent / "shared/datasets/ayna")))
+    parser.add_argument("--out", default=str(ROOT / "bench/results/quality"))
+    parser.add_argument("--checkpoint", help="score this checkpoint instead of training one")
+    parser.add_argument("train_flags", nargs="*", help="extra flags for python -m polycolor.train (after --)")
+    args = parser.parse_args()
+    out = Path(args.out).resolve()
+    name = f"quality-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    start = time.perf_counter()
+    if args.checkpoint:
+        best, wall = Path(args.checkpoint), None
+    else:
+        command = [sys.executable, "-m", "polycolor.train", "--out", str(out), "--storage", str(out / "runs"), "--name", name, *args.train_flags]
+        print("$", " ".join(command), flush=True)
+        subprocess.run(command, check=True, cwd=ROOT)
+        best, wall = out / "best", time.perf_counter() - start
+
+    colorizer = Colorizer.from_checkpoint(best, device="cpu")
+    sets = {"synthetic held-out": synth.generate(1000, seed=424242), "unseen shapes": novel_split(200)}
+    if (Path(args.ayna) / "validation").is_dir():
+        sets = {"real validation": read_split(Path(args.ayna) / "validation"), "real training": read_split(Path(args.ayna) / "training")} | sets
+    rows = {}
+    print(f"\n{'set':<20} {'pairs':>6} {'pixel_exact':>12} {'iou':>8} {'color_err*255':>14} {'psnr':>7}  bar")
+    for label, split in sets.items():
+        metrics, _, _ = evaluate_split(colorizer, split)
+        ok = all(metrics[k] >= v for k, v in BAR.items() if k != "color_error") and metrics["color_error"] < BAR["color_error"]
+        rows[label] = metrics | {"pairs": len(split), "meets_bar": ok}
+        print(f"{label:<20} {len(split):>6} {metrics['pixel_exact']:>12.6f} {metrics['iou']:>8.5f} "
+              f"{metrics['color_error'] * 255:>14.4f} {metrics['psnr']:>7.2f}  {'yes' if ok else 'NO'}")  # fmt: skip
+    if wall is not None:
+        print(f"\ntraining wall time: {wall:.0f} s ({wall / 60:.1f} min) on {os.cpu_count()} CPUs")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"checkpoint": str(best), "train_wall_s": wall, "sets": rows}, indent=2))
+    if "real validation" in sets:
+        showcase(colorizer, sets, ROOT / "bench" / "showcase.png")
+    return 0 if all(r["meets_bar"] for r in rows.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Training images/s: the plain PyTorch loop vs the Ray Train loop (1 and 2 workers), side by side.
+
+    python bench/train_throughput.py [--pairs 480] [--batch-size 16] [--width 8]
+
+The same model, batch and synthetic data in every case; Ray's figures are the images/s its workers
+measure inside the epoch (start-up excluded). Per-worker ratios compare each Ray worker with a plain loop
+given the same number of threads. Writes bench/results/train_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from polycolor.synth import SyntheticDataset
+from polycolor.train import SMOKE, TrainConfig, build_trainer, init_ray, train_one_epoch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def plain(cfg: TrainConfig, threads: int) -> float:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    from polycolor.model import ConditionalUNet
+
+    model = ConditionalUNet(cfg.model_config())
+    loader = DataLoader(SyntheticDataset(cfg.train_pairs, seed=(0, 0, 0)), batch_size=cfg.batch_size, drop_last=True)
+    optimizer = torch.optim.AdamW(model.parameters(), cfg.lr)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=2 * len(loader))
+    train_one_epoch(model, loader, optimizer, scheduler, cfg.loss, torch.device("cpu"))  # warm-up
+    return train_one_epoch(model, loader, optimizer, scheduler, cfg.loss, torch.device("cpu"))["images_per_s"]
+
+
+def ray_loop(cfg: TrainConfig, workers: int, threads: int, storage: str) -> float:
+    cfg = TrainConfig(**(cfg.to_dict() | dict(workers=workers, threads=threads, epochs=2, train_pairs=cfg.train_pairs * workers,
+                                              name=f"throughput-{workers}")))  # fmt: skip
+    result = build_trainer(cfg, storage).fit()
+    return result.metrics["images_per_s_per_worker"]  # the second (warm) epoch
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=480, help="pairs per worker per epoch")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--width", type=int, default=8)
+    args = parser.parse_args()
+    cfg = TrainConfig(train_pairs=args.pairs, batch_size=args.batch_size, base_width=args.width, val_pairs=SMOKE["val_pairs"])
+    cpus = os.cpu_count() or 2
+
+    figures = {f"plain, {t} thread(s)": plain(cfg, t) for t in sorted({1, cpus})}
+    init_ray(num_cpus=cpus)
+    with tempfile.TemporaryDirectory() as storage:
+        figures[f"ray, 1 worker x {cpus} threads"] = ray_loop(cfg, 1, cpus, storage)
+        figures[f"ray, 2 workers x {max(1, cpus // 2)} thread(s), per worker"] = ray_loop(cfg, 2, max(1, cpus // 2), storage)
+    ratios = {
+        "ray 1 worker / plain (same threads)": figures[f"ray, 1 worker x {cpus} threads"] / figures[f"plain, {cpus} thread(s)"],
+        "ray 2 workers, per worker / plain (same threads)": figures[f"ray, 2 workers x {max(1, cpus // 2)} thread(s), per worker"]
+        / figures[f"plain, {max(1, cpus // 2)} thread(s)"],
+    }
+    for label, value in figures.items():
+        print(f"{label:<45} {value:8.1f} images/s")
+    for label, value in ratios.items():
+        print(f"{label:<45} {value:8.3f}  (goal >= 0.95)")
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_throughput.json").write_text(json.dumps({"config": vars(args), "images_per_s": figures, "ratios": ratios}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,336 @@
+"""Ray Serve deployment of a checkpoint: an HTTP colorize endpoint with batching, limits and clear errors.
+
+    python -m polycolor.serve --checkpoint runs/first/best [--host 127.0.0.1] [--port 8000] [--replicas 1] [--gpu]
+    serve run polycolor.serve:build_app checkpoint=runs/first/best
+
+HTTP surface (nothing else; other methods get 405, other paths 404):
+    POST /colorize   multipart form (image file, color) or JSON {"image": base64, "color": ...} -> image/png
+    GET  /colors     palette, conditioning mode, whether any CSS name / hex works
+    GET  /healthz    200 when a tiny forward pass succeeds
+    GET  /docs       OpenAPI page
+    GET  /           demo page
+Every client error is a 4xx with a JSON body {"error": "..."} that names the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import hmac
+import io
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image, UnidentifiedImageError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from polycolor import checkpoint
+from polycolor.data import outline_array
+from polycolor.predict import Colorizer
+
+ACCEPTED_FORMATS = ("PNG", "JPEG")
+Image.MAX_IMAGE_PIXELS = None  # the service applies its own, smaller pixel cap before decoding
+
+
+@dataclass
+class ServeConfig:
+    checkpoint: str = ""
+    replicas: int = 1
+    gpu: bool = False
+    max_body_mb: float = 10.0
+    max_pixels: int = 4096 * 4096
+    max_batch_size: int = 16
+    batch_wait_s: float = 0.005
+    max_ongoing_requests: int = 64
+    max_queued_requests: int = 256
+
+    @classmethod
+    def from_args(cls, args: dict) -> ServeConfig:
+        """From ``serve run ... key=value`` strings or a config file's ``args``; unknown keys are refused."""
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = set(args) - set(known)
+        if unknown:
+            raise ValueError(f"unknown argument(s) {sorted(unknown)}; expected some of {sorted(known)}")
+        casts = {"int": int, "float": float, "bool": lambda v: str(v).lower() in ("1", "true", "yes"), "str": str}
+        return cls(**{k: casts[known[k]](v) for k, v in args.items()})
+
+
+class ClientError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+app = FastAPI(title="polycolor", description="Colour polygon outlines by colour name.", redoc_url=None)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    messages = {404: f"no such path {request.url.path!r}; see /docs", 405: f"method {request.method} is not allowed on {request.url.path}"}
+    return error(exc.status_code, messages.get(exc.status_code, str(exc.detail)))
+
+
+@app.exception_handler(Exception)
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    return error(500, "internal error; the request was not processed")
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Bytes -> a loaded PIL image, refusing non-PNG/JPEG, oversized and truncated images before decoding."""
+    if not data:
+        raise ClientError(422, "image is empty; expected a PNG or JPEG file")
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise ClientError(422, "image is not a PNG or JPEG that can be read") from None
+    if image.format not in ACCEPTED_FORMATS:
+        raise ClientError(415, f"image format {image.format} is not accepted; expected PNG or JPEG")
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ClientError(413, f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError):
+        raise ClientError(422, "image is truncated or corrupt") from None
+    return image
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``limit`` (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ClientError(413, f"body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ClientError(413, f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse_request(request: Request, limit: int) -> tuple[bytes, object, bool]:
+    """(image bytes, colour, original size?) from a multipart form or a JSON body."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await read_body(request, limit)
+    if content_type == "application/json":
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ClientError(400, "body is not valid JSON") from None
+        if not isinstance(payload, dict):
+            raise ClientError(422, 'JSON body must be an object {"image": "<base64>", "color": "..."}')
+        encoded = payload.get("image")
+        if not isinstance(encoded, str):
+            raise ClientError(422, 'field "image" is missing or not a base64 string')
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise ClientError(400, 'field "image" is not valid base64') from None
+        colour = payload.get("color", payload.get("colour"))
+        size = payload.get("size", "model")
+    elif content_type == "multipart/form-data":
+        request._body = body  # let Starlette parse what was already read under the limit
+        try:
+            form = await request.form(max_files=2, max_fields=8)
+        except Exception:  # python-multipart raises several types for malformed bodies
+            raise ClientError(400, "body is not a valid multipart form") from None
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise ClientError(422, 'form field "image" is missing or not a file')
+        data = await upload.read()
+        colour = form.get("color", form.get("colour"))
+        size = form.get("size", "model")
+    else:
+        raise ClientError(415, f"content type {content_type or 'none'!r} is not accepted; send multipart/form-data or application/json")
+    if colour is None:
+        raise ClientError(422, 'field "color" is missing; expected a name, #hex or rgb(r, g, b)')
+    if size not in ("model", "original"):
+        raise ClientError(422, f'field "size" must be "model" or "original", got {str(size)[:20]!r}')
+    return data, colour, size == "original"
+
+
+def demo_page(colorizer: Colorizer) -> str:
+    """The demo: pick a real shape (drawn here, no dataset needed) or upload one, pick a colour, see it."""
+    from polycolor.synth import REAL_SHAPES, draw_outline, shape_points
+
+    rng = np.random.default_rng(0)
+    options = []
+    for name in REAL_SHAPES:
+        ink = draw_outline(shape_points(name, rng) * 40 + 64, 2, 128)
+        buffer = io.BytesIO()
+        Image.fromarray(np.where(ink, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
+        options.append(f'<option value="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">{name}</option>')
+    names = "".join(f'<option value="{n}">' for n in sorted(colorizer.palette))
+    return DEMO_HTML.replace("{{SHAPES}}", "".join(options)).replace("{{NAMES}}", names)
+
+
+DEMO_HTML = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>polycolor</title>
+<style>body{font-family:sans-serif;max-width:640px;margin:2em auto}img{width:256px;height:256px;image-rendering:pixelated;border:1px solid #ccc}
+label{display:block;margin:.5em 0}#error{color:#b00}</style></head><body>
+<h1>polycolor</h1>
+<label>Shape <select id="shape">{{SHAPES}}</select> or upload <input type="file" id="upload" accept="image/png,image/jpeg"></label>
+<label>Colour <input id="color" list="names" value="red"><datalist id="names">{{NAMES}}</datalist>
+<input type="color" id="picker" value="#ff0000"></label>
+<button id="go">Colorize</button> <span id="error"></span>
+<p><img id="outline" alt="outline"> <img id="result" alt="result"></p>
+<script>
+const $ = id => document.getElementById(id);
+$("picker").oninput = () => { $("color").value = $("picker").value; };
+$("shape").onchange = () => { $("outline").src = $("shape").value; $("upload").value = ""; };
+$("upload").onchange = () => { if ($("upload").files[0]) $("outline").src = URL.createObjectURL($("upload").files[0]); };
+$("outline").src = $("shape").value;
+$("go").onclick = async () => {
+  $("error").textContent = "";
+  const file = $("upload").files[0] || await (await fetch($("shape").value)).blob();
+  const form = new FormData(); form.append("image", file, "outline.png"); form.append("color", $("color").value);
+  const answer = await fetch("colorize", {method: "POST", body: form});
+  if (!answer.ok) { $("error").textContent = (await answer.json()).error; return; }
+  $("result").src = URL.createObjectURL(await answer.blob());
+};
+</script></body></html>"""
+
+
+def authorized(request: Request) -> bool:
+    key = os.environ.get("POLYCOLOR_API_KEY")
+    given = request.headers.get("authorization", "")
+    return not key or hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
+
+
+@serve.deployment(name="Colorizer", health_check_period_s=10, health_check_timeout_s=30)
+@serve.ingress(app)
+class ColorizeService:
+    def __init__(self, config: dict):
+        self.cfg = ServeConfig(**config)
+        device = "cuda" if self.cfg.gpu else "cpu"
+        self.colorizer = Colorizer.from_checkpoint(checkpoint.fetch(self.cfg.checkpoint), device=device)
+        self.limit = int(self.cfg.max_body_mb * 1024 * 1024)
+        self.colorize_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self.colorize_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
+        self.page = demo_page(self.colorizer)
+        self.batch_sizes: list[int] = []  # recent batch sizes, for /healthz and the tests
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def colorize_batch(self, items: list[tuple[np.ndarray, str]]) -> list[np.ndarray]:
+        self.batch_sizes = (self.batch_sizes + [len(items)])[-100:]
+        outlines = np.stack([outline for outline, _ in items])
+        return list(await asyncio.to_thread(self.colorizer.colorize_arrays, outlines, [c for _, c in items]))
+
+    async def check_health(self) -> None:
+        self.colorizer.colorize_arrays(np.zeros((1, self.colorizer.image_size, self.colorizer.image_size), bool), ["red"])
+
+    @app.post("/colorize", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    async def colorize(self, request: Request) -> Response:
+        """Multipart `image` (PNG/JPEG) + `color`, or JSON {"image": base64, "color": ...}; optional `size=original`."""
+        if not authorized(request):
+            return error(401, "missing or wrong API key; send Authorization: Bearer <key>")
+        try:
+            data, colour, original = await parse_request(request, self.limit)
+            image = decode_image(data, self.cfg.max_pixels)
+            try:
+                self.colorizer.parse(colour)
+            except ValueError as err:
+                raise ClientError(422, str(err)) from None
+            outline = outline_array(image, self.colorizer.image_size)
+        except ClientError as err:
+            return error(err.status, err.message)
+        result = Image.fromarray(await self.colorize_batch((outline, colour)))
+        if original:
+            result = result.resize(image.size, Image.Resampling.NEAREST)
+        buffer = io.BytesIO()
+        result.save(buffer, format="PNG")
+        return Response(buffer.getvalue(), media_type="image/png")
+
+    @app.get("/colors")
+    async def colors(self, request: Request) -> JSONResponse:
+        if not authorized(request):
+            return error(401, "missing or wrong API key; send Authorization: Bearer <key>")
+        open_set = self.colorizer.conditioning != "embedding"
+        return JSONResponse({
+            "conditioning": self.colorizer.conditioning,
+            "palette": {n: list(rgb) for n, rgb in self.colorizer.palette.items()},
+            "vocabulary": list(self.colorizer.model.cfg.vocabulary),
+            "any_css_name_or_hex": open_set,
+        })  # fmt: skip
+
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        await self.check_health()
+        return JSONResponse({"status": "ok", "recent_batch_sizes": self.batch_sizes[-20:]})
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index(self) -> HTMLResponse:
+        return HTMLResponse(self.page)
+
+
+
+def build_app(args: dict):
+    """The one application builder: `serve run polycolor.serve:build_app checkpoint=...`, config files, main()."""
+    cfg = ServeConfig.from_args(dict(args))
+    if not cfg.checkpoint:
+        raise ValueError("build_app needs checkpoint=PATH")
+    if "://" not in cfg.checkpoint:
+        checkpoint.load(cfg.checkpoint)  # fail start-up here, naming the file, rather than in every replica
+    return ColorizeService.options(
+        num_replicas=cfg.replicas,
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+        ray_actor_options={"num_cpus": 1, "num_gpus": 1 if cfg.gpu else 0},
+    ).bind(asdict(cfg))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m polycolor.serve", description="Serve a checkpoint over HTTP with Ray Serve.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. runs/NAME/best)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--gpu", action="store_true", help="one GPU per replica")
+    p.add_argument("--max-body-mb", type=float, default=10.0, help="request body limit (413 above it)")
+    p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest accepted image, in pixels")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--batch-wait-s", type=float, default=0.005)
+    p.add_argument("--max-ongoing-requests", type=int, default=64, help="per replica; more are queued")
+    p.add_argument("--max-queued-requests", type=int, default=256, help="beyond this, 503")
+    p.add_argument("--request-timeout-s", type=float, default=30.0, help="408 after this long")
+    args = p.parse_args(argv)
+    try:
+        application = build_app({k: v for k, v in vars(args).items() if k not in ("host", "port", "request_timeout_s")})
+    except (checkpoint.CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), num_cpus=None if os.environ.get("RAY_ADDRESS") else max(2, os.cpu_count() or 2))
+    serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
+    serve.run(application, name="polycolor", route_prefix="/")
+    print(f"[serve] http://{args.host}:{args.port}/  (docs at /docs); Ctrl-C to stop", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    ray.shutdown()
+    print("[serve] stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

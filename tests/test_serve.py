@@ -1,0 +1,239 @@
+"""Ray Serve: the real deployment on the session's local Ray, driven over loopback HTTP with httpx."""
+
+import asyncio
+import base64
+import io
+import os
+import socket
+import struct
+import zlib
+from dataclasses import asdict
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from polycolor import synth
+from polycolor.predict import Colorizer
+from polycolor.serve import ColorizeService, ServeConfig
+
+pytestmark = pytest.mark.timeout(300)
+LIMIT_MB = 0.25
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tmp_path_factory):
+    from ray import serve
+
+    from conftest import tiny_model
+    from polycolor import checkpoint
+
+    path = checkpoint.write(tmp_path_factory.mktemp("serve") / "ckpt", tiny_model(), synth.REAL_PALETTE)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cfg = ServeConfig(checkpoint=str(path), max_body_mb=LIMIT_MB, max_pixels=512 * 512, max_batch_size=8, batch_wait_s=0.05)
+    serve.run(ColorizeService.options(max_ongoing_requests=64).bind(asdict(cfg)), name="main", route_prefix="/")
+    keyed = ServeConfig(checkpoint=str(path))
+    options = {"runtime_env": {"env_vars": {"POLYCOLOR_API_KEY": "s3cret"}}, "num_cpus": 0.5}
+    serve.run(ColorizeService.options(ray_actor_options=options).bind(asdict(keyed)), name="keyed", route_prefix="/keyed")
+    tight = ServeConfig(checkpoint=str(path), max_batch_size=1)
+    serve.run(ColorizeService.options(max_ongoing_requests=1, max_queued_requests=1, ray_actor_options={"num_cpus": 0.5}).bind(asdict(tight)),
+              name="tight", route_prefix="/tight")  # fmt: skip
+    yield {"url": f"http://127.0.0.1:{port}", "port": port, "checkpoint": path}
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def outline(ayna=None) -> bytes:
+    ink = synth.draw_outline(synth.shape_points("star", np.random.default_rng(0)) * 40 + 64, 2, 128)
+    return png_bytes(Image.fromarray(np.where(ink, 0, 255).astype(np.uint8)))
+
+
+def replica_pids() -> set[int]:
+    from ray.util.state import list_actors
+
+    return {a.pid for a in list_actors(filters=[("state", "=", "ALIVE")]) if "main" in (a.class_name or "") or "Colorizer" in (a.class_name or "")}
+
+
+def test_good_request_matches_colorizer_and_json_gives_the_same_png(server, outline):
+    with httpx.Client(base_url=server["url"], timeout=30) as client:
+        form = client.post("/colorize", files={"image": ("o.png", outline, "image/png")}, data={"color": "teal"})
+        body = {"image": base64.b64encode(outline).decode(), "colour": "teal"}
+        as_json = client.post("/colorize", json=body)
+        again = client.post("/colorize", json=body)
+        original = client.post("/colorize", json=body | {"size": "original"})
+    assert form.status_code == 200 and form.headers["content-type"] == "image/png"
+    assert form.content == as_json.content == again.content  # deterministic bytes
+    expected = Colorizer.from_checkpoint(server["checkpoint"], device="cpu").colorize(Image.open(io.BytesIO(outline)), "teal")
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(form.content))), np.asarray(expected))
+    assert Image.open(io.BytesIO(original.content)).size == (128, 128)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "I;16", "JPEG", "odd-size"])
+def test_every_accepted_variant_gives_a_valid_png(server, outline, mode):
+    image = Image.open(io.BytesIO(outline))
+    if mode == "JPEG":
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="JPEG")
+        data = buffer.getvalue()
+    elif mode == "odd-size":
+        data = png_bytes(image.resize((97, 61)))
+    elif mode == "I;16":
+        data = png_bytes(Image.fromarray(np.asarray(image.convert("L")).astype(np.uint16) * 257))
+    else:
+        data = png_bytes(image.convert(mode))
+    answer = httpx.post(f"{server['url']}/colorize", files={"image": ("x", data)}, data={"color": "#123456", "size": "original"}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert Image.open(io.BytesIO(answer.content)).format == "PNG"
+
+
+def truncated(outline):
+    return outline[: len(outline) // 2]
+
+
+MALFORMED = {
+    "empty body": dict(content=b"", headers={"content-type": "application/json"}),
+    "random bytes as image": dict(files={"image": ("x.png", os.urandom(300))}, data={"color": "red"}),
+    "truncated image": dict(files={"image": ("x.png", "TRUNC")}, data={"color": "red"}),
+    "text file as image": dict(files={"image": ("x.txt", b"hello, I am not an image")}, data={"color": "red"}),
+    "missing image field": dict(data={"color": "red"}, files={"other": ("x", b"1")}),
+    "missing colour": dict(files={"image": ("x.png", "GOOD")}),
+    "unknown colour": dict(files={"image": ("x.png", "GOOD")}, data={"color": "redd"}),
+    "colour of the wrong type": dict(json={"image": "GOOD64", "color": 12}),
+    "colour of 10k characters": dict(files={"image": ("x.png", "GOOD")}, data={"color": "r" * 10_000}),
+    "empty colour": dict(files={"image": ("x.png", "GOOD")}, data={"color": ""}),
+    "wrong content type": dict(content=b"image=1", headers={"content-type": "text/plain"}),
+    "malformed JSON": dict(content=b'{"image": ', headers={"content-type": "application/json"}),
+    "malformed multipart": dict(content=b"--xx\r\nnonsense", headers={"content-type": "multipart/form-data; boundary=xx"}),
+    "malformed base64": dict(json={"image": "!!!not base64!!!", "color": "red"}),
+    "GIF instead of PNG": dict(files={"image": ("x.gif", "GIF")}, data={"color": "red"}),
+}
+
+
+def realise(kwargs: dict, outline: bytes) -> dict:
+    gif = io.BytesIO()
+    Image.new("L", (8, 8)).save(gif, format="GIF")
+    swap = {"GOOD": outline, "TRUNC": truncated(outline), "GIF": gif.getvalue()}
+    out = dict(kwargs)
+    if "files" in out:
+        out["files"] = {k: (name, swap.get(v, v) if isinstance(v, str) else v) for k, (name, v) in out["files"].items()}
+    if "json" in out and out["json"].get("image") == "GOOD64":
+        out["json"] = out["json"] | {"image": base64.b64encode(outline).decode()}
+    return out
+
+
+def test_malformed_requests_get_named_4xx_and_the_replica_survives(server, outline):
+    before = replica_pids()
+    with httpx.Client(base_url=server["url"], timeout=10) as client:
+        for label, kwargs in MALFORMED.items():
+            for _ in range(3):
+                answer = client.post("/colorize", **realise(kwargs, outline))
+                assert 400 <= answer.status_code < 500, (label, answer.status_code, answer.text)
+                assert answer.elapsed.total_seconds() < 2, label
+                body = answer.json()
+                assert set(body) == {"error"} and body["error"], label
+                assert "Traceback" not in answer.text and "/work" not in answer.text and "site-packages" not in answer.text
+        unknown = client.post("/colorize", **realise(MALFORMED["unknown colour"], outline)).json()["error"]
+        assert "did you mean 'red'" in unknown
+        assert client.get("/colorize").status_code == 405 and client.get("/colorize").json()["error"]
+        assert client.delete("/colors").status_code == 405
+        assert client.get("/nope").status_code == 404 and "error" in client.get("/nope").json()
+        assert client.post("/colorize", files={"image": ("o.png", outline)}, data={"color": "red"}).status_code == 200
+    assert replica_pids() == before
+
+
+def padded_png(outline: bytes, total: int) -> bytes:
+    return outline + b"\0" * (total - len(outline))  # bytes after IEND are ignored by decoders
+
+
+def test_body_size_boundary_and_chunked_overflow(server, outline):
+    limit = int(LIMIT_MB * 1024 * 1024)
+    with httpx.Client(base_url=server["url"], timeout=30) as client:
+        under = client.post("/colorize", files={"image": ("o.png", padded_png(outline, limit - 1024))}, data={"color": "red"})
+        over = client.post("/colorize", files={"image": ("o.png", padded_png(outline, limit + 1))}, data={"color": "red"})
+
+        def chunks():
+            for _ in range(limit // 65536 + 4):
+                yield b"\0" * 65536
+
+        chunked = client.post("/colorize", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+    assert under.status_code == 200, under.text
+    assert over.status_code == 413 and str(limit) in over.json()["error"]
+    assert chunked.status_code == 413
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares width x height pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_without_decoding(server, outline):
+    with httpx.Client(base_url=server["url"], timeout=10) as client:
+        bomb = client.post("/colorize", files={"image": ("b.png", bomb_png(100_000, 100_000))}, data={"color": "red"})
+        near = client.post("/colorize", files={"image": ("o.png", png_bytes(Image.new("L", (512, 512), 255)))}, data={"color": "red"})
+    assert bomb.status_code == 413 and "limit is 262144" in bomb.json()["error"]
+    assert near.status_code == 200  # exactly at the cap
+
+
+def test_fifty_concurrent_requests_succeed_in_batches(server, outline):
+    async def fire():
+        async with httpx.AsyncClient(base_url=server["url"], timeout=60) as client:
+            return await asyncio.gather(*(client.post("/colorize", files={"image": ("o.png", outline)}, data={"color": "red"}) for _ in range(50)))
+
+    answers = asyncio.run(fire())
+    assert [a.status_code for a in answers] == [200] * 50
+    assert len({a.content for a in answers}) == 1
+    sizes = httpx.get(f"{server['url']}/healthz").json()["recent_batch_sizes"]
+    assert max(sizes) > 1
+
+
+def test_backpressure_answers_the_excess_with_503(server, outline):
+    big = png_bytes(Image.open(io.BytesIO(outline)).resize((512, 512)))
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=server["url"], timeout=60) as client:
+            return await asyncio.gather(*(client.post("/tight/colorize", files={"image": ("o.png", big)}, data={"color": "red"}) for _ in range(24)))
+
+    codes = [a.status_code for a in asyncio.run(fire())]
+    assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) > 0
+
+
+def test_api_key_is_enforced_when_set(server, outline):
+    url = f"{server['url']}/keyed/colorize"
+    files, data = {"image": ("o.png", outline)}, {"color": "red"}
+    assert httpx.post(url, files=files, data=data).status_code == 401
+    assert httpx.post(url, files=files, data=data, headers={"authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.post(url, files=files, data=data, headers={"authorization": "Bearer s3cret"}, timeout=30).status_code == 200
+
+
+def test_colors_healthz_docs_and_demo_page(server):
+    with httpx.Client(base_url=server["url"], timeout=10) as client:
+        colors = client.get("/colors").json()
+        assert colors["palette"]["green"] == [0, 255, 0] and colors["any_css_name_or_hex"] is True
+        assert client.get("/healthz").json()["status"] == "ok"
+        assert "openapi" in client.get("/docs").text.lower()
+        page = client.get("/").text
+        assert "data:image/png;base64," in page and "octagon" in page
+
+
+def test_listens_on_loopback_only(server):
+    listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == server["port"]]
+    assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening)

@@ -1,0 +1,214 @@
+"""Hyperparameter search: Ray Tune + Optuna (seeded TPE) + ASHA over polycolor.train's TorchTrainer runs.
+
+    python -m tune.search                          # local Ray, synthetic data, a laptop-sized budget
+    python -m tune.search --smoke-test             # a tiny search in a few minutes
+    python -m tune.search --name s1 --resume       # continue an interrupted search
+    ray job submit --working-dir . -- python -m tune.search --smoke-test
+
+Each trial is a function that builds a TorchTrainer and reports through TuneReportCallback. At the end:
+a table of every trial, the best config, the best checkpoint exported to STORAGE/NAME/best/,
+results.json, results.csv and curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from polycolor import checkpoint
+from polycolor.model import CONDITIONING_MODES
+from polycolor.train import LOSSES, SCORE, TrainConfig, build_trainer, init_ray, run_exists, storage_path
+
+SEARCHED = ("lr", "loss", "conditioning", "batch_size", "base_width")
+RECIPE = {"lr": 3e-3, "loss": "bce", "conditioning": "concat", "batch_size": 16, "base_width": 8}  # the default recipe, tried first
+
+
+def search_space() -> dict:
+    from ray import tune
+
+    return {
+        "lr": tune.loguniform(1e-4, 1e-2),
+        "loss": tune.choice(list(LOSSES)),
+        "conditioning": tune.choice(list(CONDITIONING_MODES)),
+        "batch_size": tune.choice([8, 16, 32]),
+        "base_width": tune.choice([8, 16]),
+    }
+
+
+def trainable(config: dict) -> None:
+    """One trial: a TorchTrainer run named after the trial, so a restored trial resumes its own run."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    base = dict(config["base"])
+    trial_id = tune.get_context().get_trial_id()
+    cfg = TrainConfig(**(base | {k: config[k] for k in SEARCHED} | {"name": f"{config['search_name']}-{trial_id}"}))
+    build_trainer(cfg, config["storage"], max_failures=config["max_failures"], callbacks=[TuneReportCallback()]).fit()
+
+
+def trial_rows(grid, max_epochs: int) -> list[dict]:
+    """One row per trial: its config, final and best metrics, and how it ended."""
+    rows = []
+    for result in grid:
+        frame = result.metrics_dataframe
+        metrics = result.metrics or {}
+        epochs = int(frame["epoch"].max()) + 1 if frame is not None and "epoch" in frame else 0
+        diverged = bool(metrics.get("diverged")) or not math.isfinite(metrics.get("train_loss", 0.0))
+        status = "error" if result.error else "diverged" if diverged else "stopped early" if epochs < max_epochs else "finished"
+        best_path, best_score = None, -1.0
+        if frame is not None and "checkpoint_path" in frame and not diverged:
+            ranked = frame.dropna(subset=["checkpoint_path"]).sort_values([SCORE, "l1"], ascending=[False, True])
+            for _, row in ranked.iterrows():
+                if Path(row["checkpoint_path"]).exists() or "://" in str(row["checkpoint_path"]):
+                    best_path, best_score = row["checkpoint_path"], float(row[SCORE])
+                    break
+        rows.append({
+            "trial": result.path.rsplit("/", 1)[-1].split("_")[1] if result.path else "?",
+            **{k: result.config.get(k) for k in SEARCHED},
+            "epochs": epochs, "status": status, "best_" + SCORE: best_score,
+            **{k: metrics.get(k) for k in (SCORE, "iou", "color_error", "l1", "psnr", "train_loss")},
+            "checkpoint": best_path, "error": str(result.error).splitlines()[0] if result.error else None,
+        })  # fmt: skip
+    return rows
+
+
+def write_outputs(rows: list[dict], grid, out: Path) -> dict | None:
+    """Print the table, write results.json / results.csv / curves.png, export best/; return the best row."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    header = f"{'trial':<12}{'lr':>9} {'loss':>5} {'cond':>10} {'bs':>3} {'w':>3} {'ep':>3} {'best exact':>11} {'status':>14}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for r in rows:
+        print(f"{r['trial']:<12}{r['lr']:>9.2e} {r['loss']:>5} {r['conditioning']:>10} {r['batch_size']:>3} {r['base_width']:>3} "
+              f"{r['epochs']:>3} {r['best_' + SCORE]:>11.6f} {r['status']:>14}")  # fmt: skip
+    candidates = [r for r in rows if r["status"] in ("finished", "stopped early") and r["checkpoint"]]
+    best = max(candidates, key=lambda r: r["best_" + SCORE], default=None)
+    (out / "results.json").write_text(json.dumps({"best": best, "trials": rows}, indent=2, default=str))
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial"])
+        writer.writeheader()
+        writer.writerows(rows)
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for result, row in zip(grid, rows):
+        frame = result.metrics_dataframe
+        if frame is not None and SCORE in frame:
+            axis.plot(frame["epoch"] + 1, frame[SCORE], marker="o", label=f"{row['trial']} {row['conditioning']} {row['loss']}")
+    axis.set(xlabel="epoch", ylabel=f"validation {SCORE}", title="polycolor search")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / "curves.png", dpi=100)
+    if best is None:
+        print("no trial produced a usable checkpoint")
+        return None
+    checkpoint_dir = best["checkpoint"]
+    from ray.train import Checkpoint
+
+    with Checkpoint(checkpoint_dir).as_directory() as directory:
+        checkpoint.export(directory, out / "best")
+    print(f"\nbest trial {best['trial']}: " + ", ".join(f"{k}={best[k]}" for k in SEARCHED))
+    print(f"best {SCORE} {best['best_' + SCORE]:.6f}; checkpoint exported to {out / 'best'}")
+    return best
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tune.search", description="Search polycolor's hyperparameters with Ray Tune and Optuna.")
+    p.add_argument("--data", default="synthetic", help="'synthetic' (default) or a dataset directory")
+    p.add_argument("--num-samples", type=int, default=8, help="trials in total (default 8)")
+    p.add_argument("--max-epochs", type=int, default=4, help="epochs of a trial that ASHA never stops (default 4)")
+    p.add_argument("--train-pairs", type=int, default=1500, help="training pairs per epoch (default 1500)")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers in each trial")
+    p.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per trial, split over its workers (default: 1 per worker when the cluster has GPUs)")
+    p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (torch threads) per training worker")
+    p.add_argument("--max-failures", type=int, default=1, help="worker-failure retries inside each trial")
+    p.add_argument("--storage", default="runs", help="local path or URI (s3://, gs://) for trials and results (default ./runs)")
+    p.add_argument("--name", default=None, help="search name (default polycolor-search-TIMESTAMP)")
+    p.add_argument("--resume", action="store_true", help="continue the search STORAGE/NAME")
+    p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler and of training")
+    p.add_argument("--wandb", action="store_true", help="log every trial as a wandb run in one group (offline without WANDB_API_KEY)")
+    p.add_argument("--smoke-test", action="store_true", help="a tiny search: 3 trials, tiny model and data")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    name = args.name or f"polycolor-search-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = storage_path(args.storage)
+    base = dict(data=args.data, train_pairs=args.train_pairs, epochs=args.max_epochs, seed=args.seed, workers=args.workers_per_trial,
+                threads=args.cpus_per_worker)  # fmt: skip
+    num_samples = args.num_samples
+    if args.smoke_test:
+        base |= dict(epochs=2, levels=2, train_pairs=48, val_pairs=32)
+        num_samples = min(num_samples, 3)
+    try:
+        TrainConfig(**base)
+        if args.data != "synthetic":
+            raise ValueError("--data: the search runs on synthetic data for now; train on a dataset with python -m polycolor.train --data")
+        if num_samples < 1 or args.max_epochs < 1:
+            raise ValueError("--num-samples and --max-epochs must be >= 1")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    exists = run_exists(storage, name)
+    if exists != args.resume:
+        why = f"no search {name!r} under {storage} to resume" if args.resume else f"a search {name!r} already exists under {storage}; pass --resume or another --name"
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    # Trial drivers are mostly idle: one spare logical CPU lets them run beside their workers.
+    init_ray(num_cpus=(os.cpu_count() or 1) + 1)
+    resources = ray.cluster_resources()
+    use_gpu = resources.get("GPU", 0) > 0 if args.gpus_per_trial is None else args.gpus_per_trial > 0
+    base |= {"use_gpu": use_gpu, "loader_workers": 4 if use_gpu else 0, "wandb": False}
+    per_trial_cpu = 0.25 + args.workers_per_trial * args.cpus_per_worker
+    concurrency = max(1, int(resources.get("CPU", 1) // per_trial_cpu))
+    if use_gpu:
+        concurrency = min(concurrency, max(1, int(resources.get("GPU", 0) // args.workers_per_trial)))
+    print(f"[search] {name}: {num_samples} trials, up to {concurrency} at once, {'GPU' if use_gpu else 'CPU'}, storage {storage}", flush=True)
+
+    trainable_fn = tune.with_resources(trainable, {"cpu": 0.25})
+    param_space = search_space() | {"base": base, "storage": storage, "search_name": name, "max_failures": args.max_failures}
+    callbacks = []
+    if args.wandb:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        if not os.environ.get("WANDB_API_KEY"):
+            os.environ.setdefault("WANDB_MODE", "offline")
+        callbacks.append(WandbLoggerCallback(project="polycolor", group=name, excludes=["base"]))
+    if args.resume:
+        tuner = tune.Tuner.restore(f"{storage}/{name}", trainable_fn, resume_errored=True, param_space=param_space)
+    else:
+        searcher = OptunaSearch(points_to_evaluate=[RECIPE], seed=args.seed)
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=args.max_epochs, grace_period=1, reduction_factor=2)
+        tuner = tune.Tuner(
+            trainable_fn,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(metric=SCORE, mode="max", search_alg=searcher, scheduler=scheduler,
+                                        num_samples=num_samples, max_concurrent_trials=concurrency),  # fmt: skip
+            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, failure_config=tune.FailureConfig(max_failures=0)),
+        )
+    grid = tuner.fit()
+    rows = trial_rows(grid, args.max_epochs)
+    out = Path(storage) / name if "://" not in storage else Path("runs") / name
+    best = write_outputs(rows, grid, out)
+    return 0 if best is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
