@@ -12,8 +12,6 @@ HTTP surface (nothing else; other methods get 405, other paths 404):
 Every client error is a 4xx with a JSON body {"error": "..."} that names the problem.
 """
 
-from __future__ import annotations
-
 import argparse
 import asyncio
 import base64
@@ -30,6 +28,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from ray import serve
@@ -56,13 +55,13 @@ class ServeConfig:
     max_queued_requests: int = 256
 
     @classmethod
-    def from_args(cls, args: dict) -> ServeConfig:
+    def from_args(cls, args: dict) -> "ServeConfig":
         """From ``serve run ... key=value`` strings or a config file's ``args``; unknown keys are refused."""
         known = {f.name: f.type for f in fields(cls)}
         unknown = set(args) - set(known)
         if unknown:
             raise ValueError(f"unknown argument(s) {sorted(unknown)}; expected some of {sorted(known)}")
-        casts = {"int": int, "float": float, "bool": lambda v: str(v).lower() in ("1", "true", "yes"), "str": str}
+        casts = {int: int, float: float, bool: lambda v: str(v).lower() in ("1", "true", "yes"), str: str}
         return cls(**{k: casts[known[k]](v) for k, v in args.items()})
 
 
@@ -83,6 +82,11 @@ app = FastAPI(title="polycolor", description="Colour polygon outlines by colour 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     messages = {404: f"no such path {request.url.path!r}; see /docs", 405: f"method {request.method} is not allowed on {request.url.path}"}
     return error(exc.status_code, messages.get(exc.status_code, str(exc.detail)))
+
+
+@app.exception_handler(RequestValidationError)
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return error(422, "request does not match the documented form; see /docs")
 
 
 @app.exception_handler(Exception)

@@ -76,7 +76,7 @@ def test_good_request_matches_colorizer_and_json_gives_the_same_png(server, outl
         as_json = client.post("/colorize", json=body)
         again = client.post("/colorize", json=body)
         original = client.post("/colorize", json=body | {"size": "original"})
-    assert form.status_code == 200 and form.headers["content-type"] == "image/png"
+    assert form.status_code == 200 and form.headers["content-type"] == "image/png", form.text
     assert form.content == as_json.content == again.content  # deterministic bytes
     expected = Colorizer.from_checkpoint(server["checkpoint"], device="cpu").colorize(Image.open(io.BytesIO(outline)), "teal")
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(form.content))), np.asarray(expected))
