@@ -237,3 +237,51 @@ def test_colors_healthz_docs_and_demo_page(server):
 def test_listens_on_loopback_only(server):
     listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == server["port"]]
     assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening)
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)), reason="chromium and chromedriver not installed")
+def test_demo_page_in_a_real_browser(server, tmp_path):
+    pytest.importorskip("selenium")
+    import torch
+    from ray import serve
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from conftest import tiny_model
+    from polycolor import checkpoint
+
+    model = tiny_model()
+    with torch.no_grad():
+        model.out.bias.fill_(10.0)  # paints every pixel: the colour the user picked must come back
+    path = checkpoint.write(tmp_path / "paint", model, synth.REAL_PALETTE)
+    serve.run(ColorizeService.options(ray_actor_options={"num_cpus": 0.5}).bind(asdict(ServeConfig(checkpoint=str(path)))),
+              name="demo", route_prefix="/demo")  # fmt: skip
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        browser.get(f"{server['url']}/demo/")
+        Select(browser.find_element(By.ID, "shape")).select_by_visible_text("square")
+        colour = browser.find_element(By.ID, "color")
+        colour.clear()
+        colour.send_keys("blue")
+        browser.find_element(By.ID, "go").click()
+        WebDriverWait(browser, 30).until(lambda b: b.execute_script("const i = document.getElementById('result'); return i.complete && i.naturalWidth > 0;"))
+        pixel = browser.execute_script(
+            "const i = document.getElementById('result'); const c = document.createElement('canvas'); c.width = i.naturalWidth;"
+            "c.height = i.naturalHeight; const x = c.getContext('2d'); x.drawImage(i, 0, 0); return Array.from(x.getImageData(64, 64, 1, 1).data);"
+        )
+        assert pixel[:3] == [0, 0, 255]
+        assert browser.find_element(By.ID, "error").text == ""
+        browser.save_screenshot(str(tmp_path / "demo.png"))
+    finally:
+        browser.quit()
+        serve.delete("demo")

@@ -26,7 +26,8 @@ from polycolor.model import CONDITIONING_MODES
 from polycolor.train import LOSSES, SCORE, TrainConfig, build_trainer, init_ray, run_exists, storage_path
 
 SEARCHED = ("lr", "loss", "conditioning", "batch_size", "base_width")
-RECIPE = {"lr": 3e-3, "loss": "bce", "conditioning": "concat", "batch_size": 16, "base_width": 8}  # the default recipe, tried first
+RECIPE = {"lr": 3e-3, "loss": "bce", "conditioning": "concat", "batch_size": 16, "base_width": 8}  # the default training recipe
+FIRST_POINTS = [RECIPE]  # tried before the sampler's own picks, so a search never does worse than the recipe
 
 
 def search_space() -> dict:
@@ -122,6 +123,29 @@ def write_outputs(rows: list[dict], grid, out: Path) -> dict | None:
     return best
 
 
+def trial_concurrency(resources: dict, workers: int, cpus_per_worker: int, use_gpu: bool) -> int:
+    """Trials that fit at once: each holds its driver's 0.25 CPU plus its workers' CPUs (and GPUs)."""
+    concurrency = max(1, int(resources.get("CPU", 1) // (0.25 + workers * cpus_per_worker)))
+    if use_gpu:
+        concurrency = min(concurrency, max(1, int(resources.get("GPU", 0) // workers)))
+    return concurrency
+
+
+def make_tuner(name: str, storage: str, base: dict, num_samples: int, concurrency: int, searcher=None, scheduler=None,
+               callbacks: Sequence = (), max_failures: int = 1, space: dict | None = None):  # fmt: skip
+    """A Tuner over ``trainable``: the search space (or ``space``), the fixed ``base`` config, a searcher and scheduler."""
+    from ray import tune
+
+    param_space = (space or search_space()) | {"base": base, "storage": storage, "search_name": name, "max_failures": max_failures}
+    return tune.Tuner(
+        tune.with_resources(trainable, {"cpu": 0.25}),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(metric=SCORE, mode="max", search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
+                                    max_concurrent_trials=concurrency, trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
+        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=list(callbacks), failure_config=tune.FailureConfig(max_failures=0)),
+    )  # fmt: skip
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tune.search", description="Search polycolor's hyperparameters with Ray Tune and Optuna.")
     p.add_argument("--data", default="synthetic", help="'synthetic' (default) or a dataset directory")
@@ -176,14 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     resources = ray.cluster_resources()
     use_gpu = resources.get("GPU", 0) > 0 if args.gpus_per_trial is None else args.gpus_per_trial > 0
     base |= {"use_gpu": use_gpu, "loader_workers": 4 if use_gpu else 0, "wandb": False}
-    per_trial_cpu = 0.25 + args.workers_per_trial * args.cpus_per_worker
-    concurrency = max(1, int(resources.get("CPU", 1) // per_trial_cpu))
-    if use_gpu:
-        concurrency = min(concurrency, max(1, int(resources.get("GPU", 0) // args.workers_per_trial)))
+    concurrency = trial_concurrency(resources, args.workers_per_trial, args.cpus_per_worker, use_gpu)
     print(f"[search] {name}: {num_samples} trials, up to {concurrency} at once, {'GPU' if use_gpu else 'CPU'}, storage {storage}", flush=True)
 
-    trainable_fn = tune.with_resources(trainable, {"cpu": 0.25})
-    param_space = search_space() | {"base": base, "storage": storage, "search_name": name, "max_failures": args.max_failures}
     callbacks = []
     if args.wandb:
         from ray.air.integrations.wandb import WandbLoggerCallback
@@ -192,19 +211,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ.setdefault("WANDB_MODE", "offline")
         callbacks.append(WandbLoggerCallback(project="polycolor", group=name, excludes=["base"]))
     if args.resume:
-        tuner = tune.Tuner.restore(f"{storage}/{name}", trainable_fn, resume_errored=True, param_space=param_space)
+        param_space = search_space() | {"base": base, "storage": storage, "search_name": name, "max_failures": args.max_failures}
+        tuner = tune.Tuner.restore(f"{storage}/{name}", tune.with_resources(trainable, {"cpu": 0.25}), resume_errored=True, param_space=param_space)
     else:
-        searcher = OptunaSearch(points_to_evaluate=[RECIPE], seed=args.seed)
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=args.max_epochs, grace_period=1, reduction_factor=2)
-        tuner = tune.Tuner(
-            trainable_fn,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(metric=SCORE, mode="max", search_alg=searcher, scheduler=scheduler,
-                                        num_samples=num_samples, max_concurrent_trials=concurrency),  # fmt: skip
-            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, failure_config=tune.FailureConfig(max_failures=0)),
-        )
+        searcher = OptunaSearch(points_to_evaluate=list(FIRST_POINTS), seed=args.seed)
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base["epochs"], grace_period=1, reduction_factor=2)
+        tuner = make_tuner(name, storage, base, num_samples, concurrency, searcher, scheduler, callbacks, args.max_failures)
     grid = tuner.fit()
-    rows = trial_rows(grid, args.max_epochs)
+    rows = trial_rows(grid, base["epochs"])
     out = Path(storage) / name if "://" not in storage else Path("runs") / name
     best = write_outputs(rows, grid, out)
     return 0 if best is not None else 1

@@ -1,0 +1,120 @@
+"""Bounded HTTP load on a local Serve deployment vs the in-process Colorizer, measured side by side.
+
+    python bench/serve_load.py --checkpoint runs/first/best [--requests 200] [--seconds 30]
+
+For batching on and off: concurrency 1, 8 and 32 on loopback (a fixed number of requests, capped in time):
+requests/s, p50/p95/p99 latency, errors, replica memory before and after. Next to it, the in-process
+Colorizer's batch throughput on the same checkpoint; their ratio is the serving overhead.
+Writes bench/results/serve_load.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import socket
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+from PIL import Image
+
+from polycolor import synth
+from polycolor.predict import Colorizer
+from polycolor.serve import ColorizeService, ServeConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def outline_png() -> bytes:
+    ink = synth.draw_outline(synth.shape_points("star", np.random.default_rng(0)) * 40 + 64, 2, 128)
+    buffer = io.BytesIO()
+    Image.fromarray(np.where(ink, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def in_process(checkpoint: str, images: int = 256) -> float:
+    colorizer = Colorizer.from_checkpoint(checkpoint, device="cpu")
+    outlines = np.repeat(synth.generate(1, seed=0).outlines, images, axis=0)
+    colorizer.colorize_arrays(outlines[:32], ["red"] * 32)
+    start = time.perf_counter()
+    colorizer.colorize_arrays(outlines, ["red"] * images)
+    return images / (time.perf_counter() - start)
+
+
+async def load(url: str, body: bytes, concurrency: int, requests: int, seconds: float) -> dict:
+    latencies, errors, queue = [], 0, asyncio.Queue()
+    for _ in range(requests):
+        queue.put_nowait(None)
+    deadline = time.perf_counter() + seconds
+
+    async def user(client: httpx.AsyncClient):
+        nonlocal errors
+        while not queue.empty() and time.perf_counter() < deadline:
+            queue.get_nowait()
+            start = time.perf_counter()
+            answer = await client.post(url, files={"image": ("o.png", body, "image/png")}, data={"color": "red"})
+            latencies.append(time.perf_counter() - start)
+            errors += answer.status_code != 200
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
+        await asyncio.gather(*(user(client) for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    p = np.percentile(latencies, [50, 95, 99]) * 1000
+    return {"concurrency": concurrency, "requests": len(latencies), "rps": len(latencies) / wall, "p50_ms": p[0], "p95_ms": p[1], "p99_ms": p[2], "errors": errors}
+
+
+def replica_rss_mb() -> float:
+    return sum(p.memory_info().rss for p in psutil.process_iter() if "ServeReplica" in " ".join(p.cmdline() or [])) / 2**20
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
+    parser.add_argument("--seconds", type=float, default=30, help="time cap per concurrency level")
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    body, baseline = outline_png(), in_process(args.checkpoint)
+    print(f"in-process Colorizer batch throughput: {baseline:.1f} images/s")
+    report = {"in_process_images_per_s": baseline, "runs": []}
+    for batching, batch_size in (("on", 32), ("off", 1)):
+        cfg = ServeConfig(checkpoint=args.checkpoint, max_batch_size=batch_size, batch_wait_s=0.01)
+        serve.run(ColorizeService.options(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1}).bind(asdict(cfg)), name="load", route_prefix="/")
+        url = f"http://127.0.0.1:{port}/colorize"
+        asyncio.run(load(url, body, 4, 16, 10))  # warm-up
+        memory_before = replica_rss_mb()
+        for concurrency in (1, 8, 32):
+            row = asyncio.run(load(url, body, concurrency, args.requests, args.seconds))
+            row |= {"batching": batching, "ratio_to_in_process": row["rps"] / baseline}
+            report["runs"].append(row)
+            print(f"batching {batching:>3}  c={concurrency:<3} {row['rps']:7.1f} req/s  p50 {row['p50_ms']:6.0f} ms  "
+                  f"p95 {row['p95_ms']:6.0f} ms  p99 {row['p99_ms']:6.0f} ms  errors {row['errors']}  "
+                  f"ratio {row['ratio_to_in_process']:.2f}", flush=True)  # fmt: skip
+        report[f"replica_rss_mb_batching_{batching}"] = {"before": memory_before, "after": replica_rss_mb()}
+        print(f"replica memory {memory_before:.0f} MB -> {replica_rss_mb():.0f} MB")
+        serve.delete("load")
+    serve.shutdown()
+    ray.shutdown()
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve_load.json").write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

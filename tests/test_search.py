@@ -1,0 +1,139 @@
+"""tune.search: real searches (Ray Tune + Optuna + ASHA over TorchTrainer trials) on the session's Ray."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from polycolor import checkpoint
+from polycolor.predict import Colorizer
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(600)
+
+
+def search_env(ray_session) -> dict:
+    return os.environ | {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+
+
+def search(ray_session, *flags, timeout=500) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "tune.search", "--smoke-test", *flags]
+    return subprocess.run(command, env=search_env(ray_session), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_smoke_search_exports_the_best_trial_loadably(ray_session, tmp_path):
+    done = search(ray_session, "--storage", str(tmp_path), "--name", "smoke")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "smoke" / "results.json").read_text())
+    assert len(results["trials"]) == 3 and (tmp_path / "smoke" / "results.csv").is_file()
+    assert (tmp_path / "smoke" / "curves.png").stat().st_size > 0
+    scores = [t["best_pixel_exact"] for t in results["trials"] if t["status"] in ("finished", "stopped early")]
+    assert results["best"]["best_pixel_exact"] == max(scores)
+    exported = checkpoint.load(tmp_path / "smoke" / "best")
+    assert exported.metrics["pixel_exact"] == pytest.approx(results["best"]["best_pixel_exact"])
+    assert Colorizer.from_checkpoint(tmp_path / "smoke" / "best", device="cpu").image_size == 128
+    assert "best trial" in done.stdout and "status" in done.stdout  # the table was printed
+
+
+def test_a_diverging_trial_is_marked_and_never_best(ray_session, tmp_path, monkeypatch):
+    from tune import search as module
+
+    monkeypatch.setattr(module, "FIRST_POINTS", [module.RECIPE | {"lr": 1e6}, module.RECIPE])
+    assert module.main(["--smoke-test", "--storage", str(tmp_path), "--name", "nan"]) == 0
+    results = json.loads((tmp_path / "nan" / "results.json").read_text())
+    absurd = [t for t in results["trials"] if t["lr"] == 1e6]
+    assert absurd and absurd[0]["status"] == "diverged"
+    assert results["best"]["lr"] != 1e6 and len(results["trials"]) == 3
+    assert sum(t["status"] in ("finished", "stopped early") for t in results["trials"]) == 2
+
+
+def trial_results(root: Path) -> dict[str, int]:
+    """trial directory -> number of reported results."""
+    return {p.parent.name: len(p.read_text().splitlines()) for p in root.glob("trial_*/result.json")}
+
+
+@pytest.mark.slow
+def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_session, tmp_path):
+    command = [sys.executable, "-m", "tune.search", "--smoke-test", "--num-samples", "3", "--storage", str(tmp_path), "--name", "r"]
+    env = search_env(ray_session)
+    driver = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(n >= 2 for n in trial_results(tmp_path / "r").values()):
+        time.sleep(1)
+    driver.send_signal(signal.SIGINT)
+    driver.wait(timeout=120)
+    before = {k: v for k, v in trial_results(tmp_path / "r").items() if v >= 2}
+    assert before, "no trial finished before the interrupt"
+
+    resumed = subprocess.run([*command, "--resume"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=500)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = trial_results(tmp_path / "r")
+    assert len(after) == 3  # exactly the requested number of trials
+    assert all(after[k] == v for k, v in before.items())  # finished trials were not rerun
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert len(results["trials"]) == 3
+
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch(metric="pixel_exact", mode="max")
+    searcher.restore_from_dir(str(tmp_path / "r"))
+    assert len(searcher._ot_study.trials) == 3  # the Optuna study kept its history across the restore
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_job_submission_with_token_auth_against_a_local_head(tmp_path):
+    gcs, dashboard = free_port(), free_port()
+    env = os.environ | {"RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+         "--num-cpus=3", "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break  # it answers (auth may refuse): it is up
+            except OSError:
+                time.sleep(1)
+        job = "python -c 'import polycolor; print(\"imported from\", polycolor.__file__)' && " \
+              f"python -m tune.search --smoke-test --num-samples 1 --storage {tmp_path / 'runs'} --name job"  # fmt: skip
+        submit = subprocess.run(
+            ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT), "--", "bash", "-c", job],
+            env=env, capture_output=True, text=True, timeout=540,
+        )  # fmt: skip
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert "runtime_resources" in submit.stdout  # the uploaded working dir, not an install, provided polycolor
+        token = subprocess.run(["ray", "get-auth-token"], env=env, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        request = urllib.request.Request(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+        jobs = json.loads(urllib.request.urlopen(request, timeout=10).read())
+        assert any(j["status"] == "SUCCEEDED" and "tune.search" in j["entrypoint"] for j in jobs)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{address}/api/jobs/", timeout=10)
+        assert refused.value.code in (401, 403)
+        assert (tmp_path / "runs" / "job" / "best" / "model.safetensors").is_file()
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
