@@ -334,6 +334,19 @@ def run_exists(storage: str, name: str) -> bool:
     return fs.get_file_info(f"{root.rstrip('/')}/{name}").type != pyarrow.fs.FileType.NotFound
 
 
+def prune_orphans(result, storage: str, name: str) -> list[str]:
+    """Remove checkpoint_* directories that Ray never registered (left by a driver killed mid-upload)."""
+    import pyarrow.fs
+
+    kept = {Path(c.path).name for c, _ in result.best_checkpoints or []}
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else "file://" + storage)
+    entries = fs.get_file_info(pyarrow.fs.FileSelector(f"{root.rstrip('/')}/{name}"))
+    orphans = [e.path for e in entries if e.type == pyarrow.fs.FileType.Directory and e.base_name.startswith("checkpoint_") and e.base_name not in kept]
+    for path in orphans:
+        fs.delete_dir(path)
+    return orphans
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Join RAY_ADDRESS's cluster, or start a local Ray sized to this machine."""
     import ray
@@ -377,7 +390,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="where to export best/ (default STORAGE/NAME when STORAGE is local)")
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline unless WANDB_API_KEY is set)")
     p.add_argument("--smoke-test", action="store_true", help="tiny model and data, two epochs: checks the setup in seconds")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    args.explicit = {
+        {"width": "base_width"}.get(a.dest, a.dest) for a in p._actions
+        if any(arg == o or arg.startswith(o + "=") for o in a.option_strings for arg in given)
+    }  # fmt: skip
+    return args
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -388,8 +407,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         val_pairs=args.val_pairs, seed=args.seed, compile=args.compile, bf16=args.bf16, wandb=args.wandb,
         name=args.name or f"polycolor-{datetime.now():%Y%m%d-%H%M%S}",
     )  # fmt: skip
-    if args.smoke_test:
-        values |= SMOKE
+    if args.smoke_test:  # the tiny preset, except where a flag was given explicitly
+        values |= {k: v for k, v in SMOKE.items() if k not in args.explicit}
     cfg = TrainConfig(**values)
     if cfg.data != "synthetic":
         _, problems = check(cfg.data)
@@ -434,6 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     result = build_trainer(cfg, storage, args.max_failures, args.keep).fit()
     best, metrics = best_of(result)
+    if orphans := prune_orphans(result, storage, cfg.name):
+        print(f"[polycolor] removed {len(orphans)} unregistered checkpoint(s) left by an interrupted driver")
     out = Path(args.out) if args.out else Path(storage) / cfg.name
     with best.as_directory() as directory:
         checkpoint.export(directory, out / "best")

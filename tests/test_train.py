@@ -46,6 +46,10 @@ def epoch_logger(log: Path, crash_at: int | None = None, kill: bool = False, alw
     return after_epoch
 
 
+def checkpoint_dirs(run: Path) -> list[Path]:
+    return sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+
+
 def epochs(log: Path) -> list[int]:
     return [int(line) for line in log.read_text().split()]
 
@@ -124,21 +128,22 @@ def test_T4_driver_killed_then_resume_continues_and_keeps_the_right_checkpoints(
                "--storage", str(tmp_path), "--name", "t4", "--keep", "2"]  # fmt: skip
     driver = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
-    while not list((tmp_path / "t4").glob("checkpoint_*")) and time.time() < deadline:
+    while len(checkpoint_dirs(tmp_path / "t4")) < 2 and time.time() < deadline:  # the first is registered
         time.sleep(0.5)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    assert list((tmp_path / "t4").glob("checkpoint_*")), "no checkpoint appeared before the deadline"
+    assert checkpoint_dirs(tmp_path / "t4"), "no checkpoint appeared before the deadline"
 
     again = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert "already exists" in again.stderr  # a reused name never resumes by accident
     resumed = subprocess.run([*command, "--resume"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     output = resumed.stdout + resumed.stderr
+    assert "resuming t4 at epoch " in output, output[-4000:]
     start = int(output.split("resuming t4 at epoch ")[1].split()[0])
     assert start >= 1
     assert "epoch 8/8" in output
-    kept = sorted((tmp_path / "t4").glob("checkpoint_*"))
+    kept = checkpoint_dirs(tmp_path / "t4")
     loaded = [checkpoint.load(path) for path in kept]
     assert len(kept) == 2
     best = checkpoint.load(tmp_path / "t4" / "best")
