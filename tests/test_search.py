@@ -101,12 +101,12 @@ def test_job_submission_with_token_auth_against_a_local_head(tmp_path):
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
-         "--num-cpus=3", "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}"],
+         "--num-cpus=3", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         address = f"http://127.0.0.1:{dashboard}"
-        deadline = time.time() + 120
+        deadline = time.time() + 180
         while time.time() < deadline:
             try:
                 urllib.request.urlopen(f"{address}/api/version", timeout=2)
