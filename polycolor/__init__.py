@@ -1,0 +1,1 @@
+"""polycolor: colour polygon outlines by colour name with a conditional UNet, trained, tuned and served on Ray."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from polycolor import checkpoint, train
+from polycolor import checkpoint
 from polycolor.predict import Colorizer
 from polycolor.train import SMOKE, TrainConfig, best_of, build_trainer, train_loop_per_worker
 
