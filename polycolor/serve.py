@@ -39,7 +39,6 @@ from polycolor.data import outline_array
 from polycolor.predict import Colorizer
 
 ACCEPTED_FORMATS = ("PNG", "JPEG")
-Image.MAX_IMAGE_PIXELS = None  # the service applies its own, smaller pixel cap before decoding
 
 
 @dataclass
@@ -100,6 +99,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise ClientError(422, "image is empty; expected a PNG or JPEG file")
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError:  # Pillow's own cap, far above ours: refused from the header alone
+        raise ClientError(413, f"image declares more pixels than Pillow will open; the limit is {max_pixels}") from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise ClientError(422, "image is not a PNG or JPEG that can be read") from None
     if image.format not in ACCEPTED_FORMATS:
