@@ -117,10 +117,13 @@ def test_job_submission_with_token_auth_against_a_local_head(tmp_path):
                 time.sleep(1)
         job = "python -c 'import polycolor; print(\"imported from\", polycolor.__file__)' && " \
               f"python -m tune.search --smoke-test --num-samples 1 --storage {tmp_path / 'runs'} --name job"  # fmt: skip
-        submit = subprocess.run(
-            ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT), "--", "bash", "-c", job],
-            env=env, capture_output=True, text=True, timeout=540,
-        )  # fmt: skip
+        command = ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT), "--", "bash", "-c", job]
+        deadline = time.time() + 120
+        while True:  # the dashboard answers before the head's job agent has registered: Ray says "try again later"
+            submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=540)
+            if "No available agent" not in submit.stderr or time.time() > deadline:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "runtime_resources" in submit.stdout  # the uploaded working dir, not an install, provided polycolor
         token = subprocess.run(["ray", "get-auth-token"], env=env, capture_output=True, text=True).stdout.strip().splitlines()[-1]
