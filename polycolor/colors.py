@@ -32,12 +32,7 @@ def normalize_name(text: str) -> str:
 
 def parse_color(text: object, palette: Mapping[str, RGB] | None = None) -> RGB:
     """Return the (r, g, b) that ``text`` names; ValueError quoting it and suggesting names if unknown."""
-    if not isinstance(text, str):
-        raise ValueError(f"colour must be a string such as 'red' or '#ff8800', got {type(text).__name__}")
-    if not text.strip():
-        raise ValueError("colour is empty: expected a name such as 'red', '#ff8800' or 'rgb(255,136,0)'")
-    if len(text) > MAX_COLOR_LENGTH:
-        raise ValueError(f"colour is {len(text)} characters long; at most {MAX_COLOR_LENGTH} are accepted")
+    check_phrase(text)
     key = normalize_name(text)
     own = {normalize_name(name): tuple(rgb) for name, rgb in (palette or {}).items()}
     if key in own:
@@ -55,6 +50,17 @@ def parse_color(text: object, palette: Mapping[str, RGB] | None = None) -> RGB:
     raise ValueError(f"unknown colour {text!r}{suggestion(text, palette)}")
 
 
+def check_phrase(text: object) -> str:
+    """``text`` if it is a non-empty string of at most MAX_COLOR_LENGTH characters, else ValueError."""
+    if not isinstance(text, str):
+        raise ValueError(f"colour must be a string such as 'red' or '#ff8800', got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError("colour is empty: expected a name such as 'red', '#ff8800' or 'rgb(255,136,0)'")
+    if len(text) > MAX_COLOR_LENGTH:
+        raise ValueError(f"colour is {len(text)} characters long; at most {MAX_COLOR_LENGTH} are accepted")
+    return text
+
+
 def suggestion(text: str, palette: Mapping[str, RGB] | None = None) -> str:
     """'; did you mean ...?' for the names closest to ``text``, or a hint on the accepted forms."""
     names = {normalize_name(n): n for n in CSS_COLORS} | {normalize_name(n): n for n in (palette or {})}
@@ -62,6 +68,29 @@ def suggestion(text: str, palette: Mapping[str, RGB] | None = None) -> str:
     if close:
         return "; did you mean " + ", ".join(repr(names[c]) for c in close) + "?"
     return "; expected a colour name (e.g. 'red', 'light blue'), '#rrggbb' or 'rgb(r, g, b)'"
+
+
+# The words CSS names are made of, for ``phrase``; a compound that is one word stays one ("goldenrod").
+_WORDS = set("""
+alice almond antique aqua aquamarine azure beige bisque black blanched blue blush brick brown burly wood
+cadet chartreuse chiffon chocolate coral cornflower cornsilk cream crimson cyan dark deep dim dodger drab
+fire floral forest fuchsia gainsboro ghost gold goldenrod gray green grey honeydew hot indian indigo ivory
+khaki lace lavender lawn lemon light lime linen magenta maroon medium midnight mint misty moccasin navajo
+navy old olive orange orchid pale papaya peach peru pink plum powder puff purple rebecca red rose rosy
+royal saddle salmon sandy sea seashell sienna silver sky slate smoke snow spring steel tan teal thistle
+tomato turquoise violet wheat whip white yellow
+""".split())
+
+
+def phrase(name: str) -> str:
+    """A CSS name as words ("lightseagreen" -> "light sea green"), for text encoders; unchanged if it will not split."""
+    best: list[list[str] | None] = [[]] + [None] * len(name)  # best[i]: fewest words spelling name[:i]
+    for end in range(1, len(name) + 1):
+        for start in range(end):
+            word = name[start:end]
+            if best[start] is not None and word in _WORDS and (best[end] is None or len(best[start]) + 1 < len(best[end])):
+                best[end] = best[start] + [word]
+    return " ".join(best[-1]) if best[-1] else name
 
 
 def to_hex(rgb: RGB) -> str:

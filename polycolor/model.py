@@ -1,15 +1,20 @@
 """ConditionalUNet: colours a polygon outline given a colour.
 
-Input: the outline as a (B, 1, H, W) ink mask (1 = outline pixel) and the colour as (B, 3) RGB in [0, 1]
-(plus a (B,) token for the closed-vocabulary ``embedding`` mode). Output: (B, 3, H, W) image in [0, 1].
+Input: the outline as a (B, 1, H, W) ink mask (1 = outline pixel) and the colour as (B, 3) RGB in [0, 1],
+plus a ``token``: (B,) vocabulary indices for the ``embedding`` and ``text`` modes, or (B, D) phrase
+embeddings for ``text`` phrases outside the vocabulary. Output: (B, 3, H, W) image in [0, 1].
 
 Conditioning modes (one place, ``Condition``): ``concat`` appends the RGB as 3 input channels (the
-published recommendation); ``film`` and ``embedding`` produce one vector that FiLM applies in every block.
+published recommendation); ``film``, ``embedding`` and ``text`` produce one vector that FiLM applies in
+every block. ``text`` reads the colour phrase through a frozen pretrained encoder (``polycolor.text``);
+the model keeps the encoder's embeddings of its training phrases, so seen phrases need no encoder.
 
 Output heads: ``rgb`` predicts the three channels (the published design); ``mask`` predicts one logit per
 pixel, "inside the polygon", and paints ``mask * colour + (1 - mask) * white``. The mask head makes the
 colour exact by construction and, thresholded (``hard=True``), every pixel exactly white or exactly the
-colour: what is left to learn is the shape, which does not depend on the colour at all.
+colour: what is left to learn is the shape, which does not depend on the colour at all. In ``text`` mode
+the RGB is not given, so the mask head also predicts it from the phrase: one colour per image, returned
+as 3 extra logit channels (constant over the image) after the mask logit.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-CONDITIONING_MODES = ("concat", "film", "embedding")
+CONDITIONING_MODES = ("concat", "film", "embedding", "text")
 HEADS = ("mask", "rgb")
 
 
@@ -31,7 +36,9 @@ class ModelConfig:
     multipliers: tuple[int, ...] = (1, 2, 4)  # one per level: stage widths are base_width * m
     mid_dilations: tuple[int, ...] = (1, 2, 4)  # bottleneck blocks; dilation grows the receptive field to the whole image
     cond_dim: int = 64
-    vocabulary: tuple[str, ...] = ()  # colour names of the ``embedding`` mode
+    vocabulary: tuple[str, ...] = ()  # colour names of the ``embedding`` mode, training phrases of ``text``
+    text_encoder: str = ""  # ``text`` mode: the Hugging Face encoder (name or path) that embeds phrases
+    text_dim: int = 384  # ``text`` mode: that encoder's embedding size
     image_size: int = 128
 
     def __post_init__(self):
@@ -44,6 +51,8 @@ class ModelConfig:
             raise ValueError(f"head {self.head!r} is unknown; expected one of {HEADS}")
         if self.conditioning == "embedding" and not self.vocabulary:
             raise ValueError("conditioning 'embedding' needs a non-empty vocabulary of colour names")
+        if self.conditioning == "text" and (not self.text_encoder or self.text_dim < 1):
+            raise ValueError("conditioning 'text' needs text_encoder (a model name or path) and a positive text_dim")
         if self.base_width < 8 or self.base_width % 8:
             raise ValueError(f"base_width must be a positive multiple of 8, got {self.base_width}")
         if not self.multipliers or min(self.multipliers) < 1:
@@ -53,6 +62,11 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def predicts_colour(self) -> bool:
+        """The mask head paints a given RGB, except in ``text`` mode, where it reads the colour from the phrase."""
+        return self.head == "mask" and self.conditioning == "text"
 
 
 class FiLM(nn.Module):
@@ -111,15 +125,23 @@ class Condition(nn.Module):
             self.encode = nn.Sequential(nn.Linear(3, cfg.cond_dim), nn.SiLU(), nn.Linear(cfg.cond_dim, cfg.cond_dim))
         elif self.mode == "embedding":
             self.encode = nn.Sequential(nn.Embedding(len(cfg.vocabulary), cfg.cond_dim), nn.SiLU())
+        elif self.mode == "text":
+            # The frozen encoder's embeddings of the vocabulary: saved with the weights, never trained.
+            self.register_buffer("phrases", torch.zeros(len(cfg.vocabulary), cfg.text_dim))
+            self.encode = nn.Sequential(nn.Linear(cfg.text_dim, cfg.cond_dim), nn.SiLU(), nn.Linear(cfg.cond_dim, cfg.cond_dim))
+        self.colour = nn.Linear(cfg.cond_dim, 3) if cfg.predicts_colour else None
 
     def forward(self, outline: torch.Tensor, rgb: torch.Tensor, token: torch.Tensor | None):
         if self.mode == "concat":
             colour = rgb[:, :, None, None].expand(-1, -1, *outline.shape[-2:])  # (B, 3, H, W)
             return torch.cat([outline, colour.to(outline.dtype)], dim=1), None
+        if self.mode in ("embedding", "text") and (token is None or (token.ndim == 1 and (token < 0).any())):
+            raise ValueError(f"the {self.mode} mode needs a token in its vocabulary for every colour")
         if self.mode == "embedding":
-            if token is None or (token < 0).any():
-                raise ValueError("the embedding mode needs a token in its vocabulary for every colour")
             return outline, self.encode(token)
+        if self.mode == "text":
+            text = self.phrases[token] if token.ndim == 1 else token  # (B, text_dim)
+            return outline, self.encode(text.to(self.phrases.dtype))
         return outline, self.encode(rgb)
 
 
@@ -146,7 +168,8 @@ class ConditionalUNet(nn.Module):
         self.out = nn.Conv2d(c, 1 if cfg.head == "mask" else 3, 1)
 
     def logits(self, outline: torch.Tensor, rgb: torch.Tensor, token: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, 1, H, W) mask logits for the ``mask`` head, (B, 3, H, W) colour logits for ``rgb``."""
+        """(B, 1, H, W) mask logits for the ``mask`` head (then 3 colour channels when it predicts the colour),
+        (B, 3, H, W) colour logits for ``rgb``."""
         x, cond = self.condition(outline, rgb, token)
         skips = []
         for stage in self.down:
@@ -157,16 +180,27 @@ class ConditionalUNet(nn.Module):
             x = block(x, cond)
         for upsample, stage in zip(self.upsample, self.up):
             x = stage(torch.cat([upsample(x), skips.pop()], dim=1), cond)
-        return self.out(x)
+        out = self.out(x)
+        if self.condition.colour is not None:  # (B, 3) colour logits, constant over the image
+            colour = self.condition.colour(cond)[:, :, None, None].expand(-1, -1, *out.shape[-2:])
+            out = torch.cat([out, colour.to(out.dtype)], dim=1)
+        return out
 
     def render(self, logits: torch.Tensor, rgb: torch.Tensor, hard: bool = False) -> torch.Tensor:
         """Logits -> (B, 3, H, W) image in [0, 1]; ``hard`` thresholds to exactly white or the colour."""
         if self.cfg.head == "rgb":
             image = torch.sigmoid(logits.float())
             return torch.round(image * 255) / 255 if hard else image
-        mask = (logits > 0).float() if hard else torch.sigmoid(logits.float())  # (B, 1, H, W)
-        colour = rgb.float()[:, :, None, None]  # (B, 3, 1, 1)
+        mask = (logits[:, :1] > 0).float() if hard else torch.sigmoid(logits[:, :1].float())  # (B, 1, H, W)
+        colour = self.colour(logits, rgb, hard)[:, :, None, None]  # (B, 3, 1, 1)
         return mask * colour + (1 - mask)
+
+    def colour(self, logits: torch.Tensor, rgb: torch.Tensor, hard: bool = False) -> torch.Tensor:
+        """(B, 3) the colour the mask head paints: the given RGB, or the one predicted from the phrase."""
+        if not self.cfg.predicts_colour:
+            return rgb.float()
+        colour = torch.sigmoid(logits[:, 1:, 0, 0].float())
+        return torch.round(colour * 255) / 255 if hard else colour
 
     def forward(self, outline: torch.Tensor, rgb: torch.Tensor, token: torch.Tensor | None = None,
                 hard: bool = False, logits: bool = False) -> torch.Tensor:  # fmt: skip

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from polycolor import checkpoint
-from polycolor.colors import RGB, normalize_name, parse_color, suggestion
+from polycolor import checkpoint, text
+from polycolor.colors import RGB, check_phrase, normalize_name, parse_color, suggestion
 from polycolor.data import outline_array, read_rows
 
 
@@ -43,7 +43,11 @@ class Colorizer:
         return self.model.cfg.conditioning
 
     def parse(self, colour: object) -> tuple[RGB, int]:
-        """(RGB, vocabulary token or -1); ValueError for a colour this checkpoint cannot paint."""
+        """(RGB, vocabulary token or -1); ValueError for a colour this checkpoint cannot paint.
+        The ``text`` mode takes any phrase: the model reads the colour from it (the RGB is then unused)."""
+        if self.conditioning == "text":
+            check_phrase(colour)
+            return (0, 0, 0), self.vocabulary.get(normalize_name(colour), -1)
         rgb = parse_color(colour, self.palette)
         if self.conditioning != "embedding":
             return rgb, -1
@@ -59,14 +63,24 @@ class Colorizer:
         parsed = [self.parse(c) for c in colours]
         rgbs = torch.tensor([p[0] for p in parsed], dtype=torch.float32) / 255
         tokens = torch.tensor([p[1] for p in parsed])
+        if self.conditioning == "text":
+            tokens = self.phrase_embeddings(colours, tokens)  # (N, text_dim)
         out = []
         for start in range(0, len(outlines), self.batch_size):
             stop = start + self.batch_size
             ink = torch.from_numpy(np.asarray(outlines[start:stop])).float()[:, None].to(self.device)
-            tok = tokens[start:stop].to(self.device) if self.conditioning == "embedding" else None
+            tok = tokens[start:stop].to(self.device) if self.conditioning in ("embedding", "text") else None
             image = self.model(ink, rgbs[start:stop].to(self.device), tok, hard=True)  # (B, 3, H, W)
             out.append((image * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
         return np.concatenate(out) if out else np.empty((0, self.image_size, self.image_size, 3), np.uint8)
+
+    def phrase_embeddings(self, phrases: Sequence[str], tokens: torch.Tensor) -> torch.Tensor:
+        """(N, text_dim): the checkpoint's own embedding of a training phrase, the encoder's (cached) for a new one."""
+        table = self.model.condition.phrases.cpu()
+        embeddings = table[tokens.clamp(min=0)]
+        if new := [i for i, t in enumerate(tokens.tolist()) if t < 0]:
+            embeddings[new] = text.load(self.model.cfg.text_encoder).embed([phrases[i] for i in new])
+        return embeddings
 
     def colorize_batch(self, images: Sequence[Image.Image | str | Path], colours: Sequence[str], original_size: bool = False) -> list[Image.Image]:
         pils = [Image.open(i) if isinstance(i, (str, Path)) else i for i in images]
@@ -111,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result.save(out / row["output_image"])
         print(f"wrote {len(rows)} images to {out}")
         return 0
-    except (checkpoint.CheckpointError, ValueError, OSError, KeyError) as err:
+    except (checkpoint.CheckpointError, ImportError, ValueError, OSError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

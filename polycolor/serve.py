@@ -5,7 +5,7 @@
 
 HTTP surface (nothing else; other methods get 405, other paths 404):
     POST /colorize   multipart form (image file, color) or JSON {"image": base64, "color": ...} -> image/png
-    GET  /colors     palette, conditioning mode, whether any CSS name / hex works
+    GET  /colors     palette, conditioning mode, whether any CSS name / hex (or, in text mode, any phrase) works
     GET  /healthz    200 when a tiny forward pass succeeds
     GET  /docs       OpenAPI page
     GET  /           demo page
@@ -34,7 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from polycolor import checkpoint
+from polycolor import checkpoint, text
 from polycolor.data import outline_array
 from polycolor.predict import Colorizer
 
@@ -224,6 +224,8 @@ class ColorizeService:
         self.cfg = ServeConfig(**config)
         device = "cuda" if self.cfg.gpu else "cpu"
         self.colorizer = Colorizer.from_checkpoint(checkpoint.fetch(self.cfg.checkpoint), device=device)
+        if self.colorizer.conditioning == "text":  # load the phrase encoder now, not on the first new phrase
+            text.load(self.colorizer.model.cfg.text_encoder)
         self.limit = int(self.cfg.max_body_mb * 1024 * 1024)
         self.colorize_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.colorize_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
@@ -265,12 +267,13 @@ class ColorizeService:
     async def colors(self, request: Request) -> JSONResponse:
         if not authorized(request):
             return error(401, "missing or wrong API key; send Authorization: Bearer <key>")
-        open_set = self.colorizer.conditioning != "embedding"
+        mode = self.colorizer.conditioning
         return JSONResponse({
-            "conditioning": self.colorizer.conditioning,
+            "conditioning": mode,
             "palette": {n: list(rgb) for n, rgb in self.colorizer.palette.items()},
             "vocabulary": list(self.colorizer.model.cfg.vocabulary),
-            "any_css_name_or_hex": open_set,
+            "any_css_name_or_hex": mode in ("concat", "film"),
+            "free_text_phrases": mode == "text",
         })  # fmt: skip
 
     @app.get("/healthz")
@@ -289,8 +292,9 @@ def build_app(args: dict):
     cfg = ServeConfig.from_args(dict(args))
     if not cfg.checkpoint:
         raise ValueError("build_app needs checkpoint=PATH")
-    if "://" not in cfg.checkpoint:
-        checkpoint.load(cfg.checkpoint)  # fail start-up here, naming the file, rather than in every replica
+    if "://" not in cfg.checkpoint:  # fail start-up here, naming the file or the missing extra, not in every replica
+        if checkpoint.load(cfg.checkpoint).model.cfg.conditioning == "text":
+            text.require()
     return ColorizeService.options(
         num_replicas=cfg.replicas,
         max_ongoing_requests=cfg.max_ongoing_requests,
@@ -316,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         application = build_app({k: v for k, v in vars(args).items() if k not in ("host", "port", "request_timeout_s")})
-    except (checkpoint.CheckpointError, ValueError) as err:
+    except (checkpoint.CheckpointError, ImportError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

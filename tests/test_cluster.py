@@ -1,10 +1,15 @@
 """cluster/: every config validates against the schema its tool uses, and names things that exist."""
 
 import copy
+import io
+import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -95,3 +100,105 @@ def test_named_commands_answer_help():
     for flag in job["spec"]["entrypoint"].split():
         if flag.startswith("--"):
             assert flag in flags, flag
+
+
+# ---------------------------------------------------------------------------------------------------
+# A local multi-node proof: a head and a worker node on this machine, one CPU each, so that two
+# workers or two replicas must land on different nodes. Driven through the CLIs, as a user would.
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    from ray.cluster_utils import Cluster
+
+    dashboard = free_port()
+    head_args = {"num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard}
+    cluster = Cluster(initialize_head=True, head_node_args=head_args)
+    worker = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield {"cluster": cluster, "worker": worker, "dashboard": f"http://127.0.0.1:{dashboard}",
+           "env": os.environ | {"RAY_ADDRESS": cluster.address, "PYTHONUNBUFFERED": "1"}}  # fmt: skip
+    cluster.shutdown()
+
+
+def actor_nodes(dashboard: str, class_name: str, state: str | None = None) -> list[str]:
+    """The node ids of the actors of ``class_name`` (the state API keeps finished ones too)."""
+    from ray.util.state import list_actors
+
+    filters = [("class_name", "=", class_name)] + ([("state", "=", state)] if state else [])
+    return [a.node_id for a in list_actors(address=dashboard, filters=filters, limit=1000, raise_on_missing_output=False)]
+
+
+def train_command(storage: Path, name: str, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "polycolor.train", "--smoke-test", "--workers", "2", "--threads", "1",
+            "--storage", str(storage), "--name", name, *flags]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_workers_on_two_nodes_train_to_a_shared_storage_path(two_nodes, tmp_path):
+    done = subprocess.run(train_command(tmp_path, "spread"), env=two_nodes["env"], cwd=ROOT, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert len(set(actor_nodes(two_nodes["dashboard"], "RayTrainWorker"))) == 2  # one worker per node
+    assert (tmp_path / "spread" / "best" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_serve_replicas_on_two_nodes_answer(two_nodes, tmp_path):
+    import httpx
+    from PIL import Image
+
+    from conftest import tiny_model
+    from polycolor import checkpoint, synth
+
+    path = checkpoint.write(tmp_path / "ckpt", tiny_model(), synth.REAL_PALETTE)
+    port = free_port()
+    command = [sys.executable, "-m", "polycolor.serve", "--checkpoint", str(path), "--replicas", "2", "--port", str(port)]
+    server = subprocess.Popen(command, env=two_nodes["env"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in server.stdout:  # "[serve] http://..." once both replicas are up
+            if line.startswith("[serve] http"):
+                break
+        nodes = actor_nodes(two_nodes["dashboard"], "ServeReplica:polycolor:Colorizer", state="ALIVE")
+        assert len(nodes) == 2 and len(set(nodes)) == 2
+        buffer = io.BytesIO()
+        Image.fromarray(np.where(synth.generate(1, seed=5).outlines[0], 0, 255).astype(np.uint8)).save(buffer, format="PNG")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            answers = [client.post("/colorize", files={"image": ("o.png", buffer.getvalue())}, data={"color": "teal"}) for _ in range(12)]
+        assert all(a.status_code == 200 and a.headers["content-type"] == "image/png" for a in answers)
+    finally:
+        server.send_signal(signal.SIGINT)  # a clean Serve shutdown frees both nodes' CPUs for the next test
+        server.wait(timeout=120)
+    assert server.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_worker_node_removed_mid_training_run_resumes_on_a_new_node(two_nodes, tmp_path):
+    cluster = two_nodes["cluster"]
+    command = train_command(tmp_path, "moved", "--epochs", "8", "--train-pairs", "256", "--max-failures", "3")
+    run = subprocess.Popen(command, env=two_nodes["env"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in run.stdout:  # worker lines arrive prefixed "(RayTrainWorker pid=...)"
+        lines.append(line)
+        if "[polycolor] epoch 2/8" in line:  # epoch index 1 is checkpointed: pull the worker node
+            cluster.remove_node(two_nodes["worker"], allow_graceful=False)
+            two_nodes["worker"] = cluster.add_node(num_cpus=1)  # a replacement joins; the run needs both CPUs again
+    output = "".join(lines)
+    assert run.wait(timeout=60) == 0, output[-4000:]
+    before, _, after = output.rpartition("resuming moved at epoch ")
+    assert before, "the run never restarted from a checkpoint:\n" + output[-3000:]
+    start = int(after.split()[0])  # 0-based: the first epoch the restarted workers run
+    done_before = [int(e) for e in re.findall(r"\[polycolor\] epoch (\d+)/8", before)]
+    done_after = [int(e) for e in re.findall(r"\[polycolor\] epoch (\d+)/8", after)]
+    assert start >= 2 and done_before[:start] == list(range(1, start + 1))  # continued, never from scratch
+    assert done_after == list(range(start + 1, 9))  # then every remaining epoch exactly once, to the end

