@@ -70,7 +70,7 @@ def eval_sets(n: int) -> dict[str, Split]:
 def train(cfg: TrainConfig, vocabulary: tuple[str, ...], out: Path) -> tuple[Path, float]:
     """One run of the plain-PyTorch core; returns the checkpoint and the training seconds."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, vocabulary if cfg.conditioning in ("embedding", "text") else ())
+    model = build_model(cfg, vocabulary if cfg.conditioning in ("embedding", "text") else (), dict(synth.REAL_PALETTE))
     data = synth.SyntheticDataset(cfg.train_pairs, seed=(cfg.seed, 0, 0), vocabulary=vocabulary)
     loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=False, drop_last=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)

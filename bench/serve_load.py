@@ -3,8 +3,10 @@
     python bench/serve_load.py --checkpoint runs/first/best [--requests 200] [--seconds 30]
 
 For batching on and off: concurrency 1, 8 and 32 on loopback (a fixed number of requests, capped in time):
-requests/s, p50/p95/p99 latency, errors, replica memory before and after. Next to it, the in-process
-Colorizer's batch throughput on the same checkpoint; their ratio is the serving overhead.
+requests/s, p50/p95/p99 latency, errors, replica memory after a warm-up at the highest concurrency and at
+the end. Next to it, the in-process Colorizer's batch throughput on the same checkpoint with one thread
+(the replica's share: Ray gives a 1-CPU actor one torch thread) and with all threads; the ratio to the
+first is the serving overhead.
 Writes bench/results/serve_load.json.
 """
 
@@ -22,6 +24,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import psutil
+import torch
 from PIL import Image
 
 from polycolor import synth
@@ -38,7 +41,8 @@ def outline_png() -> bytes:
     return buffer.getvalue()
 
 
-def in_process(checkpoint: str, images: int = 256) -> float:
+def in_process(checkpoint: str, threads: int, images: int = 256) -> float:
+    torch.set_num_threads(threads)
     colorizer = Colorizer.from_checkpoint(checkpoint, device="cpu")
     outlines = np.repeat(synth.generate(1, seed=0).outlines, images, axis=0)
     colorizer.colorize_arrays(outlines[:32], ["red"] * 32)
@@ -89,22 +93,24 @@ def main() -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    body, baseline = outline_png(), in_process(args.checkpoint)
-    print(f"in-process Colorizer batch throughput: {baseline:.1f} images/s")
-    report = {"in_process_images_per_s": baseline, "runs": []}
+    threads = torch.get_num_threads()
+    body, whole = outline_png(), in_process(args.checkpoint, threads)
+    baseline = in_process(args.checkpoint, 1)
+    print(f"in-process Colorizer batch throughput: {baseline:.1f} images/s with 1 thread (a replica's share), {whole:.1f} with {threads}")
+    report = {"in_process_images_per_s": baseline, f"in_process_images_per_s_{threads}_threads": whole, "runs": []}
     for batching, batch_size in (("on", 32), ("off", 1)):
         cfg = ServeConfig(checkpoint=args.checkpoint, max_batch_size=batch_size, batch_wait_s=0.01)
         serve.run(ColorizeService.options(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1}).bind(asdict(cfg)), name="load", route_prefix="/")
         url = f"http://127.0.0.1:{port}/colorize"
-        asyncio.run(load(url, body, 4, 16, 10))  # warm-up
+        asyncio.run(load(url, body, 32, 96, 20))  # warm-up at the highest concurrency: the allocator reaches its peak
         memory_before = replica_rss_mb()
         for concurrency in (1, 8, 32):
             row = asyncio.run(load(url, body, concurrency, args.requests, args.seconds))
-            row |= {"batching": batching, "ratio_to_in_process": row["rps"] / baseline}
+            row |= {"batching": batching, "ratio_to_in_process": row["rps"] / baseline, f"ratio_to_{threads}_threads": row["rps"] / whole}
             report["runs"].append(row)
             print(f"batching {batching:>3}  c={concurrency:<3} {row['rps']:7.1f} req/s  p50 {row['p50_ms']:6.0f} ms  "
                   f"p95 {row['p95_ms']:6.0f} ms  p99 {row['p99_ms']:6.0f} ms  errors {row['errors']}  "
-                  f"ratio {row['ratio_to_in_process']:.2f}", flush=True)  # fmt: skip
+                  f"ratio {row['ratio_to_in_process']:.2f} (to {threads} threads {row[f'ratio_to_{threads}_threads']:.2f})", flush=True)  # fmt: skip
         report[f"replica_rss_mb_batching_{batching}"] = {"before": memory_before, "after": replica_rss_mb()}
         print(f"replica memory {memory_before:.0f} MB -> {replica_rss_mb():.0f} MB")
         serve.delete("load")

@@ -13,8 +13,9 @@ Output heads: ``rgb`` predicts the three channels (the published design); ``mask
 pixel, "inside the polygon", and paints ``mask * colour + (1 - mask) * white``. The mask head makes the
 colour exact by construction and, thresholded (``hard=True``), every pixel exactly white or exactly the
 colour: what is left to learn is the shape, which does not depend on the colour at all. In ``text`` mode
-the RGB is not given, so the mask head also predicts it from the phrase: one colour per image, returned
-as 3 extra logit channels (constant over the image) after the mask logit.
+the RGB is not given, so the mask head also reads it from the phrase: one colour per image, a linear map
+of the phrase embedding solved on the training phrases (``Condition.fit_colour``), returned as 3 extra
+channels (constant over the image) after the mask logit.
 """
 
 from __future__ import annotations
@@ -129,20 +130,31 @@ class Condition(nn.Module):
             # The frozen encoder's embeddings of the vocabulary: saved with the weights, never trained.
             self.register_buffer("phrases", torch.zeros(len(cfg.vocabulary), cfg.text_dim))
             self.encode = nn.Sequential(nn.Linear(cfg.text_dim, cfg.cond_dim), nn.SiLU(), nn.Linear(cfg.cond_dim, cfg.cond_dim))
-        self.colour = nn.Linear(cfg.cond_dim, 3) if cfg.predicts_colour else None
+        # Phrase embedding -> RGB, solved by ``fit_colour`` rather than trained: every training phrase's colour is known.
+        self.colour = nn.Linear(cfg.text_dim, 3).requires_grad_(False) if cfg.predicts_colour else None
 
     def forward(self, outline: torch.Tensor, rgb: torch.Tensor, token: torch.Tensor | None):
+        """(UNet input, FiLM vector or None, (B, 3) colour read from the phrase or None)."""
         if self.mode == "concat":
             colour = rgb[:, :, None, None].expand(-1, -1, *outline.shape[-2:])  # (B, 3, H, W)
-            return torch.cat([outline, colour.to(outline.dtype)], dim=1), None
+            return torch.cat([outline, colour.to(outline.dtype)], dim=1), None, None
         if self.mode in ("embedding", "text") and (token is None or (token.ndim == 1 and (token < 0).any())):
             raise ValueError(f"the {self.mode} mode needs a token in its vocabulary for every colour")
         if self.mode == "embedding":
-            return outline, self.encode(token)
+            return outline, self.encode(token), None
         if self.mode == "text":
-            text = self.phrases[token] if token.ndim == 1 else token  # (B, text_dim)
-            return outline, self.encode(text.to(self.phrases.dtype))
-        return outline, self.encode(rgb)
+            text = (self.phrases[token] if token.ndim == 1 else token).to(self.phrases.dtype)  # (B, text_dim)
+            return outline, self.encode(text), self.colour(text) if self.colour is not None else None
+        return outline, self.encode(rgb), None
+
+    @torch.no_grad()
+    def fit_colour(self, rgb: torch.Tensor, ridge: float = 1e-5) -> None:
+        """Solve the phrase -> colour map on the vocabulary: ridge least squares from ``phrases`` (V, text_dim)
+        to ``rgb`` (V, 3) in [0, 1]. SGD on it from image batches underfits (17 levels off after 3 epochs)."""
+        x = torch.cat([self.phrases, torch.ones(len(self.phrases), 1, device=self.phrases.device)], dim=1).double()
+        w = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype, device=x.device), x.T @ rgb.to(x))
+        self.colour.weight.copy_(w[:-1].T)
+        self.colour.bias.copy_(w[-1])
 
 
 class ConditionalUNet(nn.Module):
@@ -170,7 +182,7 @@ class ConditionalUNet(nn.Module):
     def logits(self, outline: torch.Tensor, rgb: torch.Tensor, token: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 1, H, W) mask logits for the ``mask`` head (then 3 colour channels when it predicts the colour),
         (B, 3, H, W) colour logits for ``rgb``."""
-        x, cond = self.condition(outline, rgb, token)
+        x, cond, colour = self.condition(outline, rgb, token)
         skips = []
         for stage in self.down:
             x = stage(x, cond)
@@ -181,9 +193,8 @@ class ConditionalUNet(nn.Module):
         for upsample, stage in zip(self.upsample, self.up):
             x = stage(torch.cat([upsample(x), skips.pop()], dim=1), cond)
         out = self.out(x)
-        if self.condition.colour is not None:  # (B, 3) colour logits, constant over the image
-            colour = self.condition.colour(cond)[:, :, None, None].expand(-1, -1, *out.shape[-2:])
-            out = torch.cat([out, colour.to(out.dtype)], dim=1)
+        if colour is not None:  # (B, 3) read from the phrase: constant channels after the mask logit
+            out = torch.cat([out, colour[:, :, None, None].expand(-1, -1, *out.shape[-2:]).to(out.dtype)], dim=1)
         return out
 
     def render(self, logits: torch.Tensor, rgb: torch.Tensor, hard: bool = False) -> torch.Tensor:
@@ -199,7 +210,7 @@ class ConditionalUNet(nn.Module):
         """(B, 3) the colour the mask head paints: the given RGB, or the one predicted from the phrase."""
         if not self.cfg.predicts_colour:
             return rgb.float()
-        colour = torch.sigmoid(logits[:, 1:, 0, 0].float())
+        colour = logits[:, 1:, 0, 0].float().clamp(0, 1)
         return torch.round(colour * 255) / 255 if hard else colour
 
     def forward(self, outline: torch.Tensor, rgb: torch.Tensor, token: torch.Tensor | None = None,

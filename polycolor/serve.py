@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -231,12 +232,15 @@ class ColorizeService:
         self.colorize_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
         self.page = demo_page(self.colorizer)
         self.batch_sizes: list[int] = []  # recent batch sizes, for /healthz and the tests
+        # One model thread: serve.batch runs one batch at a time, and the event loop stays free for HTTP.
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def colorize_batch(self, items: list[tuple[np.ndarray, str]]) -> list[np.ndarray]:
         self.batch_sizes = (self.batch_sizes + [len(items)])[-100:]
         outlines = np.stack([outline for outline, _ in items])
-        return list(await asyncio.to_thread(self.colorizer.colorize_arrays, outlines, [c for _, c in items]))
+        colours = [c for _, c in items]
+        return list(await asyncio.get_running_loop().run_in_executor(self.model_thread, self.colorizer.colorize_arrays, outlines, colours))
 
     async def check_health(self) -> None:
         self.colorizer.colorize_arrays(np.zeros((1, self.colorizer.image_size, self.colorizer.image_size), bool), ["red"])

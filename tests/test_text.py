@@ -52,6 +52,10 @@ def text_checkpoint(ray_session, tmp_path_factory):
 def test_smoke_run_records_the_encoder_and_predict_paints_free_phrases(text_checkpoint):
     loaded = checkpoint.load(text_checkpoint)
     assert loaded.model.cfg.text_encoder == text.DEFAULT_ENCODER and "light sea green" in loaded.model.cfg.vocabulary
+    model = loaded.model  # a training phrase's colour is solved exactly, not approximated
+    token = torch.tensor([model.cfg.vocabulary.index("light sea green")])
+    logits = model(torch.zeros(1, 1, 128, 128), torch.zeros(1, 3), token, logits=True)
+    assert (model.colour(logits, None, hard=True) * 255).round().tolist() == [[32, 178, 170]]
     encoder = text.load(text.DEFAULT_ENCODER)
     before = encoder.encoded
     colorizer = Colorizer.from_checkpoint(text_checkpoint, device="cpu")
