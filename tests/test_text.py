@@ -41,8 +41,9 @@ def text_checkpoint(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("text")
     cfg = TrainConfig(**(SMOKE | dict(name="text", threads=1, conditioning="text")))
     result = build_trainer(cfg, str(root)).fit()
+    assert result.metrics["epoch"] == cfg.epochs - 1
     best, metrics = best_of(result)
-    assert metrics["epoch"] == cfg.epochs - 1 and 0 <= metrics["pixel_exact"] <= 1
+    assert 0 <= metrics["pixel_exact"] <= 1
     with best.as_directory() as directory:
         checkpoint.export(directory, root / "best")
     return root / "best"
@@ -68,6 +69,7 @@ def test_smoke_run_records_the_encoder_and_predict_paints_free_phrases(text_chec
         assert len(np.unique(image.reshape(-1, 3), axis=0)) <= 2
 
 
+@pytest.mark.slow
 @needs_extra
 def test_serve_accepts_free_text_phrases(text_checkpoint, ray_session):
     from ray import serve
