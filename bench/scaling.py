@@ -3,7 +3,8 @@
     python bench/scaling.py [--width 8] [--levels 3] [--batch-sizes 16 128] [--out bench/results/scaling.json]
 
 Measured here: parameters and gradient bytes per step (what DDP all-reduces), forward+backward FLOPs
-per image, operator launches per training step (each one a CUDA kernel launch on a GPU), CPU training
+per image, kernel-launching operators per forward+backward (profiled on CPU, allocation and view operators
+left out; plus a fused AdamW step), CPU training
 images/s of one worker, and synthetic pairs/s one CPU core generates. Assumed (flags, printed): the GPU's
 achieved FLOP rate, the cost of one kernel launch, link bandwidths and latencies. From these, for 1-8
 GPUs on one node (NVLink) and across nodes (100 and 25 Gb/s Ethernet): step time = max(compute, launches)
@@ -36,11 +37,22 @@ LINKS = {  # name: (bandwidth bytes/s per GPU in a ring, latency s per hop)
 }
 
 
-def step_once(model, optimizer, batch):
+# Operators that launch no GPU kernel (allocation, views, metadata) or exist only on CPU (oneDNN layout copies).
+NO_KERNEL = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::as_strided", "aten::as_strided_", "aten::resize_",
+             "aten::detach", "aten::detach_", "aten::alias", "aten::lift_fresh", "aten::view", "aten::to", "aten::copy_",
+             "aten::_local_scalar_dense"}  # fmt: skip
+FUSED_ADAMW_KERNELS = 4  # torch.optim.AdamW(fused=True) on CUDA: a few multi-tensor kernels for all parameters
+
+
+def forward_backward(model, batch):
     outline, rgb, target, _ = batch
     loss = F.binary_cross_entropy_with_logits(model(outline, rgb, logits=True)[:, :1], target_mask(target))
-    optimizer.zero_grad(set_to_none=True)
     loss.backward()
+
+
+def step_once(model, optimizer, batch):
+    optimizer.zero_grad(set_to_none=True)
+    forward_backward(model, batch)
     optimizer.step()
 
 
@@ -53,10 +65,11 @@ def measure(cfg: TrainConfig, batch_size: int) -> dict:
     with FlopCounterMode(display=False) as flops:
         step_once(model, optimizer, batches[0])
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step_once(model, optimizer, batches[1])
+        forward_backward(model, batches[1])
     ops = [e for e in prof.events() if e.name.startswith("aten::")]
     parents = {id(e.cpu_parent) for e in ops if e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")}
-    launches = sum(1 for e in ops if id(e) not in parents)  # leaf operators: each is about one kernel on a GPU
+    leaves = [e.name for e in ops if id(e) not in parents and e.name not in NO_KERNEL]
+    launches = len(leaves) + FUSED_ADAMW_KERNELS  # each leaf operator is about one kernel on a GPU
     step_once(model, optimizer, batches[2])  # warm
     start = time.perf_counter()
     for batch in batches[3:]:

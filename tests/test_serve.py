@@ -70,10 +70,16 @@ def outline(ayna=None) -> bytes:
     return png_bytes(Image.fromarray(np.where(ink, 0, 255).astype(np.uint8)))
 
 
-def replica_pids() -> set[int]:
+def live_actors() -> list:
+    """This session's live actors (an explicit address: a cluster started later must not be asked instead)."""
+    import ray
     from ray.util.state import list_actors
 
-    return {a.pid for a in list_actors(filters=[("state", "=", "ALIVE")]) if "main" in (a.class_name or "") or "Colorizer" in (a.class_name or "")}
+    return list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], limit=1000)
+
+
+def replica_pids() -> set[int]:
+    return {a.pid for a in live_actors() if "main" in (a.class_name or "") or "Colorizer" in (a.class_name or "")}
 
 
 def test_good_request_matches_colorizer_and_json_gives_the_same_png(server, outline):
@@ -314,10 +320,7 @@ def deployed(name: str, cls=ColorizeService, options: dict | None = None, **conf
 
 
 def alive_replica_pids(app_name: str) -> set[int]:
-    from ray.util.state import list_actors
-
-    actors = list_actors(filters=[("class_name", "=", f"ServeReplica:{app_name}:Colorizer"), ("state", "=", "ALIVE")])
-    return {a.pid for a in actors}
+    return {a.pid for a in live_actors() if a.class_name == f"ServeReplica:{app_name}:Colorizer"}
 
 
 def post_with_retries(client: httpx.Client, path: str, outline: bytes, tries: int = 20) -> httpx.Response:
