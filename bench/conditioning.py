@@ -117,7 +117,6 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", help="run labels to keep (default: all)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/conditioning"))
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     runs = [r for r in RUNS if not args.only or r[0] in args.only]
     if any(o.get("conditioning") == "text" for _, o in runs) and not text.available():
         print(f"error: {text.INSTALL_HINT}", file=sys.stderr)

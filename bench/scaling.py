@@ -4,7 +4,7 @@
 
 Measured here: parameters and gradient bytes per step (what DDP all-reduces), forward+backward FLOPs
 per image, kernel-launching operators per forward+backward (profiled on CPU, allocation and view operators
-left out; plus a fused AdamW step), CPU training
+left out; plus an assumed 12 for AdamW's multi-tensor step), CPU training
 images/s of one worker, and synthetic pairs/s one CPU core generates. Assumed (flags, printed): the GPU's
 achieved FLOP rate, the cost of one kernel launch, link bandwidths and latencies. From these, for 1-8
 GPUs on one node (NVLink) and across nodes (100 and 25 Gb/s Ethernet): step time = max(compute, launches)
@@ -41,7 +41,7 @@ LINKS = {  # name: (bandwidth bytes/s per GPU in a ring, latency s per hop)
 NO_KERNEL = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::as_strided", "aten::as_strided_", "aten::resize_",
              "aten::detach", "aten::detach_", "aten::alias", "aten::lift_fresh", "aten::view", "aten::to", "aten::copy_",
              "aten::_local_scalar_dense"}  # fmt: skip
-FUSED_ADAMW_KERNELS = 4  # torch.optim.AdamW(fused=True) on CUDA: a few multi-tensor kernels for all parameters
+ADAMW_KERNELS = 12  # assumed: AdamW's multi-tensor (foreach) step, its CUDA default, for all parameters at once
 
 
 def forward_backward(model, batch):
@@ -69,7 +69,7 @@ def measure(cfg: TrainConfig, batch_size: int) -> dict:
     ops = [e for e in prof.events() if e.name.startswith("aten::")]
     parents = {id(e.cpu_parent) for e in ops if e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")}
     leaves = [e.name for e in ops if id(e) not in parents and e.name not in NO_KERNEL]
-    launches = len(leaves) + FUSED_ADAMW_KERNELS  # each leaf operator is about one kernel on a GPU
+    launches = len(leaves) + ADAMW_KERNELS  # each leaf operator is about one kernel on a GPU
     step_once(model, optimizer, batches[2])  # warm
     start = time.perf_counter()
     for batch in batches[3:]:

@@ -41,9 +41,8 @@ def outline_png() -> bytes:
     return buffer.getvalue()
 
 
-def in_process(checkpoint: str, threads: int, images: int = 256) -> float:
+def in_process(colorizer: Colorizer, threads: int, images: int = 256) -> float:
     torch.set_num_threads(threads)
-    colorizer = Colorizer.from_checkpoint(checkpoint, device="cpu")
     outlines = np.repeat(synth.generate(1, seed=0).outlines, images, axis=0)
     colorizer.colorize_arrays(outlines[:32], ["red"] * 32)
     start = time.perf_counter()
@@ -94,8 +93,9 @@ def main() -> int:
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     threads = torch.get_num_threads()
-    body, whole = outline_png(), in_process(args.checkpoint, threads)
-    baseline = in_process(args.checkpoint, 1)
+    colorizer = Colorizer.from_checkpoint(args.checkpoint, device="cpu")
+    body, whole = outline_png(), in_process(colorizer, threads)
+    baseline = in_process(colorizer, 1)
     print(f"in-process Colorizer batch throughput: {baseline:.1f} images/s with 1 thread (a replica's share), {whole:.1f} with {threads}")
     report = {"in_process_images_per_s": baseline, f"in_process_images_per_s_{threads}_threads": whole, "runs": []}
     for batching, batch_size in (("on", 32), ("off", 1)):

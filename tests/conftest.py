@@ -34,6 +34,23 @@ def synth_dir(tmp_path_factory) -> Path:
     return root
 
 
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_bytes(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def tiny_model(conditioning: str = "concat", head: str = "mask", seed: int = 0) -> ConditionalUNet:
     torch.manual_seed(seed)
     vocabulary = tuple(synth.REAL_PALETTE) if conditioning in ("embedding", "text") else ()

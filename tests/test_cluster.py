@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay"
 MANIFESTS = {"raycluster.yaml": "ray.io_rayclusters.yaml", "rayjob.yaml": "ray.io_rayjobs.yaml", "rayservice.yaml": "ray.io_rayservices.yaml"}
@@ -107,14 +109,6 @@ def test_named_commands_answer_help():
 # workers or two replicas must land on different nodes. Driven through the CLIs, as a user would.
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_nodes():
     from ray.cluster_utils import Cluster
@@ -135,6 +129,11 @@ def actor_nodes(dashboard: str, class_name: str, state: str | None = None) -> li
 
     filters = [("class_name", "=", class_name)] + ([("state", "=", state)] if state else [])
     return [a.node_id for a in list_actors(address=dashboard, filters=filters, limit=1000, raise_on_missing_output=False)]
+
+
+def epochs_printed(text: str) -> list[int]:
+    """The 1-based epochs rank 0 reported, in order, each once (worker lines can reach the driver twice)."""
+    return list(dict.fromkeys(int(e) for e in re.findall(r"\[polycolor\] epoch (\d+)/8", text)))
 
 
 def train_command(storage: Path, name: str, *flags: str) -> list[str]:
@@ -199,8 +198,7 @@ def test_worker_node_removed_mid_training_run_resumes_on_a_new_node(two_nodes, t
     before, _, after = output.rpartition("resuming moved at epoch ")
     assert before, "the run never restarted from a checkpoint:\n" + output[-3000:]
     resumes = [int(e) for e in re.findall(r"resuming moved at epoch (\d+)", output)]  # 0-based next epoch
-    epochs = lambda text: list(dict.fromkeys(int(e) for e in re.findall(r"\[polycolor\] epoch (\d+)/8", text)))  # noqa: E731
     start = resumes[-1]
     assert min(resumes) >= 1, f"a restart began from scratch: {resumes}"  # every restart continued from a checkpoint
-    assert epochs(before)[:start] == list(range(1, start + 1))  # what the last restart resumed had been done
-    assert epochs(after) == list(range(start + 1, 9))  # and after it, each remaining epoch, in order, to the end
+    assert epochs_printed(before)[:start] == list(range(1, start + 1))  # what the last restart resumed had been done
+    assert epochs_printed(after) == list(range(start + 1, 9))  # and after it, each remaining epoch, in order, to the end

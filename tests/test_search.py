@@ -14,6 +14,8 @@ import pytest
 from polycolor import checkpoint
 from polycolor.predict import Colorizer
 
+from conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(600)
 
@@ -84,14 +86,6 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_sessio
     searcher = OptunaSearch(metric="pixel_exact", mode="max")
     searcher.restore_from_dir(str(tmp_path / "r"))
     assert len(searcher._ot_study.trials) == 3  # the Optuna study kept its history across the restore
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

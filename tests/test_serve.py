@@ -6,7 +6,6 @@ import io
 import json
 import os
 import signal
-import socket
 import struct
 import time
 import zlib
@@ -25,21 +24,11 @@ from polycolor import synth
 from polycolor.predict import Colorizer
 from polycolor.serve import ColorizeService, ServeConfig
 
+from conftest import free_port, png_bytes
+
 pytestmark = pytest.mark.timeout(300)
 LIMIT_MB = 0.25
 REQUEST_TIMEOUT_S = 6  # the proxy's end-to-end limit: a request still unanswered gets 408
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")

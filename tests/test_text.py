@@ -18,6 +18,8 @@ from polycolor import checkpoint, synth, text
 from polycolor.predict import Colorizer
 from polycolor.train import SMOKE, TrainConfig, best_of, build_trainer
 
+from conftest import free_port, png_bytes
+
 needs_extra = pytest.mark.skipif(not text.available(), reason="the text extra is not installed: pip install -e '.[text]'")
 HIDE_EXTRA = "import sys; sys.modules['transformers'] = None; "
 
@@ -75,7 +77,6 @@ def test_serve_accepts_free_text_phrases(text_checkpoint, ray_session):
     from ray import serve
 
     from polycolor.serve import ColorizeService, ServeConfig
-    from test_serve import free_port, png_bytes
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -131,15 +131,26 @@ def trial_concurrency(resources: dict, workers: int, cpus_per_worker: int, use_g
     return concurrency
 
 
+def trial_function():
+    """``trainable`` with its driver's share of a CPU (its workers reserve their own)."""
+    from ray import tune
+
+    return tune.with_resources(trainable, {"cpu": 0.25})
+
+
+def param_space(name: str, storage: str, base: dict, max_failures: int, space: dict | None = None) -> dict:
+    """The search space (or ``space``) plus what every trial needs: the fixed ``base`` config and where to write."""
+    return (space or search_space()) | {"base": base, "storage": storage, "search_name": name, "max_failures": max_failures}
+
+
 def make_tuner(name: str, storage: str, base: dict, num_samples: int, concurrency: int, searcher=None, scheduler=None,
                callbacks: Sequence = (), max_failures: int = 1, space: dict | None = None):  # fmt: skip
     """A Tuner over ``trainable``: the search space (or ``space``), the fixed ``base`` config, a searcher and scheduler."""
     from ray import tune
 
-    param_space = (space or search_space()) | {"base": base, "storage": storage, "search_name": name, "max_failures": max_failures}
     return tune.Tuner(
-        tune.with_resources(trainable, {"cpu": 0.25}),
-        param_space=param_space,
+        trial_function(),
+        param_space=param_space(name, storage, base, max_failures, space),
         tune_config=tune.TuneConfig(metric=SCORE, mode="max", search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
                                     max_concurrent_trials=concurrency, trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=list(callbacks), failure_config=tune.FailureConfig(max_failures=0)),
@@ -211,8 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ.setdefault("WANDB_MODE", "offline")
         callbacks.append(WandbLoggerCallback(project="polycolor", group=name, excludes=["base"]))
     if args.resume:
-        param_space = search_space() | {"base": base, "storage": storage, "search_name": name, "max_failures": args.max_failures}
-        tuner = tune.Tuner.restore(f"{storage}/{name}", tune.with_resources(trainable, {"cpu": 0.25}), resume_errored=True, param_space=param_space)
+        space = param_space(name, storage, base, args.max_failures)
+        tuner = tune.Tuner.restore(f"{storage}/{name}", trial_function(), resume_errored=True, param_space=space)
     else:
         searcher = OptunaSearch(points_to_evaluate=list(FIRST_POINTS), seed=args.seed)
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base["epochs"], grace_period=1, reduction_factor=2)
