@@ -1,12 +1,13 @@
 """Bounded HTTP load on a local Serve deployment vs the in-process Colorizer, measured side by side.
 
-    python bench/serve_load.py --checkpoint runs/first/best [--requests 200] [--seconds 30]
+    python bench/serve_load.py --checkpoint runs/first/best [--requests 200] [--seconds 30] [--rounds 4]
 
 For batching on and off: concurrency 1, 8 and 32 on loopback (a fixed number of requests, capped in time):
-requests/s, p50/p95/p99 latency, errors, replica memory after a warm-up at the highest concurrency and at
-the end. Next to it, the in-process Colorizer's batch throughput on the same checkpoint with one thread
-(the replica's share: Ray gives a 1-CPU actor one torch thread) and with all threads; the ratio to the
-first is the serving overhead.
+requests/s, p50/p95/p99 latency, errors; the CPU each request cost the load client, Serve's HTTP proxy and
+the replica; the replica's memory after a warm-up pass at every level and after each measured level, over four rounds.
+Next to it, the in-process Colorizer's batch throughput on the same checkpoint with one thread (the
+replica's share: Ray gives a 1-CPU actor one torch thread) and with all threads; the ratio to the first is
+the serving overhead.
 Writes bench/results/serve_load.json.
 """
 
@@ -41,13 +42,17 @@ def outline_png() -> bytes:
     return buffer.getvalue()
 
 
-def in_process(colorizer: Colorizer, threads: int, images: int = 256) -> float:
+def in_process(colorizer: Colorizer, threads: int, images: int = 128, repeats: int = 3) -> float:
+    """Images/s of ``Colorizer.colorize_arrays`` at its own batch size; the best of ``repeats`` runs."""
     torch.set_num_threads(threads)
     outlines = np.repeat(synth.generate(1, seed=0).outlines, images, axis=0)
     colorizer.colorize_arrays(outlines[:32], ["red"] * 32)
-    start = time.perf_counter()
-    colorizer.colorize_arrays(outlines, ["red"] * images)
-    return images / (time.perf_counter() - start)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        colorizer.colorize_arrays(outlines, ["red"] * images)
+        rates.append(images / (time.perf_counter() - start))
+    return max(rates)
 
 
 async def load(url: str, body: bytes, concurrency: int, requests: int, seconds: float) -> dict:
@@ -73,8 +78,14 @@ async def load(url: str, body: bytes, concurrency: int, requests: int, seconds: 
     return {"concurrency": concurrency, "requests": len(latencies), "rps": len(latencies) / wall, "p50_ms": p[0], "p95_ms": p[1], "p99_ms": p[2], "errors": errors}
 
 
-def replica_rss_mb() -> float:
-    return sum(p.memory_info().rss for p in psutil.process_iter() if "ServeReplica" in " ".join(p.cmdline() or [])) / 2**20
+def serve_process(role: str) -> psutil.Process:
+    """The one local process whose command line names ``role`` (ServeReplica, ProxyActor)."""
+    return next(p for p in psutil.process_iter() if role in " ".join(p.cmdline() or []))
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
 
 
 def main() -> int:
@@ -82,6 +93,7 @@ def main() -> int:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
     parser.add_argument("--seconds", type=float, default=30, help="time cap per concurrency level")
+    parser.add_argument("--rounds", type=int, default=4, help="passes over the levels after the warm-up (memory must not grow between them)")
     args = parser.parse_args()
 
     import ray
@@ -96,23 +108,35 @@ def main() -> int:
     colorizer = Colorizer.from_checkpoint(args.checkpoint, device="cpu")
     body, whole = outline_png(), in_process(colorizer, threads)
     baseline = in_process(colorizer, 1)
-    print(f"in-process Colorizer batch throughput: {baseline:.1f} images/s with 1 thread (a replica's share), {whole:.1f} with {threads}")
+    print(f"in-process Colorizer batch throughput: {baseline:.1f} images/s with 1 thread (a replica's share), {whole:.1f} with {threads}; "
+          f"{1000 / baseline:.1f} ms of CPU per image")  # fmt: skip
     report = {"in_process_images_per_s": baseline, f"in_process_images_per_s_{threads}_threads": whole, "runs": []}
+    levels = (1, 8, 32)
     for batching, batch_size in (("on", 32), ("off", 1)):
         cfg = ServeConfig(checkpoint=args.checkpoint, max_batch_size=batch_size, batch_wait_s=0.01)
         serve.run(ColorizeService.options(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1}).bind(asdict(cfg)), name="load", route_prefix="/")
         url = f"http://127.0.0.1:{port}/colorize"
-        asyncio.run(load(url, body, 32, 96, 20))  # warm-up at the highest concurrency: the allocator reaches its peak
-        memory_before = replica_rss_mb()
-        for concurrency in (1, 8, 32):
-            row = asyncio.run(load(url, body, concurrency, args.requests, args.seconds))
-            row |= {"batching": batching, "ratio_to_in_process": row["rps"] / baseline, f"ratio_to_{threads}_threads": row["rps"] / whole}
-            report["runs"].append(row)
-            print(f"batching {batching:>3}  c={concurrency:<3} {row['rps']:7.1f} req/s  p50 {row['p50_ms']:6.0f} ms  "
-                  f"p95 {row['p95_ms']:6.0f} ms  p99 {row['p99_ms']:6.0f} ms  errors {row['errors']}  "
-                  f"ratio {row['ratio_to_in_process']:.2f} (to {threads} threads {row[f'ratio_to_{threads}_threads']:.2f})", flush=True)  # fmt: skip
-        report[f"replica_rss_mb_batching_{batching}"] = {"before": memory_before, "after": replica_rss_mb()}
-        print(f"replica memory {memory_before:.0f} MB -> {replica_rss_mb():.0f} MB")
+        replica, proxy, client = serve_process("ServeReplica"), serve_process("ProxyActor"), psutil.Process()
+        for concurrency in levels:  # warm-up: a pass at every level, so the allocator has seen every batch size
+            asyncio.run(load(url, body, concurrency, args.requests, args.seconds))
+        memory = [replica.memory_info().rss / 2**20]
+        for round_ in range(1, args.rounds + 1):
+            for concurrency in levels:
+                cpu = [cpu_seconds(p) for p in (client, proxy, replica)]
+                row = asyncio.run(load(url, body, concurrency, args.requests, args.seconds))
+                cpu_ms = [(cpu_seconds(p) - c) * 1000 / row["requests"] for p, c in zip((client, proxy, replica), cpu)]
+                memory.append(replica.memory_info().rss / 2**20)
+                row |= {"batching": batching, "round": round_, "ratio_to_in_process": row["rps"] / baseline, f"ratio_to_{threads}_threads": row["rps"] / whole,
+                        "cpu_ms_per_request": dict(zip(("client", "proxy", "replica"), cpu_ms)), "replica_rss_mb": memory[-1]}  # fmt: skip
+                report["runs"].append(row)
+                print(f"batching {batching:>3}  round {round_}  c={concurrency:<3} {row['rps']:6.1f} req/s  p50 {row['p50_ms']:5.0f} ms  "
+                      f"p95 {row['p95_ms']:5.0f} ms  p99 {row['p99_ms']:5.0f} ms  errors {row['errors']}  "
+                      f"ratio {row['ratio_to_in_process']:.2f} (to {threads} threads {row[f'ratio_to_{threads}_threads']:.2f})  "
+                      f"CPU ms/request: client {cpu_ms[0]:.1f}, proxy {cpu_ms[1]:.1f}, replica {cpu_ms[2]:.1f}", flush=True)  # fmt: skip
+        report[f"replica_rss_mb_batching_{batching}"] = memory
+        per_round = memory[:: len(levels)]
+        print(f"replica memory after warm-up, then after each level: {' -> '.join(f'{m:.0f}' for m in memory)} MB; "
+              f"end of each round vs warm-up: {', '.join(f'{m - memory[0]:+.0f}' for m in per_round[1:])} MB")  # fmt: skip
         serve.delete("load")
     serve.shutdown()
     ray.shutdown()
