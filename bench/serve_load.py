@@ -4,8 +4,8 @@
 
 For batching on and off: concurrency 1, 8 and 32 on loopback (a fixed number of requests, capped in time):
 requests/s, p50/p95/p99 latency, errors; the CPU each request cost the load client, Serve's HTTP proxy and
-the replica; the replica's memory after a warm-up pass at every level and after each measured level, over four rounds.
-Next to it, the in-process Colorizer's batch throughput on the same checkpoint with one thread (the
+the replica; the replica's memory after a warm-up pass at every level and after each measured level of
+four rounds. Next to it, the in-process Colorizer's batch throughput on the same checkpoint with one thread (the
 replica's share: Ray gives a 1-CPU actor one torch thread) and with all threads; the ratio to the first is
 the serving overhead.
 Writes bench/results/serve_load.json.
