@@ -238,7 +238,7 @@ class ColorizeService:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def colorize_batch(self, items: list[tuple[np.ndarray, str]]) -> list[np.ndarray]:
         """The Colorizer runs a batch in chunks of its own batch size (8 on CPU): faster per image than whole
-        large batches, and the allocator sees a few fixed tensor sizes, so memory stays flat under load."""
+        large batches, and the allocator sees at most eight tensor sizes, so memory stays flat under load."""
         self.batch_sizes = (self.batch_sizes + [len(items)])[-100:]
         outlines = np.stack([outline for outline, _ in items])
         colours = [c for _, c in items]
