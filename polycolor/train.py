@@ -325,10 +325,14 @@ def log_wandb(run, model, val_set, device, metrics: dict) -> None:
 
 
 def build_trainer(cfg: TrainConfig, storage: str, max_failures: int = 0, keep: int = 2, callbacks: Sequence = (),
-                  loop: Callable[[dict], None] = train_loop_per_worker):  # fmt: skip
+                  loop: Callable[[dict], None] = train_loop_per_worker, startup_minutes: float = 5.0):  # fmt: skip
+    """A TorchTrainer for ``cfg``. Workers that cannot be placed within ``startup_minutes`` fail the run (Ray's
+    default is to retry without end, which turns a cluster whose CPUs are held elsewhere into a hang)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
 
+    os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = str(startup_minutes * 60)  # read by Train's controller, which inherits it
     resources = {"CPU": max(1, cfg.threads)} | ({"GPU": 1} if cfg.use_gpu else {})
     return TorchTrainer(
         loop,
@@ -336,7 +340,7 @@ def build_trainer(cfg: TrainConfig, storage: str, max_failures: int = 0, keep: i
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.name, storage_path=storage, callbacks=list(callbacks),
-            failure_config=FailureConfig(max_failures=max_failures),
+            failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"),
         ),
     )  # fmt: skip

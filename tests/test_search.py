@@ -55,6 +55,54 @@ def test_a_diverging_trial_is_marked_and_never_best(ray_session, tmp_path, monke
     assert sum(t["status"] in ("finished", "stopped early") for t in results["trials"]) == 2
 
 
+def test_a_trial_whose_workers_cannot_be_placed_fails_within_the_bound_and_says_why(ray_session, tmp_path):
+    # 64 CPUs per worker never fit the session's 4: before the bound, Ray Train retried this without end.
+    done = search(ray_session, "--num-samples", "1", "--cpus-per-worker", "64", "--startup-minutes", "0.2",
+                  "--storage", str(tmp_path), "--name", "unplaceable", timeout=240)  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]  # no trial produced a checkpoint
+    [trial] = json.loads((tmp_path / "unplaceable" / "results.json").read_text())["trials"]
+    assert trial["status"] == "error"
+    assert "1 worker(s) of {'CPU': 64} could not be placed within 0.2 min: the cluster has only 4 CPU in all" in trial["error"]
+    assert f"trial {trial['trial']} failed: TimeoutError" in done.stdout
+
+
+def test_a_trial_past_max_trial_minutes_fails_and_the_search_goes_on(ray_session, tmp_path):
+    done = search(ray_session, "--num-samples", "2", "--max-trial-minutes", "0.05", "--storage", str(tmp_path), "--name", "slow")
+    trials = json.loads((tmp_path / "slow" / "results.json").read_text())["trials"]
+    assert len(trials) == 2 and all(t["status"] == "error" for t in trials), trials
+    assert all("ran past --max-trial-minutes 0.05" in t["error"] for t in trials)
+    assert done.returncode == 1
+
+
+def test_a_placement_group_whose_creator_died_is_named_as_leaked_and_released(ray_session):
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from tune.resources import holders, release_orphans
+
+    @ray_session.remote(num_cpus=0)
+    class Controller:  # stands in for Train's controller: an actor that reserves its workers' CPUs, then dies
+        def reserve(self):
+            group = placement_group([{"CPU": 2}])
+            ray_session.get(group.ready())
+            return group
+
+    owner = Controller.remote()
+    group = ray_session.get(owner.reserve.remote())
+    live = placement_group([{"CPU": 1}])  # the test's own, whose creator (this driver) lives
+    ray_session.get(live.ready())
+    try:
+        ray_session.kill(owner)
+        time.sleep(1)
+        assert placement_group_table(group)["state"] == "CREATED"  # Ray keeps it while the job lives
+        why = holders({"CPU": 2})
+        assert "3 of 4 CPU held" in why and "{'CPU': 2.0} by a dead actor (leaked)" in why and "{'CPU': 1.0} by a driver" in why
+        released, _ = release_orphans()
+        assert released == [group.id.hex()]
+        assert placement_group_table(group)["state"] == "REMOVED" and placement_group_table(live)["state"] == "CREATED"
+    finally:
+        ray_session.util.remove_placement_group(live)
+
+
 def trial_results(root: Path) -> dict[str, int]:
     """trial directory -> number of reported results."""
     return {p.parent.name: len(p.read_text().splitlines()) for p in root.glob("trial_*/result.json")}

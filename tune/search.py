@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,14 +44,51 @@ def search_space() -> dict:
 
 
 def trainable(config: dict) -> None:
-    """One trial: a TorchTrainer run named after the trial, so a restored trial resumes its own run."""
+    """One trial: a TorchTrainer run named after the trial, so a restored trial resumes its own run.
+
+    Bounded twice: workers that cannot be placed within ``startup_minutes`` fail the trial with what holds
+    the cluster, and a trial still running after ``max_trial_minutes`` (0: no limit) fails with that."""
     from ray import tune
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
     from ray.tune.integration.ray_train import TuneReportCallback
+
+    from tune.resources import holders
 
     base = dict(config["base"])
     trial_id = tune.get_context().get_trial_id()
     cfg = TrainConfig(**(base | {k: config[k] for k in SEARCHED} | {"name": f"{config['search_name']}-{trial_id}"}))
-    build_trainer(cfg, config["storage"], max_failures=config["max_failures"], callbacks=[TuneReportCallback()]).fit()
+    trainer = build_trainer(cfg, config["storage"], max_failures=config["max_failures"], callbacks=[TuneReportCallback()],
+                            startup_minutes=config["startup_minutes"])  # fmt: skip
+    try:
+        fit_within(trainer, config["max_trial_minutes"])
+    except ControllerError as err:
+        if not isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
+            raise
+        need = trainer.scaling_config.resources_per_worker
+        why = f"{cfg.workers} worker(s) of {need} could not be placed within {config['startup_minutes']:g} min"
+        raise TimeoutError(f"trial {trial_id}: {why}: {holders(need)}") from None
+
+
+def fit_within(trainer, minutes: float):
+    """``trainer.fit()``, or TimeoutError once it has run ``minutes`` (0: no limit). The abandoned run ends with
+    the trial's actor, and the search releases what it held."""
+    outcome: dict = {}
+
+    def fit():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # handed to the trial's thread below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="fit", daemon=True)
+    thread.start()
+    thread.join(minutes * 60 if minutes > 0 else None)
+    if thread.is_alive():
+        raise TimeoutError(f"trial ran past --max-trial-minutes {minutes:g}")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def trial_rows(grid, max_epochs: int) -> list[dict]:
@@ -74,9 +112,15 @@ def trial_rows(grid, max_epochs: int) -> list[dict]:
             **{k: result.config.get(k) for k in SEARCHED},
             "epochs": epochs, "status": status, "best_" + SCORE: best_score,
             **{k: metrics.get(k) for k in (SCORE, "iou", "color_error", "l1", "psnr", "train_loss")},
-            "checkpoint": best_path, "error": str(result.error).splitlines()[0] if result.error else None,
+            "checkpoint": best_path, "error": error_line(result.error) if result.error else None,
         })  # fmt: skip
     return rows
+
+
+def error_line(error: BaseException) -> str:
+    """The trial's own exception in one line, not Ray's wrapping of it (a task header and a traceback)."""
+    cause = getattr(error, "cause", None) or error
+    return f"{type(cause).__name__}: {cause}".splitlines()[0]
 
 
 def write_outputs(rows: list[dict], grid, out: Path) -> dict | None:
@@ -94,6 +138,9 @@ def write_outputs(rows: list[dict], grid, out: Path) -> dict | None:
     for r in rows:
         print(f"{r['trial']:<12}{r['lr']:>9.2e} {r['loss']:>5} {r['conditioning']:>10} {r['batch_size']:>3} {r['base_width']:>3} "
               f"{r['epochs']:>3} {r['best_' + SCORE]:>11.6f} {r['status']:>14}")  # fmt: skip
+    for r in rows:
+        if r["error"]:
+            print(f"trial {r['trial']} failed: {r['error']}")
     candidates = [r for r in rows if r["status"] in ("finished", "stopped early") and r["checkpoint"]]
     best = max(candidates, key=lambda r: r["best_" + SCORE], default=None)
     (out / "results.json").write_text(json.dumps({"best": best, "trials": rows}, indent=2, default=str))
@@ -138,22 +185,30 @@ def trial_function():
     return tune.with_resources(trainable, {"cpu": 0.25})
 
 
-def param_space(name: str, storage: str, base: dict, max_failures: int, space: dict | None = None) -> dict:
-    """The search space (or ``space``) plus what every trial needs: the fixed ``base`` config and where to write."""
-    return (space or search_space()) | {"base": base, "storage": storage, "search_name": name, "max_failures": max_failures}
+def param_space(name: str, storage: str, base: dict, limits: dict, space: dict | None = None) -> dict:
+    """The search space (or ``space``) plus what every trial needs: the fixed ``base`` config, where to write,
+    and its ``limits`` (max_failures, startup_minutes, max_trial_minutes)."""
+    return (space or search_space()) | {"base": base, "storage": storage, "search_name": name} | limits
+
+
+LIMITS = {"max_failures": 1, "startup_minutes": 5.0, "max_trial_minutes": 60.0}
 
 
 def make_tuner(name: str, storage: str, base: dict, num_samples: int, concurrency: int, searcher=None, scheduler=None,
-               callbacks: Sequence = (), max_failures: int = 1, space: dict | None = None):  # fmt: skip
-    """A Tuner over ``trainable``: the search space (or ``space``), the fixed ``base`` config, a searcher and scheduler."""
+               callbacks: Sequence = (), limits: dict = LIMITS, space: dict | None = None):  # fmt: skip
+    """A Tuner over ``trainable``: the search space (or ``space``), the fixed ``base`` config, a searcher and scheduler.
+    Whatever an ended trial held is released by the search itself (``ReleaseEndedTrials``)."""
     from ray import tune
+
+    from tune.resources import ReleaseEndedTrials
 
     return tune.Tuner(
         trial_function(),
-        param_space=param_space(name, storage, base, max_failures, space),
+        param_space=param_space(name, storage, base, limits, space),
         tune_config=tune.TuneConfig(metric=SCORE, mode="max", search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
                                     max_concurrent_trials=concurrency, trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
-        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=list(callbacks), failure_config=tune.FailureConfig(max_failures=0)),
+        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[ReleaseEndedTrials(), *callbacks],
+                                  failure_config=tune.FailureConfig(max_failures=0)),
     )  # fmt: skip
 
 
@@ -166,7 +221,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers in each trial")
     p.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per trial, split over its workers (default: 1 per worker when the cluster has GPUs)")
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (torch threads) per training worker")
-    p.add_argument("--max-failures", type=int, default=1, help="worker-failure retries inside each trial")
+    p.add_argument("--max-failures", type=int, default=LIMITS["max_failures"], help="worker-failure retries inside each trial")
+    p.add_argument("--startup-minutes", type=float, default=LIMITS["startup_minutes"],
+                   help="a trial whose workers cannot be placed within this long fails, naming what holds the cluster (default 5)")
+    p.add_argument("--max-trial-minutes", type=float, default=LIMITS["max_trial_minutes"],
+                   help="a trial still running after this long fails and the search goes on; 0: no limit (default 60)")
     p.add_argument("--storage", default="runs", help="local path or URI (s3://, gs://) for trials and results (default ./runs)")
     p.add_argument("--name", default=None, help="search name (default polycolor-search-TIMESTAMP)")
     p.add_argument("--resume", action="store_true", help="continue the search STORAGE/NAME")
@@ -192,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--data: the search runs on synthetic data for now; train on a dataset with python -m polycolor.train --data")
         if num_samples < 1 or args.max_epochs < 1:
             raise ValueError("--num-samples and --max-epochs must be >= 1")
+        if args.startup_minutes <= 0 or args.max_trial_minutes < 0:
+            raise ValueError("--startup-minutes must be > 0 and --max-trial-minutes >= 0")
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -221,13 +282,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not os.environ.get("WANDB_API_KEY"):
             os.environ.setdefault("WANDB_MODE", "offline")
         callbacks.append(WandbLoggerCallback(project="polycolor", group=name, excludes=["base"]))
+    limits = {"max_failures": args.max_failures, "startup_minutes": args.startup_minutes, "max_trial_minutes": args.max_trial_minutes}
     if args.resume:
-        space = param_space(name, storage, base, args.max_failures)
+        space = param_space(name, storage, base, limits)
         tuner = tune.Tuner.restore(f"{storage}/{name}", trial_function(), resume_errored=True, param_space=space)
     else:
         searcher = OptunaSearch(points_to_evaluate=list(FIRST_POINTS), seed=args.seed)
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base["epochs"], grace_period=1, reduction_factor=2)
-        tuner = make_tuner(name, storage, base, num_samples, concurrency, searcher, scheduler, callbacks, args.max_failures)
+        tuner = make_tuner(name, storage, base, num_samples, concurrency, searcher, scheduler, callbacks, limits)
     grid = tuner.fit()
     rows = trial_rows(grid, base["epochs"])
     out = Path(storage) / name if "://" not in storage else Path("runs") / name
