@@ -8,7 +8,9 @@ A directory::
     train_state.pt      optional, training only: optimiser, LR schedule, RNG state, epoch (tensors and
                         plain containers, loaded with torch.load(weights_only=True))
 
-Written atomically: into a temporary sibling directory, then renamed into place.
+Written atomically: into a temporary sibling directory, then renamed into place. In object storage (a URI,
+see ``storage``), where nothing renames, config.json is written last: until it is, the weights do not match
+the config's hash and the checkpoint refuses to load, so a half-written one is never used.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from polycolor import storage
 from polycolor.colors import RGB
 from polycolor.model import ConditionalUNet, ModelConfig
 
@@ -43,7 +46,7 @@ class Loaded:
     model: ConditionalUNet
     palette: dict[str, RGB]
     metrics: dict = field(default_factory=dict)
-    path: Path | None = None
+    path: str | None = None  # where it was loaded from: a directory or a URI
 
 
 def package_version() -> str:
@@ -101,8 +104,12 @@ def write(path: str | Path, model: torch.nn.Module, palette: dict[str, RGB], met
 
 
 def export(source: str | Path, path: str | Path) -> Loaded:
-    """Verify the checkpoint at ``source`` and copy its weights and config (no training state) to ``path``."""
+    """Verify the checkpoint in the local directory ``source`` and copy its weights and config (no training
+    state) to ``path``, a directory or a URI."""
     loaded = load(source)
+    if storage.is_uri(str(path)):
+        storage.upload([Path(source) / WEIGHTS, Path(source) / CONFIG], str(path))  # config last: see above
+        return loaded
     with atomic_directory(path) as tmp:
         for name in (WEIGHTS, CONFIG):
             shutil.copyfile(Path(source) / name, tmp / name)
@@ -134,67 +141,66 @@ def write_into(directory: Path, model: torch.nn.Module, palette: dict[str, RGB],
             os.fsync(f.fileno())
 
 
-def read_config(path: str | Path) -> dict:
-    file = Path(path) / CONFIG
+def read_config(path: str | Path, shown: str | None = None) -> dict:
+    file, named = Path(path) / CONFIG, storage.join(shown or str(path), CONFIG)
     try:
         config = json.loads(file.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{file}: missing; a checkpoint directory holds {CONFIG} and {WEIGHTS}") from None
+        raise CheckpointError(f"{named}: missing; a checkpoint directory holds {CONFIG} and {WEIGHTS}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{file}: not valid JSON ({err})") from None
+        raise CheckpointError(f"{named}: not valid JSON ({err})") from None
     if not isinstance(config, dict):
-        raise CheckpointError(f"{file}: expected a JSON object")
+        raise CheckpointError(f"{named}: expected a JSON object")
     if config.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{file}: format_version {config.get('format_version')!r} is not supported; expected {FORMAT_VERSION}")
+        raise CheckpointError(f"{named}: format_version {config.get('format_version')!r} is not supported; expected {FORMAT_VERSION}")
     missing = {"model", "palette", "weights_sha256"} - set(config)
     if missing:
-        raise CheckpointError(f"{file}: missing field(s) {sorted(missing)}")
+        raise CheckpointError(f"{named}: missing field(s) {sorted(missing)}")
     return config
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
-    """Load and verify a checkpoint directory; CheckpointError names the file and what is wrong."""
-    path = Path(path)
+    """Load and verify a checkpoint directory or URI; CheckpointError names the file and what is wrong."""
+    location = str(path)
+    try:
+        with storage.local_copy(location) as local:
+            loaded = load_directory(local, device, shown=location)
+    except storage.StorageError as err:
+        raise CheckpointError(str(err)) from None
+    loaded.path = location
+    return loaded
+
+
+def load_directory(path: Path, device: str | torch.device = "cpu", shown: str | None = None) -> Loaded:
+    """``load`` of a local directory; messages name ``shown`` (the location the user gave) in its place."""
     if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint directory (expected {CONFIG} and {WEIGHTS} inside)")
-    config = read_config(path)
+        raise CheckpointError(f"{shown or path}: not a checkpoint directory (expected {CONFIG} and {WEIGHTS} inside)")
+    shown = shown or str(path)
+    config = read_config(path, shown)
     weights = path / WEIGHTS
     if not weights.is_file():
-        raise CheckpointError(f"{weights}: missing")
+        raise CheckpointError(f"{storage.join(shown, WEIGHTS)}: missing")
     if file_sha256(weights) != config["weights_sha256"]:
-        raise CheckpointError(f"{weights}: sha256 does not match {CONFIG}'s weights_sha256; the file is truncated or altered")
+        raise CheckpointError(f"{storage.join(shown, WEIGHTS)}: sha256 does not match {CONFIG}'s weights_sha256; the file is truncated or altered (or still being written)")
     try:
         cfg = ModelConfig(**config["model"])
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path / CONFIG}: invalid model config ({err})") from None
+        raise CheckpointError(f"{storage.join(shown, CONFIG)}: invalid model config ({err})") from None
     try:
         with safe_open(weights, "pt") as f:
             recorded = (f.metadata() or {}).get("config_sha256")
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from None
+        raise CheckpointError(f"{storage.join(shown, WEIGHTS)}: not a readable safetensors file ({err})") from None
     if recorded != config_sha256(config["model"], config["palette"]):
-        raise CheckpointError(f"{weights}: was saved with a different model config or palette than {path / CONFIG} records")
+        raise CheckpointError(f"{storage.join(shown, WEIGHTS)}: was saved with a different model config or palette than {storage.join(shown, CONFIG)} records")
     model = ConditionalUNet(cfg)
     try:
         model.load_state_dict(tensors)
     except RuntimeError as err:
-        raise CheckpointError(f"{weights}: weights do not fit the model config ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"{storage.join(shown, WEIGHTS)}: weights do not fit the model config ({str(err).splitlines()[0]})") from None
     palette = {name: tuple(rgb) for name, rgb in config["palette"].items()}
-    return Loaded(model.to(device).eval(), palette, config.get("metrics", {}), path)
-
-
-def fetch(uri: str, cache: str | Path | None = None) -> Path:
-    """A local copy of a checkpoint at a URI (s3://, gs://, ...) through pyarrow; a local path as is."""
-    if "://" not in uri or uri.startswith("file://"):
-        return Path(uri.removeprefix("file://"))
-    import tempfile
-
-    import pyarrow.fs
-
-    local = Path(cache or tempfile.mkdtemp(prefix="polycolor-ckpt-"))
-    pyarrow.fs.copy_files(uri, str(local), destination_filesystem=pyarrow.fs.LocalFileSystem())
-    return local
+    return Loaded(model.to(device).eval(), palette, config.get("metrics", {}), shown)
 
 
 def load_train_state(path: str | Path) -> dict | None:

@@ -224,7 +224,7 @@ class ColorizeService:
     def __init__(self, config: dict):
         self.cfg = ServeConfig(**config)
         device = "cuda" if self.cfg.gpu else "cpu"
-        self.colorizer = Colorizer.from_checkpoint(checkpoint.fetch(self.cfg.checkpoint), device=device)
+        self.colorizer = Colorizer.from_checkpoint(self.cfg.checkpoint, device=device)
         if self.colorizer.conditioning == "text":  # load the phrase encoder now, not on the first new phrase
             text.load(self.colorizer.model.cfg.text_encoder)
         self.limit = int(self.cfg.max_body_mb * 1024 * 1024)
@@ -298,9 +298,10 @@ def build_app(args: dict):
     cfg = ServeConfig.from_args(dict(args))
     if not cfg.checkpoint:
         raise ValueError("build_app needs checkpoint=PATH")
-    if "://" not in cfg.checkpoint:  # fail start-up here, naming the file or the missing extra, not in every replica
-        if checkpoint.load(cfg.checkpoint).model.cfg.conditioning == "text":
-            text.require()
+    # Fail start-up here, naming the file (or the missing extra), not in every replica; a half-written
+    # checkpoint in a bucket fails its hash check here too.
+    if checkpoint.load(cfg.checkpoint).model.cfg.conditioning == "text":
+        text.require()
     return ColorizeService.options(
         num_replicas=cfg.replicas,
         max_ongoing_requests=cfg.max_ongoing_requests,

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
-from polycolor import checkpoint, text
+from polycolor import checkpoint, storage, text
 from polycolor.colors import RGB, parse_color, phrase
 from polycolor.data import PolygonDataset, Split, check, read_split
 from polycolor.evaluate import METRICS, per_image, summarize
@@ -324,22 +324,22 @@ def log_wandb(run, model, val_set, device, metrics: dict) -> None:
 # The driver: build a TorchTrainer, run it, export the best checkpoint.
 
 
-def build_trainer(cfg: TrainConfig, storage: str, max_failures: int = 0, keep: int = 2, callbacks: Sequence = (),
-                  loop: Callable[[dict], None] = train_loop_per_worker, startup_minutes: float = 5.0):  # fmt: skip
-    """A TorchTrainer for ``cfg``. Workers that cannot be placed within ``startup_minutes`` fail the run (Ray's
-    default is to retry without end, which turns a cluster whose CPUs are held elsewhere into a hang)."""
+def build_trainer(cfg: TrainConfig, location: str, max_failures: int = 0, keep: int = 2, callbacks: Sequence = (),
+                  loop: Callable[[dict], None] = train_loop_per_worker, startup_minutes: float = 5.0, trainer_cls=None):  # fmt: skip
+    """A TorchTrainer (or ``trainer_cls``) for ``cfg``. Workers that cannot be placed within ``startup_minutes``
+    fail the run (Ray retries without end by default, which turns a cluster whose CPUs are held into a hang)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
 
-    os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = str(startup_minutes * 60)  # read by Train's controller, which inherits it
+    os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = str(startup_minutes * 60)  # Train's controller inherits it
     resources = {"CPU": max(1, cfg.threads)} | ({"GPU": 1} if cfg.use_gpu else {})
-    return TorchTrainer(
+    return (trainer_cls or TorchTrainer)(
         loop,
         train_loop_config=cfg.to_dict(),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=cfg.name, storage_path=storage, callbacks=list(callbacks),
+            name=cfg.name, storage_path=location, callbacks=list(callbacks),
             failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"),
         ),
@@ -353,29 +353,19 @@ def best_of(result) -> tuple[object, dict]:
     return max(result.best_checkpoints, key=lambda cm: (cm[1][SCORE], -cm[1]["l1"]))
 
 
-def storage_path(storage: str) -> str:
-    """A URI (s3://, gs://, ...) as given; a local path made absolute (workers chdir elsewhere)."""
-    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
-
-
-def run_exists(storage: str, name: str) -> bool:
-    import pyarrow.fs
-
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else "file://" + storage)
-    return fs.get_file_info(f"{root.rstrip('/')}/{name}").type != pyarrow.fs.FileType.NotFound
-
-
-def prune_orphans(result, storage: str, name: str) -> list[str]:
-    """Remove checkpoint_* directories that Ray never registered (left by a driver killed mid-upload)."""
-    import pyarrow.fs
-
-    kept = {Path(c.path).name for c, _ in result.best_checkpoints or []}
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else "file://" + storage)
-    entries = fs.get_file_info(pyarrow.fs.FileSelector(f"{root.rstrip('/')}/{name}"))
-    orphans = [e.path for e in entries if e.type == pyarrow.fs.FileType.Directory and e.base_name.startswith("checkpoint_") and e.base_name not in kept]
-    for path in orphans:
-        fs.delete_dir(path)
-    return orphans
+def read_dataset(data: str) -> tuple[Split, Split]:
+    """The checked training and validation splits of a dataset directory or URI, read once by the driver and
+    handed to every worker through the object store (no shared disk needed); ValueError says what is wrong."""
+    try:
+        with storage.local_copy(data) as root:
+            if not (root / "training").is_dir() or not (root / "validation").is_dir():
+                raise ValueError(f"--data {data}: expected both training/ and validation/ splits")
+            _, problems = check(root)
+            if problems:
+                raise ValueError(f"--data {data} fails its check:\n  " + "\n  ".join(problems))
+            return read_split(root / "training"), read_split(root / "validation")
+    except storage.StorageError as err:
+        raise ValueError(f"--data {err}") from None
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -416,10 +406,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="disable bf16 autocast on GPU")
     p.add_argument("--max-failures", type=int, default=0, help="restarts from the last checkpoint after a worker failure")
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept, best by validation pixel_exact")
-    p.add_argument("--storage", default="runs", help="local path or URI (s3://, gs://) for checkpoints (default ./runs)")
+    p.add_argument("--storage", help="local path or URI (s3://, gs://, file://) for checkpoints and best/ "
+                   "(default ./runs; ~/ray_results inside a submitted Ray job)")
     p.add_argument("--name", help="run name (default polycolor-TIMESTAMP); with --resume, the run to continue")
     p.add_argument("--resume", action="store_true", help="continue the run STORAGE/NAME from its last checkpoint")
-    p.add_argument("--out", help="where to export best/ (default STORAGE/NAME when STORAGE is local)")
+    p.add_argument("--out", help="where to export best/: a directory or URI (default STORAGE/NAME)")
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline unless WANDB_API_KEY is set)")
     p.add_argument("--smoke-test", action="store_true", help="tiny model and data, two epochs: checks the setup in seconds")
     args = p.parse_args(argv)
@@ -442,12 +433,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.smoke_test:  # the tiny preset, except where a flag was given explicitly
         values |= {k: v for k, v in SMOKE.items() if k not in args.explicit}
     cfg = TrainConfig(**values)
-    if cfg.data != "synthetic":
-        _, problems = check(cfg.data)
-        if problems:
-            raise ValueError(f"--data {cfg.data} fails its check:\n  " + "\n  ".join(problems))
-        if not (Path(cfg.data) / "training").is_dir() or not (Path(cfg.data) / "validation").is_dir():
-            raise ValueError(f"--data {cfg.data}: expected both training/ and validation/ splits")
     if args.max_failures < 0 or args.keep < 1:
         raise ValueError("--max-failures must be >= 0 and --keep >= 1")
     return cfg
@@ -455,18 +440,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    location = storage.resolve(args.storage or storage.default())
     try:
         cfg = config_from_args(args)
-    except ValueError as err:
+        splits = read_dataset(cfg.data) if cfg.data != "synthetic" else None
+        storage.check_writable(location)
+    except ValueError as err:  # StorageError is one
         print(f"error: {err}", file=sys.stderr)
         return 2
-    storage = storage_path(args.storage)
-    exists = run_exists(storage, cfg.name)
+    exists = storage.run_exists(location, cfg.name)
     if args.resume and not exists:
-        print(f"error: --resume: no run {cfg.name!r} under {storage}", file=sys.stderr)
+        print(f"error: --resume: no run {cfg.name!r} under {location}", file=sys.stderr)
         return 2
     if exists and not args.resume:
-        print(f"error: a run {cfg.name!r} already exists under {storage}; pass --resume to continue it or pick another --name", file=sys.stderr)
+        print(f"error: a run {cfg.name!r} already exists under {location}; pass --resume to continue it or pick another --name", file=sys.stderr)
         return 2
 
     import ray
@@ -476,22 +463,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg.use_gpu = resources.get("GPU", 0) > 0 if args.gpu is None else args.gpu
     cfg.threads = args.threads or (1 if cfg.use_gpu else max(1, int(resources.get("CPU", 1)) // cfg.workers))
     cfg.loader_workers = args.loader_workers if args.loader_workers is not None else (4 if cfg.use_gpu else 0)
-    if "://" not in storage:
-        cfg.wandb_dir = str(Path(storage) / cfg.name)
-    if cfg.data != "synthetic":
-        cfg.splits = ray.put((read_split(Path(cfg.data) / "training"), read_split(Path(cfg.data) / "validation")))
-    print(f"[polycolor] run {cfg.name}: {cfg.workers} worker(s) on {'GPU' if cfg.use_gpu else 'CPU'}, storage {storage}", flush=True)
+    if not storage.is_uri(location):
+        cfg.wandb_dir = str(Path(location) / cfg.name)
+    if splits is not None:
+        cfg.splits = ray.put(splits)
+    print(f"[polycolor] run {cfg.name}: {cfg.workers} worker(s) on {'GPU' if cfg.use_gpu else 'CPU'}, storage {location}", flush=True)
 
     start = time.perf_counter()
-    result = build_trainer(cfg, storage, args.max_failures, args.keep).fit()
+    result = build_trainer(cfg, location, args.max_failures, args.keep).fit()
     best, metrics = best_of(result)
-    if orphans := prune_orphans(result, storage, cfg.name):
+    if orphans := storage.prune_orphans(result, location, cfg.name):
         print(f"[polycolor] removed {len(orphans)} unregistered checkpoint(s) left by an interrupted driver")
-    out = Path(args.out) if args.out else Path(storage) / cfg.name
+    out = storage.join(args.out or storage.join(location, cfg.name), "best")
     with best.as_directory() as directory:
-        checkpoint.export(directory, out / "best")
+        checkpoint.export(directory, out)
     shown = {k: round(v, 6) for k, v in metrics.items() if isinstance(v, float)}
-    print(f"[polycolor] done in {time.perf_counter() - start:.0f}s; best epoch {metrics['epoch'] + 1} -> {out / 'best'}")
+    print(f"[polycolor] done in {time.perf_counter() - start:.0f}s; best epoch {metrics['epoch'] + 1} -> {out}")
     print(f"[polycolor] best metrics: {shown}")
     return 0
 

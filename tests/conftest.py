@@ -14,6 +14,9 @@ from polycolor.model import ConditionalUNet, ModelConfig
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# The loopback S3 server takes any credentials; set before any Ray starts, so that its workers have them too.
+for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    os.environ.setdefault(key, value)
 
 AYNA = Path(os.environ.get("POLYCOLOR_AYNA_DIR", Path(__file__).resolve().parents[1] / "../shared/datasets/ayna")).resolve()
 
@@ -76,3 +79,51 @@ def ray_session():
     ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+class Bucket:
+    """A bucket on the loopback S3 server: ``uri(prefix)`` is a storage URI that any process can use."""
+
+    def __init__(self, port: int, name: str = "polycolor"):
+        self.port, self.name = port, name
+
+    def uri(self, prefix: str) -> str:
+        return f"s3://{self.name}/{prefix}?endpoint_override=127.0.0.1:{self.port}&scheme=http"
+
+    def keys(self, prefix: str) -> set[str]:
+        import pyarrow.fs
+
+        fs, root = pyarrow.fs.FileSystem.from_uri(self.uri(prefix))
+        found = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
+        return {f.path.removeprefix(root + "/") for f in found if f.type == pyarrow.fs.FileType.File}
+
+
+@pytest.fixture(scope="session")
+def bucket() -> Bucket:
+    """A real S3-compatible server (moto's) on loopback for the session, with one empty bucket."""
+    import shutil
+    import subprocess
+    import time
+
+    import pyarrow.fs
+
+    if not shutil.which("moto_server"):
+        pytest.skip("moto_server not installed (pip install -e '.[dev]')")
+    port = free_port()
+    server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        store = Bucket(port)
+        fs, _ = pyarrow.fs.FileSystem.from_uri(store.uri("") + "&allow_bucket_creation=true")
+        deadline = time.time() + 30
+        while True:
+            try:
+                fs.create_dir(store.name)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.3)
+        yield store
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -29,9 +30,10 @@ def search(ray_session, *flags, timeout=500) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=search_env(ray_session), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def test_smoke_search_exports_the_best_trial_loadably(ray_session, tmp_path):
-    done = search(ray_session, "--storage", str(tmp_path), "--name", "smoke")
+def test_smoke_search_on_a_dataset_exports_the_best_trial_loadably(ray_session, synth_dir, tmp_path):
+    done = search(ray_session, "--data", str(synth_dir), "--storage", str(tmp_path), "--name", "smoke")
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "data 24 training / 8 validation pairs" in done.stdout  # the dataset reached the trials, not synthetic data
     results = json.loads((tmp_path / "smoke" / "results.json").read_text())
     assert len(results["trials"]) == 3 and (tmp_path / "smoke" / "results.csv").is_file()
     assert (tmp_path / "smoke" / "curves.png").stat().st_size > 0
@@ -96,8 +98,7 @@ def test_a_placement_group_whose_creator_died_is_named_as_leaked_and_released(ra
         assert placement_group_table(group)["state"] == "CREATED"  # Ray keeps it while the job lives
         why = holders({"CPU": 2})
         assert "3 of 4 CPU held" in why and "{'CPU': 2.0} by a dead actor (leaked)" in why and "{'CPU': 1.0} by a driver" in why
-        released, _ = release_orphans()
-        assert released == [group.id.hex()]
+        assert release_orphans() == [group.id.hex()]
         assert placement_group_table(group)["state"] == "REMOVED" and placement_group_table(live)["state"] == "CREATED"
     finally:
         ray_session.util.remove_placement_group(live)
@@ -106,6 +107,71 @@ def test_a_placement_group_whose_creator_died_is_named_as_leaked_and_released(ra
 def trial_results(root: Path) -> dict[str, int]:
     """trial directory -> number of reported results."""
     return {p.parent.name: len(p.read_text().splitlines()) for p in root.glob("trial_*/result.json")}
+
+
+class LeakWatch(threading.Thread):
+    """Reads the GCS's placement-group and actor tables (not the dashboard) every half second and keeps, for
+    each worker group whose creating actor (a trial's Train controller) has died, how long it stayed held."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.leaked: dict[bytes, list[float]] = {}  # group id -> [first seen, last seen]
+        self.done = threading.Event()
+
+    def run(self):
+        from tune.resources import _ACTOR, _GROUP, _tables
+
+        while not self.done.wait(0.5):
+            actors, groups = _tables()
+            dead = {a.actor_id for a in actors if a.state == _ACTOR.DEAD}
+            now = time.monotonic()
+            for group in groups:
+                if group.state == _GROUP.CREATED and group.creator_actor_id in dead:
+                    self.leaked.setdefault(group.placement_group_id, [now, now])[1] = now
+
+    def longest_s(self) -> float:
+        return max((last - first for first, last in self.leaked.values()), default=0.0)
+
+
+@pytest.mark.slow
+def test_a_search_on_a_busy_machine_with_a_frozen_dashboard_frees_every_stopped_trial_and_finishes(ray_session, tmp_path):
+    """Ray Train's own cleaner frees a stopped trial's worker group only once the dashboard's state API
+    confirms that its controller died. Freezing the dashboard (SIGSTOP) makes that answer never come; busy
+    loops at nice 19 keep both cores busy. Before the search freed them itself, ASHA's stopped trials kept
+    their CPUs and the later trials retried their start-up without end."""
+    import psutil
+
+    gcs = ray_session.get_runtime_context().gcs_address
+    [dashboard] = [p for p in psutil.process_iter(["cmdline"])
+                   if any(a.endswith("dashboard/dashboard.py") for a in p.info["cmdline"] or []) and f"--gcs-address={gcs}" in p.info["cmdline"]]  # fmt: skip
+    spin = "import time\nend = time.time() + 540\nwhile time.time() < end: pass"
+    loops = [subprocess.Popen(["nice", "-n", "19", sys.executable, "-c", spin]) for _ in range(os.cpu_count() or 2)]
+    watch = LeakWatch()
+    watch.start()
+    dashboard.suspend()
+    try:
+        done = search(ray_session, "--num-samples", "8", "--storage", str(tmp_path), "--name", "busy", timeout=480)
+    finally:
+        dashboard.resume()
+        watch.done.set()
+        for loop in loops:
+            loop.kill()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    trials = json.loads((tmp_path / "busy" / "results.json").read_text())["trials"]
+    assert len(trials) == 8 and {t["status"] for t in trials} <= {"finished", "stopped early"}, trials  # all final, none failed
+    assert sum(t["status"] == "stopped early" for t in trials) >= 2  # ASHA did stop trials: the case that leaked
+    assert watch.longest_s() < 20, f"a dead trial's workers stayed reserved {watch.longest_s():.0f} s"
+    assert "released" in done.stdout  # the search itself freed them, not Ray's cleaner
+
+
+@pytest.mark.slow
+def test_a_search_tunes_on_the_real_dataset(ray_session, ayna, tmp_path):
+    done = search(ray_session, "--data", str(ayna), "--num-samples", "2", "--storage", str(tmp_path), "--name", "ayna")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "ayna" / "results.json").read_text())
+    assert all(t["status"] in ("finished", "stopped early") for t in results["trials"])
+    assert "data 56 training / 5 validation pairs" in done.stdout
+    assert Colorizer.from_checkpoint(tmp_path / "ayna" / "best", device="cpu").colorize(ayna / "validation" / "inputs" / "star.png", "red")
 
 
 @pytest.mark.slow

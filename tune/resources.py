@@ -5,8 +5,9 @@ workers in a placement group. When Tune ends a trial early (ASHA) it ends the tr
 controller dies with it; but Ray removes a non-detached placement group only once both the actor that
 created it and its job have died, and the job here is the search, still running. Ray Train's own
 `PlacementGroupCleaner` (a detached actor per run) frees the group only after the dashboard's state API
-confirms the controller's death; on a busy machine that answer comes late or never, and the next trials
-wait for CPUs that nobody uses. So the search frees them itself: `ReleaseEndedTrials` reads the GCS's own
+confirms the controller's death; on a busy machine that answer comes late or never, the cleaner lingers,
+and the next trials wait for CPUs that nobody uses. So the search frees them itself, and its trials run
+without Ray's cleaner (``polycolor.train.build_trainer``): `ReleaseEndedTrials` reads the GCS's own
 tables (no dashboard involved) after every trial that ends, and `holders()` names what holds the
 resources when a trial's workers cannot be placed.
 """
@@ -17,6 +18,8 @@ import time
 
 import ray
 from ray.core.generated import gcs_pb2
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.tune import Callback
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
@@ -32,25 +35,25 @@ def _tables() -> tuple[list, list]:
     return actors, groups
 
 
-def release_orphans() -> tuple[list[str], list[str]]:
-    """Remove every live placement group whose creating actor is dead, and end Train's detached cleaners
-    whose controller is dead. Returns (group ids, actor ids) released; safe to call at any time: a group
-    whose creator is dead can be used by nobody (its workers were the creator's and died with it)."""
+def release_orphans() -> list[str]:
+    """Remove every live placement group whose creating actor is dead; return their ids. Safe at any time:
+    such a group serves nobody (its workers were the creator's actors and died with it)."""
     actors, groups = _tables()
-    dead = {a.actor_id: a for a in actors if a.state == _ACTOR.DEAD}
-    dead_workers = {a.address.worker_id for a in dead.values()}
-    released_groups = []
+    dead = {a.actor_id for a in actors if a.state == _ACTOR.DEAD}
+    released = []
     for group in groups:
         if group.state != _GROUP.REMOVED and not group.is_detached and group.creator_actor_id in dead:
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
-            released_groups.append(group.placement_group_id.hex())
-    released_actors = []
-    core = ray._private.worker.global_worker.core_worker
-    for actor in actors:
-        if actor.state == _ACTOR.ALIVE and actor.class_name == "PlacementGroupCleaner" and actor.owner_address.worker_id in dead_workers:
-            core.kill_actor(ray.ActorID(actor.actor_id), True)
-            released_actors.append(actor.actor_id.hex())
-    return released_groups, released_actors
+            released.append(group.placement_group_id.hex())
+    return released
+
+
+class SearchTrainer(TorchTrainer):
+    """A TorchTrainer without Ray's per-run detached cleaner actor: in a search, ``ReleaseEndedTrials`` frees
+    a dead controller's workers without asking the dashboard, so the cleaner would only linger and poll."""
+
+    def _create_default_callbacks(self):
+        return [c for c in super()._create_default_callbacks() if not isinstance(c, PlacementGroupCleanerCallback)]
 
 
 def holders(need: dict[str, float]) -> str:
@@ -80,7 +83,6 @@ class ReleaseEndedTrials(Callback):
     def __init__(self, every_s: float = 1.0, linger_s: float = 30.0):
         self.every_s, self.linger_s = every_s, linger_s
         self._until = self._next = 0.0
-        self.released: list[str] = []
 
     def _trial_ended(self) -> None:
         self._until = time.monotonic() + self.linger_s
@@ -92,11 +94,15 @@ class ReleaseEndedTrials(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._trial_ended()
 
+    def _release(self) -> None:
+        if groups := release_orphans():
+            print(f"[search] released {len(groups)} placement group(s) still held by ended trials", flush=True)
+
     def on_step_begin(self, iteration, trials, **info):
         now = time.monotonic()
         if now < self._until and now >= self._next:
             self._next = now + self.every_s
-            self.released += release_orphans()[0]
+            self._release()
 
     def on_experiment_end(self, trials, **info):
-        self.released += release_orphans()[0]
+        self._release()

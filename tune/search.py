@@ -22,9 +22,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from polycolor import checkpoint, text
+from polycolor import checkpoint, storage, text
 from polycolor.model import CONDITIONING_MODES
-from polycolor.train import LOSSES, SCORE, TrainConfig, build_trainer, init_ray, run_exists, storage_path
+from polycolor.train import LOSSES, SCORE, TrainConfig, build_trainer, init_ray, read_dataset
 
 SEARCHED = ("lr", "loss", "conditioning", "batch_size", "base_width")
 RECIPE = {"lr": 3e-3, "loss": "bce", "conditioning": "concat", "batch_size": 16, "base_width": 8}  # the default training recipe
@@ -43,23 +43,27 @@ def search_space() -> dict:
     }
 
 
-def trainable(config: dict) -> None:
-    """One trial: a TorchTrainer run named after the trial, so a restored trial resumes its own run.
+def trainable(config: dict, splits=None) -> None:
+    """One trial: a TorchTrainer run named after the trial, so a restored trial resumes its own run. A
+    dataset's ``splits`` come through the object store (``tune.with_parameters``), as they go on to the workers.
 
     Bounded twice: workers that cannot be placed within ``startup_minutes`` fail the trial with what holds
     the cluster, and a trial still running after ``max_trial_minutes`` (0: no limit) fails with that."""
+    import ray
     from ray import tune
     from ray.train import ControllerError
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from tune.resources import holders
+    from tune.resources import SearchTrainer, holders
 
     base = dict(config["base"])
     trial_id = tune.get_context().get_trial_id()
     cfg = TrainConfig(**(base | {k: config[k] for k in SEARCHED} | {"name": f"{config['search_name']}-{trial_id}"}))
+    if splits is not None:
+        cfg.splits = ray.put(splits)
     trainer = build_trainer(cfg, config["storage"], max_failures=config["max_failures"], callbacks=[TuneReportCallback()],
-                            startup_minutes=config["startup_minutes"])  # fmt: skip
+                            startup_minutes=config["startup_minutes"], trainer_cls=SearchTrainer)  # fmt: skip
     try:
         fit_within(trainer, config["max_trial_minutes"])
     except ControllerError as err:
@@ -91,8 +95,12 @@ def fit_within(trainer, minutes: float):
     return outcome["result"]
 
 
-def trial_rows(grid, max_epochs: int) -> list[dict]:
-    """One row per trial: its config, final and best metrics, and how it ended."""
+def trial_rows(grid, max_epochs: int, location: str) -> list[dict]:
+    """One row per trial: its config, final and best metrics, and how it ended. A checkpoint path is one
+    inside ``location``'s filesystem (for s3://bucket/x it reads bucket/x/...)."""
+    import pyarrow.fs
+
+    fs, _ = storage.filesystem(location)
     rows = []
     for result in grid:
         frame = result.metrics_dataframe
@@ -104,7 +112,7 @@ def trial_rows(grid, max_epochs: int) -> list[dict]:
         if frame is not None and "checkpoint_path" in frame and not diverged:
             ranked = frame.dropna(subset=["checkpoint_path"]).sort_values([SCORE, "l1"], ascending=[False, True])
             for _, row in ranked.iterrows():
-                if Path(row["checkpoint_path"]).exists() or "://" in str(row["checkpoint_path"]):
+                if fs.get_file_info(row["checkpoint_path"]).type != pyarrow.fs.FileType.NotFound:
                     best_path, best_score = row["checkpoint_path"], float(row[SCORE])
                     break
         rows.append({
@@ -123,16 +131,13 @@ def error_line(error: BaseException) -> str:
     return f"{type(cause).__name__}: {cause}".splitlines()[0]
 
 
-def write_outputs(rows: list[dict], grid, out: Path) -> dict | None:
-    """Print the table, write results.json / results.csv / curves.png, export best/; return the best row."""
-    import csv
+def write_outputs(rows: list[dict], grid, location: str, name: str) -> dict | None:
+    """Print the table; write results.json, results.csv, curves.png and best/ to LOCATION/NAME (a directory or
+    a URI); return the best row."""
+    import tempfile
 
-    import matplotlib
+    from ray.train import Checkpoint
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
     header = f"{'trial':<12}{'lr':>9} {'loss':>5} {'cond':>10} {'bs':>3} {'w':>3} {'ep':>3} {'best exact':>11} {'status':>14}"
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
@@ -143,6 +148,30 @@ def write_outputs(rows: list[dict], grid, out: Path) -> dict | None:
             print(f"trial {r['trial']} failed: {r['error']}")
     candidates = [r for r in rows if r["status"] in ("finished", "stopped early") and r["checkpoint"]]
     best = max(candidates, key=lambda r: r["best_" + SCORE], default=None)
+    out = storage.join(location, name)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_files(Path(tmp), rows, best, grid)
+        storage.upload(sorted(Path(tmp).iterdir()), out)
+    if best is None:
+        print("no trial produced a usable checkpoint")
+        return None
+    fs, _ = storage.filesystem(location)
+    with Checkpoint(best["checkpoint"], filesystem=fs).as_directory() as directory:
+        checkpoint.export(directory, storage.join(out, "best"))
+    print(f"\nbest trial {best['trial']}: " + ", ".join(f"{k}={best[k]}" for k in SEARCHED))
+    print(f"best {SCORE} {best['best_' + SCORE]:.6f}; checkpoint exported to {storage.join(out, 'best')}")
+    return best
+
+
+def write_files(out: Path, rows: list[dict], best: dict | None, grid) -> None:
+    """results.json, results.csv and curves.png into the local directory ``out``."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     (out / "results.json").write_text(json.dumps({"best": best, "trials": rows}, indent=2, default=str))
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial"])
@@ -157,17 +186,7 @@ def write_outputs(rows: list[dict], grid, out: Path) -> dict | None:
     axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(out / "curves.png", dpi=100)
-    if best is None:
-        print("no trial produced a usable checkpoint")
-        return None
-    checkpoint_dir = best["checkpoint"]
-    from ray.train import Checkpoint
-
-    with Checkpoint(checkpoint_dir).as_directory() as directory:
-        checkpoint.export(directory, out / "best")
-    print(f"\nbest trial {best['trial']}: " + ", ".join(f"{k}={best[k]}" for k in SEARCHED))
-    print(f"best {SCORE} {best['best_' + SCORE]:.6f}; checkpoint exported to {out / 'best'}")
-    return best
+    plt.close(figure)
 
 
 def trial_concurrency(resources: dict, workers: int, cpus_per_worker: int, use_gpu: bool) -> int:
@@ -178,24 +197,24 @@ def trial_concurrency(resources: dict, workers: int, cpus_per_worker: int, use_g
     return concurrency
 
 
-def trial_function():
-    """``trainable`` with its driver's share of a CPU (its workers reserve their own)."""
+def trial_function(splits=None):
+    """``trainable`` with its driver's share of a CPU (its workers reserve their own) and a dataset's splits."""
     from ray import tune
 
-    return tune.with_resources(trainable, {"cpu": 0.25})
+    return tune.with_resources(tune.with_parameters(trainable, splits=splits), {"cpu": 0.25})
 
 
-def param_space(name: str, storage: str, base: dict, limits: dict, space: dict | None = None) -> dict:
+def param_space(name: str, location: str, base: dict, limits: dict, space: dict | None = None) -> dict:
     """The search space (or ``space``) plus what every trial needs: the fixed ``base`` config, where to write,
     and its ``limits`` (max_failures, startup_minutes, max_trial_minutes)."""
-    return (space or search_space()) | {"base": base, "storage": storage, "search_name": name} | limits
+    return (space or search_space()) | {"base": base, "storage": location, "search_name": name} | limits
 
 
 LIMITS = {"max_failures": 1, "startup_minutes": 5.0, "max_trial_minutes": 60.0}
 
 
-def make_tuner(name: str, storage: str, base: dict, num_samples: int, concurrency: int, searcher=None, scheduler=None,
-               callbacks: Sequence = (), limits: dict = LIMITS, space: dict | None = None):  # fmt: skip
+def make_tuner(name: str, location: str, base: dict, num_samples: int, concurrency: int, searcher=None, scheduler=None,
+               callbacks: Sequence = (), limits: dict = LIMITS, space: dict | None = None, splits=None):  # fmt: skip
     """A Tuner over ``trainable``: the search space (or ``space``), the fixed ``base`` config, a searcher and scheduler.
     Whatever an ended trial held is released by the search itself (``ReleaseEndedTrials``)."""
     from ray import tune
@@ -203,19 +222,19 @@ def make_tuner(name: str, storage: str, base: dict, num_samples: int, concurrenc
     from tune.resources import ReleaseEndedTrials
 
     return tune.Tuner(
-        trial_function(),
-        param_space=param_space(name, storage, base, limits, space),
+        trial_function(splits),
+        param_space=param_space(name, location, base, limits, space),
         tune_config=tune.TuneConfig(metric=SCORE, mode="max", search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
                                     max_concurrent_trials=concurrency, trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
-        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[ReleaseEndedTrials(), *callbacks],
+        run_config=tune.RunConfig(name=name, storage_path=location, callbacks=[ReleaseEndedTrials(), *callbacks],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )  # fmt: skip
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tune.search", description="Search polycolor's hyperparameters with Ray Tune and Optuna.")
-    p.add_argument("--data", default="synthetic", help="'synthetic' (default) or a dataset directory")
-    p.add_argument("--num-samples", type=int, default=8, help="trials in total (default 8)")
+    p.add_argument("--data", default="synthetic", help="'synthetic' (default), or a dataset directory or URI in the layout of the README")
+    p.add_argument("--num-samples", type=int, default=None, help="trials in total (default 8; 3 with --smoke-test)")
     p.add_argument("--max-epochs", type=int, default=4, help="epochs of a trial that ASHA never stops (default 4)")
     p.add_argument("--train-pairs", type=int, default=1500, help="training pairs per epoch (default 1500)")
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers in each trial")
@@ -226,39 +245,39 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="a trial whose workers cannot be placed within this long fails, naming what holds the cluster (default 5)")
     p.add_argument("--max-trial-minutes", type=float, default=LIMITS["max_trial_minutes"],
                    help="a trial still running after this long fails and the search goes on; 0: no limit (default 60)")
-    p.add_argument("--storage", default="runs", help="local path or URI (s3://, gs://) for trials and results (default ./runs)")
+    p.add_argument("--storage", help="local path or URI (s3://, gs://, file://) for trials, results and best/ "
+                   "(default ./runs; ~/ray_results inside a submitted Ray job)")
     p.add_argument("--name", default=None, help="search name (default polycolor-search-TIMESTAMP)")
     p.add_argument("--resume", action="store_true", help="continue the search STORAGE/NAME")
     p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler and of training")
     p.add_argument("--wandb", action="store_true", help="log every trial as a wandb run in one group (offline without WANDB_API_KEY)")
-    p.add_argument("--smoke-test", action="store_true", help="a tiny search: 3 trials, tiny model and data")
+    p.add_argument("--smoke-test", action="store_true", help="a tiny search: 3 trials (unless --num-samples), tiny model and data")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     name = args.name or f"polycolor-search-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = storage_path(args.storage)
+    location = storage.resolve(args.storage or storage.default())
     base = dict(data=args.data, train_pairs=args.train_pairs, epochs=args.max_epochs, seed=args.seed, workers=args.workers_per_trial,
                 threads=args.cpus_per_worker)  # fmt: skip
-    num_samples = args.num_samples
+    num_samples = args.num_samples if args.num_samples is not None else 3 if args.smoke_test else 8
     if args.smoke_test:
         base |= dict(epochs=2, levels=2, train_pairs=48, val_pairs=32)
-        num_samples = min(num_samples, 3)
     try:
         TrainConfig(**base)
-        if args.data != "synthetic":
-            raise ValueError("--data: the search runs on synthetic data for now; train on a dataset with python -m polycolor.train --data")
         if num_samples < 1 or args.max_epochs < 1:
             raise ValueError("--num-samples and --max-epochs must be >= 1")
         if args.startup_minutes <= 0 or args.max_trial_minutes < 0:
             raise ValueError("--startup-minutes must be > 0 and --max-trial-minutes >= 0")
-    except ValueError as err:
+        splits = read_dataset(args.data) if args.data != "synthetic" else None
+        storage.check_writable(location)
+    except ValueError as err:  # StorageError is one
         print(f"error: {err}", file=sys.stderr)
         return 2
-    exists = run_exists(storage, name)
+    exists = storage.run_exists(location, name)
     if exists != args.resume:
-        why = f"no search {name!r} under {storage} to resume" if args.resume else f"a search {name!r} already exists under {storage}; pass --resume or another --name"
+        why = f"no search {name!r} under {location} to resume" if args.resume else f"a search {name!r} already exists under {location}; pass --resume or another --name"
         print(f"error: {why}", file=sys.stderr)
         return 2
 
@@ -273,7 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     use_gpu = resources.get("GPU", 0) > 0 if args.gpus_per_trial is None else args.gpus_per_trial > 0
     base |= {"use_gpu": use_gpu, "loader_workers": 4 if use_gpu else 0, "wandb": False}
     concurrency = trial_concurrency(resources, args.workers_per_trial, args.cpus_per_worker, use_gpu)
-    print(f"[search] {name}: {num_samples} trials, up to {concurrency} at once, {'GPU' if use_gpu else 'CPU'}, storage {storage}", flush=True)
+    data = f"{len(splits[0])} training / {len(splits[1])} validation pairs from {args.data}" if splits else "synthetic"
+    print(f"[search] {name}: {num_samples} trials, up to {concurrency} at once, {'GPU' if use_gpu else 'CPU'}, data {data}, storage {location}", flush=True)
 
     callbacks = []
     if args.wandb:
@@ -284,16 +304,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         callbacks.append(WandbLoggerCallback(project="polycolor", group=name, excludes=["base"]))
     limits = {"max_failures": args.max_failures, "startup_minutes": args.startup_minutes, "max_trial_minutes": args.max_trial_minutes}
     if args.resume:
-        space = param_space(name, storage, base, limits)
-        tuner = tune.Tuner.restore(f"{storage}/{name}", trial_function(), resume_errored=True, param_space=space)
+        space = param_space(name, location, base, limits)
+        tuner = tune.Tuner.restore(storage.join(location, name), trial_function(splits), resume_errored=True, param_space=space)
     else:
         searcher = OptunaSearch(points_to_evaluate=list(FIRST_POINTS), seed=args.seed)
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base["epochs"], grace_period=1, reduction_factor=2)
-        tuner = make_tuner(name, storage, base, num_samples, concurrency, searcher, scheduler, callbacks, limits)
+        tuner = make_tuner(name, location, base, num_samples, concurrency, searcher, scheduler, callbacks, limits, splits=splits)
     grid = tuner.fit()
-    rows = trial_rows(grid, base["epochs"])
-    out = Path(storage) / name if "://" not in storage else Path("runs") / name
-    best = write_outputs(rows, grid, out)
+    best = write_outputs(trial_rows(grid, base["epochs"], location), grid, location, name)
     return 0 if best is not None else 1
 
 

@@ -1,0 +1,121 @@
+"""polycolor.storage: runs, searches and checkpoints in object storage, on a real S3 server on loopback."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from polycolor import checkpoint, storage, synth
+from polycolor.checkpoint import CheckpointError
+from polycolor.predict import Colorizer
+
+from conftest import free_port, png_bytes, tiny_model
+
+STAR = Image.fromarray(np.where(synth.draw_outline(synth.shape_points("star", np.random.default_rng(0)) * 40 + 64, 2, 128), 0, 255).astype(np.uint8))
+
+
+def test_join_puts_names_before_the_uris_query():
+    assert storage.join("s3://b/p?endpoint_override=h:1&scheme=http", "run", "best") == "s3://b/p/run/best?endpoint_override=h:1&scheme=http"
+    assert storage.join("/tmp/x/", "best") == "/tmp/x/best"
+
+
+def test_a_checkpoint_exported_to_a_bucket_loads_and_colours_exactly_as_the_local_one(bucket, tiny_checkpoint, tmp_path):
+    uri = bucket.uri("export/best")
+    checkpoint.export(tiny_checkpoint, uri)
+    assert bucket.keys("export/best") == {"model.safetensors", "config.json"}
+    local, remote = Colorizer.from_checkpoint(tiny_checkpoint, "cpu"), Colorizer.from_checkpoint(uri, "cpu")
+    assert np.array_equal(np.asarray(local.colorize(STAR, "teal")), np.asarray(remote.colorize(STAR, "teal")))
+    STAR.save(tmp_path / "star.png")
+    done = subprocess.run([sys.executable, "-m", "polycolor.predict", "--checkpoint", uri, "--image", str(tmp_path / "star.png"),
+                           "--color", "teal", "--out", str(tmp_path / "teal.png")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "teal.png")), np.asarray(local.colorize(STAR, "teal")))
+
+
+def test_a_half_written_checkpoint_in_a_bucket_is_never_loaded(bucket, tiny_checkpoint, tmp_path):
+    uri = bucket.uri("half/best")
+    checkpoint.export(tiny_checkpoint, uri)
+    newer = checkpoint.write(tmp_path / "newer", tiny_model(seed=1), synth.REAL_PALETTE)
+    storage.upload([newer / checkpoint.WEIGHTS], uri)  # the writer died before config.json, which goes last
+    with pytest.raises(CheckpointError, match=r"half/best/model\.safetensors\?\S+: sha256 does not match"):
+        checkpoint.load(uri)
+
+
+def test_storage_that_cannot_be_written_is_refused_before_ray_starts(bucket, tmp_path):
+    bad = f"s3://no-such-bucket/x?endpoint_override=127.0.0.1:{bucket.port}&scheme=http"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    for module in ("polycolor.train", "tune.search"):
+        done = subprocess.run([sys.executable, "-m", module, "--smoke-test", "--storage", bad], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        [line] = done.stderr.strip().splitlines()
+        assert line.startswith(f"error: {bad}: cannot write there") and "Bucket 'no-such-bucket' not found" in line
+    assert list(tmp_path.iterdir()) == []  # nothing written locally, no Ray session started here
+
+
+def run(ray_session, cwd: Path, *command: str, timeout: int = 500) -> subprocess.CompletedProcess:
+    env = os.environ | {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, "-m", *command], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+def test_training_searching_resuming_predicting_and_serving_all_through_a_bucket(ray_session, bucket, tmp_path):
+    root = bucket.uri("e2e")
+    work = tmp_path / "work"  # every command runs here: nothing may land under a local runs/
+    work.mkdir()
+
+    # A two-worker training run: checkpoints and best/ in the bucket.
+    trained = run(ray_session, work, "polycolor.train", "--smoke-test", "--workers", "2", "--storage", root, "--name", "two")
+    assert {"two/best/model.safetensors", "two/best/config.json"} <= bucket.keys("e2e")
+    assert storage.join(root, "two", "best") in trained.stdout
+
+    # A search, interrupted by SIGKILL once a trial has reported, then resumed from the bucket.
+    command = [sys.executable, "-m", "tune.search", "--smoke-test", "--storage", root, "--name", "s"]
+    env = os.environ | {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    driver = subprocess.Popen(command, env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(k.endswith("result.json") for k in bucket.keys("e2e/s")):
+        time.sleep(1)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=60)
+    assert any(k.endswith("result.json") for k in bucket.keys("e2e/s")), "no trial reported before the kill"
+    resumed = run(ray_session, work, "tune.search", "--smoke-test", "--storage", root, "--name", "s", "--resume")
+    keys = bucket.keys("e2e/s")
+    assert {"results.json", "results.csv", "curves.png", "best/model.safetensors", "best/config.json"} <= keys
+    results = json.loads(storage.read_bytes(storage.join(root, "s", "results.json")))
+    assert len(results["trials"]) == 3 and results["best"]["best_pixel_exact"] > 0
+    assert f"checkpoint exported to {storage.join(root, 's', 'best')}" in resumed.stdout
+
+    # predict and Serve, both from the bucket's best/.
+    best = storage.join(root, "s", "best")
+    STAR.save(work / "star.png")
+    run(ray_session, work, "polycolor.predict", "--checkpoint", best, "--image", "star.png", "--color", "red", "--out", "red.png")
+    expected = np.asarray(Colorizer.from_checkpoint(best, "cpu").colorize(STAR, "red"))
+    assert np.array_equal(np.asarray(Image.open(work / "red.png")), expected)
+
+    import httpx
+    from ray import serve
+
+    from polycolor.serve import ServeConfig, build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(asdict(ServeConfig(checkpoint=best))), name="bucket", route_prefix="/bucket")
+        answer = httpx.post(f"http://127.0.0.1:{port}/bucket/colorize", files={"image": png_bytes(STAR)}, data={"color": "red"}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGB")), expected)
+    finally:
+        serve.shutdown()
+    assert sorted(p.name for p in work.iterdir()) == ["red.png", "star.png"]  # no runs/, nothing else local
