@@ -127,3 +127,71 @@ def bucket() -> Bucket:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+class Hosts:
+    """Test hosts: network namespaces with their own addresses in 198.51.100.0/24 (a documentation range; this
+    machine's own network is not touched), joined by a bridge in a namespace of its own, reachable only from
+    each other. ``run(host, command)`` runs a command on a host."""
+
+    SUBNET = "198.51.100"
+
+    def __init__(self, names: list[str]):
+        import subprocess
+
+        tag = f"pc{os.getpid() % 100000}"
+        self.switch, self.ns = f"{tag}-sw", {name: f"{tag}-{name}" for name in names}
+        self.ip = {name: f"{self.SUBNET}.{10 + i}" for i, name in enumerate(names)}
+        sh = lambda *args: subprocess.run(["ip", *args], check=True, capture_output=True)  # noqa: E731
+        sh("netns", "add", self.switch)
+        sh("-n", self.switch, "link", "add", "br0", "type", "bridge")
+        sh("-n", self.switch, "link", "set", "br0", "up")
+        for i, (name, ns) in enumerate(self.ns.items()):
+            sh("netns", "add", ns)
+            sh("-n", ns, "link", "set", "lo", "up")
+            sh("-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", f"p{i}", "netns", self.switch)
+            sh("-n", ns, "addr", "add", f"{self.ip[name]}/24", "dev", "eth0")
+            sh("-n", ns, "link", "set", "eth0", "up")
+            sh("-n", self.switch, "link", "set", f"p{i}", "master", "br0", "up")
+
+    def command(self, host: str, *command: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ns[host], *command]
+
+    def stop_all(self, host: str) -> None:
+        """SIGKILL every process still running on ``host``."""
+        import signal
+        import subprocess
+
+        pids = subprocess.run(["ip", "netns", "pids", self.ns[host]], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def remove(self) -> None:
+        import subprocess
+
+        for host in self.ns:
+            self.stop_all(host)
+        for ns in [*self.ns.values(), self.switch]:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def hosts():
+    """Three test hosts (head, worker, client) for the session; skipped where namespaces are not permitted."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("network namespaces need root and iproute2")
+    probe = subprocess.run(["ip", "netns", "add", f"pc{os.getpid() % 100000}-probe"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"network namespaces are not permitted here: {probe.stderr.strip()}")
+    subprocess.run(["ip", "netns", "del", f"pc{os.getpid() % 100000}-probe"], capture_output=True)
+    made = Hosts(["head", "worker", "client"])
+    try:
+        yield made
+    finally:
+        made.remove()

@@ -4,9 +4,11 @@ import copy
 import io
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +28,23 @@ def test_launcher_configs_pass_ray_up_validation(name):
 
     config = yaml.safe_load((ROOT / "cluster" / name).read_text())
     validate_config(prepare_config(copy.deepcopy(config)))
-    head = config["head_start_ray_commands"][-1]
-    assert "--dashboard-host=127.0.0.1" in head  # never opened to the internet
+    head, worker = config["head_start_ray_commands"][-1], config["worker_start_ray_commands"][-1]
+    assert "--dashboard-host=127.0.0.1" in head  # never opened to the internet: `ray dashboard` forwards it
+    assert head.startswith("RAY_AUTH_MODE=token ") and worker.startswith("RAY_AUTH_MODE=token ")  # token auth, said explicitly
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"  # one token on every node
     assert any("pip install" in c and "-e ." in c for c in config["setup_commands"])
+    from tune.search import DRIVER_RESOURCE
+
+    nodes = config["available_node_types"]
+    assert nodes[config["head_node_type"]]["resources"][DRIVER_RESOURCE] >= 1  # Tune's trial drivers live on the head
+    assert all(DRIVER_RESOURCE not in n["resources"] for k, n in nodes.items() if k != config["head_node_type"])
+
+
+def test_trial_drivers_ask_for_the_head_resource_only_where_the_cluster_has_it():
+    from tune.search import DRIVER_RESOURCE, driver_resources
+
+    assert driver_resources({"CPU": 8.0}) == {"CPU": 0.25}  # a laptop: no such resource
+    assert driver_resources({"CPU": 8.0, DRIVER_RESOURCE: 100.0}) == {"CPU": 0.25, DRIVER_RESOURCE: 1}
 
 
 def strict(schema):
@@ -65,7 +81,9 @@ def test_kuberay_manifests_validate_strictly(manifest, schema_file):
     cluster = document["spec"].get("rayClusterSpec") or document["spec"].get("rayClusterConfig") or document["spec"]
     assert cluster["rayVersion"].startswith("2.60")
     assert cluster["authOptions"]["mode"] == "token"
-    assert cluster["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    # Reachable by the operator and the RayJob submitter through the head Service, which stays inside the cluster.
+    assert cluster["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"
 
 
 def test_strict_schema_catches_a_typo():
@@ -102,6 +120,74 @@ def test_named_commands_answer_help():
     for flag in job["spec"]["entrypoint"].split():
         if flag.startswith("--"):
             assert flag in flags, flag
+
+
+# ---------------------------------------------------------------------------------------------------
+# KubeRay pods on separate addresses: each manifest's head started as the operator starts it, on one test host,
+# and reached from another the way the operator and the RayJob submitter pod reach it.
+
+TOKEN = "kuberay-secret-token-for-tests"
+
+
+def head_command(params: dict, ip: str, temp_dir: str) -> list[str]:
+    """`ray start --head` as KubeRay builds it from ``rayStartParams`` (adding --dashboard-host=0.0.0.0 unless set)."""
+    params = {"dashboard-host": "0.0.0.0"} | params
+    return ["ray", "start", "--head", "--block", f"--node-ip-address={ip}", "--port=6379", "--dashboard-port=8265",
+            f"--temp-dir={temp_dir}", "--disable-usage-stats", *(f"--{k}={v}" for k, v in params.items())]  # fmt: skip
+
+
+def http_status(hosts, url: str, token: str | None) -> int:
+    """The HTTP status of GET ``url`` from the client host, with or without the token."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    probe = ("import sys, urllib.request, urllib.error\n"
+             f"request = urllib.request.Request({url!r}, headers={headers!r})\n"
+             "try:\n    print(urllib.request.urlopen(request, timeout=10).status)\n"
+             "except urllib.error.HTTPError as err:\n    print(err.code)\n"
+             "except OSError as err:\n    print(0)\n")  # fmt: skip
+    done = subprocess.run(hosts.command("client", sys.executable, "-c", probe), capture_output=True, text=True, timeout=60)
+    return int(done.stdout.strip() or 0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("manifest", sorted(MANIFESTS))
+def test_each_kuberay_head_takes_jobs_and_serve_configs_from_another_pod_with_the_token_only(hosts, manifest):
+    document = yaml.safe_load((ROOT / "cluster" / "kuberay" / manifest).read_text())
+    cluster = document["spec"].get("rayClusterSpec") or document["spec"].get("rayClusterConfig") or document["spec"]
+    assert cluster["authOptions"]["mode"] == "token"  # KubeRay then gives every pod RAY_AUTH_MODE=token and the token
+    env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = f"/tmp/pc-{os.getpid()}-kuberay"  # short: Ray's unix socket paths must fit in 107 characters
+    head = subprocess.Popen(hosts.command("head", *head_command(cluster["headGroupSpec"]["rayStartParams"], hosts.ip["head"], temp_dir)),
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    dashboard = f"http://{hosts.ip['head']}:8265"
+    try:
+        deadline = time.time() + 120
+        while http_status(hosts, f"{dashboard}/api/version", TOKEN) != 200:
+            assert time.time() < deadline and head.poll() is None, f"{dashboard} never answered the client pod"
+            time.sleep(2)
+        # The RayJob submitter's call: a job submitted from another pod, with the token.
+        submit = ["ray", "job", "submit", "--address", dashboard, "--", "python", "-c", "print('submitted from another pod')"]
+        deadline = time.time() + 120
+        while True:  # the dashboard answers before the head's job agent registers
+            done = subprocess.run(hosts.command("client", *submit), env=env, capture_output=True, text=True, timeout=300)
+            if "No available agent" not in done.stderr or time.time() > deadline:
+                break
+            time.sleep(2)
+        assert done.returncode == 0 and "submitted from another pod" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+        # The operator's call: the Serve REST API that a RayService's config is deployed through.
+        assert http_status(hosts, f"{dashboard}/api/serve/applications/", TOKEN) == 200
+        # Without the token, both are refused.
+        assert http_status(hosts, f"{dashboard}/api/serve/applications/", None) in (401, 403)
+        assert http_status(hosts, f"{dashboard}/api/jobs/", None) in (401, 403)
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        hosts.stop_all("head")
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -197,11 +197,21 @@ def trial_concurrency(resources: dict, workers: int, cpus_per_worker: int, use_g
     return concurrency
 
 
-def trial_function(splits=None):
-    """``trainable`` with its driver's share of a CPU (its workers reserve their own) and a dataset's splits."""
+DRIVER_RESOURCE = "trial_driver"  # a head-node resource in cluster/aws.yaml and gcp.yaml: drivers stay off spot nodes
+
+
+def driver_resources(cluster: dict) -> dict:
+    """A trial driver's share of a CPU (its workers reserve their own), on a node that offers ``DRIVER_RESOURCE``
+    when the ``cluster``'s resources include it."""
+    return {"CPU": 0.25} | ({DRIVER_RESOURCE: 1} if cluster.get(DRIVER_RESOURCE) else {})
+
+
+def trial_function(splits=None, cluster: dict | None = None):
+    """``trainable`` with a dataset's splits and its driver's resources."""
     from ray import tune
 
-    return tune.with_resources(tune.with_parameters(trainable, splits=splits), {"cpu": 0.25})
+    placement = tune.PlacementGroupFactory([driver_resources(cluster or {})])
+    return tune.with_resources(tune.with_parameters(trainable, splits=splits), placement)
 
 
 def param_space(name: str, location: str, base: dict, limits: dict, space: dict | None = None) -> dict:
@@ -217,12 +227,13 @@ def make_tuner(name: str, location: str, base: dict, num_samples: int, concurren
                callbacks: Sequence = (), limits: dict = LIMITS, space: dict | None = None, splits=None):  # fmt: skip
     """A Tuner over ``trainable``: the search space (or ``space``), the fixed ``base`` config, a searcher and scheduler.
     Whatever an ended trial held is released by the search itself (``ReleaseEndedTrials``)."""
+    import ray
     from ray import tune
 
     from tune.resources import ReleaseEndedTrials
 
     return tune.Tuner(
-        trial_function(splits),
+        trial_function(splits, ray.cluster_resources()),
         param_space=param_space(name, location, base, limits, space),
         tune_config=tune.TuneConfig(metric=SCORE, mode="max", search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
                                     max_concurrent_trials=concurrency, trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
@@ -305,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     limits = {"max_failures": args.max_failures, "startup_minutes": args.startup_minutes, "max_trial_minutes": args.max_trial_minutes}
     if args.resume:
         space = param_space(name, location, base, limits)
-        tuner = tune.Tuner.restore(storage.join(location, name), trial_function(splits), resume_errored=True, param_space=space)
+        tuner = tune.Tuner.restore(storage.join(location, name), trial_function(splits, resources), resume_errored=True, param_space=space)
     else:
         searcher = OptunaSearch(points_to_evaluate=list(FIRST_POINTS), seed=args.seed)
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base["epochs"], grace_period=1, reduction_factor=2)
