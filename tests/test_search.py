@@ -205,7 +205,9 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_sessio
 @pytest.mark.slow
 def test_job_submission_with_token_auth_against_a_local_head(tmp_path):
     gcs, dashboard, agent = free_port(), free_port(), free_port()
-    env = os.environ | {"RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    home = tmp_path / "home"  # the head's home: with no --storage, the job's results go to its ~/ray_results
+    env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "job-test-token", "HOME": str(home),
+                        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
@@ -225,7 +227,7 @@ def test_job_submission_with_token_auth_against_a_local_head(tmp_path):
             except OSError:
                 time.sleep(1)
         job = "python -c 'import polycolor; print(\"imported from\", polycolor.__file__)' && " \
-              f"python -m tune.search --smoke-test --num-samples 1 --storage {tmp_path / 'runs'} --name job"  # fmt: skip
+              "python -m tune.search --smoke-test --num-samples 1 --name job"  # fmt: skip
         command = ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT), "--", "bash", "-c", job]
         deadline = time.time() + 120
         while True:  # the dashboard answers before the head's job agent has registered: Ray says "try again later"
@@ -242,7 +244,9 @@ def test_job_submission_with_token_auth_against_a_local_head(tmp_path):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"{address}/api/jobs/", timeout=10)
         assert refused.value.code in (401, 403)
-        assert (tmp_path / "runs" / "job" / "best" / "model.safetensors").is_file()
+        best = home / "ray_results" / "job" / "best"  # not the job's working directory, which Ray deletes
+        assert (best / "model.safetensors").is_file()
+        assert f"checkpoint exported to {best}" in submit.stdout  # the job's last lines say where
     finally:
         head.send_signal(signal.SIGTERM)
         try:
