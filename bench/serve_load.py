@@ -99,7 +99,7 @@ def main() -> int:
     import ray
     from ray import serve
 
-    ray.init(num_cpus=2)
+    ray.init(address="local", num_cpus=2)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

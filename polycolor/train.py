@@ -376,8 +376,8 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1")
+    else:  # "local": a new Ray, never the cluster a `ray start` on this machine left in /tmp/ray (maybe dead)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

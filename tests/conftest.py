@@ -76,7 +76,7 @@ def ray_session():
     """One local Ray for every Ray-level test of the session, shut down at the end."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
     yield ray
     ray.shutdown()
 
