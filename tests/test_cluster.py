@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
+from polycolor import storage
+
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,30 +193,77 @@ def test_each_kuberay_head_takes_jobs_and_serve_configs_from_another_pod_with_th
 
 
 # ---------------------------------------------------------------------------------------------------
-# A local multi-node proof: a head and a worker node on this machine, one CPU each, so that two
-# workers or two replicas must land on different nodes. Driven through the CLIs, as a user would.
+# Multi-node, on separate addresses: a head and a worker node, one CPU each, on two test hosts, with S3 on a
+# third, so that two workers or two replicas must land on different nodes and share storage only through the
+# bucket. Driven through the CLIs from the head host, as a user on the cluster would.
+
+S3_PORT = 9000
+
+
+class NetCluster:
+    def __init__(self, hosts, tag: str):
+        self.hosts, self.tag, self.nodes = hosts, tag, 0
+        self.env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1",
+                                 "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # fmt: skip
+        # The hosts share this machine's hostname, which resolves to 127.0.0.1: name gloo's interface instead.
+        self.env |= {"GLOO_SOCKET_IFNAME": "eth0"}
+        self.env.pop("RAY_ADDRESS", None)
+        self.address = f"{hosts.ip['head']}:6379"
+        self.bucket = f"s3://polycolor/{tag}?endpoint_override={hosts.ip['client']}:{S3_PORT}&scheme=http"
+
+    def start(self, host: str, *flags: str) -> subprocess.Popen:
+        self.nodes += 1
+        command = ["ray", "start", "--block", f"--node-ip-address={self.hosts.ip[host]}", "--num-cpus=1", "--disable-usage-stats",
+                   f"--temp-dir=/tmp/pc-{os.getpid()}-{self.nodes}", *flags]  # fmt: skip
+        return subprocess.Popen(self.hosts.command(host, *command), env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def start_worker(self) -> subprocess.Popen:
+        return self.start("worker", f"--address={self.address}")
+
+    def on_head(self, *command: str) -> list[str]:
+        return self.hosts.command("head", *command)
+
+    def state(self, code: str) -> str:
+        """What a Python snippet prints on the head host, with ``ray.util.state`` against the head's dashboard."""
+        script = f"from ray.util.state import list_actors, list_nodes\naddress = 'http://{self.hosts.ip['head']}:8265'\n{code}"
+        done = subprocess.run(self.on_head(sys.executable, "-c", script), env=self.env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip()
+
+    def alive_nodes(self) -> int:
+        return int(self.state("print(sum(n.state == 'ALIVE' for n in list_nodes(address=address)))"))
 
 
 @pytest.fixture(scope="module")
-def two_nodes():
-    from ray.cluster_utils import Cluster
+def net_cluster(hosts):
+    import pyarrow.fs
 
-    dashboard = free_port()
-    head_args = {"num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard}
-    cluster = Cluster(initialize_head=True, head_node_args=head_args)
-    worker = cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    yield {"cluster": cluster, "worker": worker, "dashboard": f"http://127.0.0.1:{dashboard}",
-           "env": os.environ | {"RAY_ADDRESS": cluster.address, "PYTHONUNBUFFERED": "1"}}  # fmt: skip
-    cluster.shutdown()
-
-
-def actor_nodes(dashboard: str, class_name: str, state: str | None = None) -> list[str]:
-    """The node ids of the actors of ``class_name`` (the state API keeps finished ones too)."""
-    from ray.util.state import list_actors
-
-    filters = [("class_name", "=", class_name)] + ([("state", "=", state)] if state else [])
-    return [a.node_id for a in list_actors(address=dashboard, filters=filters, limit=1000, raise_on_missing_output=False)]
+    cluster = NetCluster(hosts, "mn")
+    s3 = subprocess.Popen(hosts.command("client", "moto_server", "-H", hosts.ip["client"], "-p", str(S3_PORT)),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    cluster.start("head", "--head", "--port=6379", "--dashboard-host=0.0.0.0", "--dashboard-port=8265")
+    cluster.start_worker()
+    try:
+        make_bucket = ("import pyarrow.fs, time\n"
+                       f"fs, _ = pyarrow.fs.FileSystem.from_uri({cluster.bucket!r} + '&allow_bucket_creation=true')\n"
+                       "for _ in range(100):\n    try:\n        fs.create_dir('polycolor'); break\n    except OSError: time.sleep(0.3)\n")  # fmt: skip
+        subprocess.run(cluster.on_head(sys.executable, "-c", make_bucket), env=cluster.env, check=True, timeout=120)
+        deadline = time.time() + 180
+        while True:
+            try:
+                if cluster.alive_nodes() == 2:
+                    break
+            except AssertionError:
+                pass  # the dashboard is not up yet
+            assert time.time() < deadline, "the two nodes never came up"
+            time.sleep(2)
+        yield cluster
+    finally:
+        for host in ("head", "worker", "client"):
+            hosts.stop_all(host)
+        s3.wait(timeout=30)
+        for n in range(1, cluster.nodes + 1):
+            shutil.rmtree(f"/tmp/pc-{os.getpid()}-{n}", ignore_errors=True)
 
 
 def epochs_printed(text: str) -> list[int]:
@@ -222,44 +271,51 @@ def epochs_printed(text: str) -> list[int]:
     return list(dict.fromkeys(int(e) for e in re.findall(r"\[polycolor\] epoch (\d+)/8", text)))
 
 
-def train_command(storage: Path, name: str, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "polycolor.train", "--smoke-test", "--workers", "2", "--threads", "1",
-            "--storage", str(storage), "--name", name, *flags]  # fmt: skip
+def train_command(cluster: NetCluster, name: str, *flags: str) -> list[str]:
+    return cluster.on_head(sys.executable, "-m", "polycolor.train", "--smoke-test", "--workers", "2", "--threads", "1",
+                           "--storage", cluster.bucket, "--name", name, *flags)  # fmt: skip
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_two_workers_on_two_nodes_train_to_a_shared_storage_path(two_nodes, tmp_path):
-    done = subprocess.run(train_command(tmp_path, "spread"), env=two_nodes["env"], cwd=ROOT, capture_output=True, text=True, timeout=500)
+def test_two_workers_on_two_hosts_train_with_their_storage_in_a_bucket(net_cluster):
+    env = net_cluster.env | {"RAY_ADDRESS": net_cluster.address}
+    done = subprocess.run(train_command(net_cluster, "spread"), env=env, cwd=ROOT, capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert len(set(actor_nodes(two_nodes["dashboard"], "RayTrainWorker"))) == 2  # one worker per node
-    assert (tmp_path / "spread" / "best" / "model.safetensors").is_file()
+    nodes = net_cluster.state("print(len({a.node_id for a in list_actors(address=address, filters=[('class_name', '=', 'RayTrainWorker')])}))")
+    assert nodes == "2"  # one worker per node
+    assert f"-> {storage.join(net_cluster.bucket, 'spread', 'best')}" in done.stdout  # best/ went to the bucket
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_two_serve_replicas_on_two_nodes_answer(two_nodes, tmp_path):
-    import httpx
+def test_two_serve_replicas_on_two_hosts_answer_another_host(net_cluster, tmp_path):
     from PIL import Image
 
     from conftest import tiny_model
     from polycolor import checkpoint, synth
 
     path = checkpoint.write(tmp_path / "ckpt", tiny_model(), synth.REAL_PALETTE)
-    port = free_port()
-    command = [sys.executable, "-m", "polycolor.serve", "--checkpoint", str(path), "--replicas", "2", "--port", str(port)]
-    server = subprocess.Popen(command, env=two_nodes["env"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    head = net_cluster.hosts.ip["head"]
+    command = net_cluster.on_head(sys.executable, "-m", "polycolor.serve", "--checkpoint", str(path), "--replicas", "2", "--host", head, "--port", "8000")
+    env = net_cluster.env | {"RAY_ADDRESS": net_cluster.address}
+    server = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in server.stdout:  # "[serve] http://..." once both replicas are up
             if line.startswith("[serve] http"):
                 break
-        nodes = actor_nodes(two_nodes["dashboard"], "ServeReplica:polycolor:Colorizer", state="ALIVE")
-        assert len(nodes) == 2 and len(set(nodes)) == 2
+        nodes = net_cluster.state("print(len({a.node_id for a in list_actors(address=address, filters=[('class_name', '=', "
+                                  "'ServeReplica:polycolor:Colorizer'), ('state', '=', 'ALIVE')])}))")  # fmt: skip
+        assert nodes == "2"
         buffer = io.BytesIO()
         Image.fromarray(np.where(synth.generate(1, seed=5).outlines[0], 0, 255).astype(np.uint8)).save(buffer, format="PNG")
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            answers = [client.post("/colorize", files={"image": ("o.png", buffer.getvalue())}, data={"color": "teal"}) for _ in range(12)]
-        assert all(a.status_code == 200 and a.headers["content-type"] == "image/png" for a in answers)
+        (tmp_path / "o.png").write_bytes(buffer.getvalue())
+        client = ("import httpx\n"
+                  f"image = open({str(tmp_path / 'o.png')!r}, 'rb').read()\n"
+                  f"answers = [httpx.post('http://{head}:8000/colorize', files={{'image': ('o.png', image)}}, data={{'color': 'teal'}}, timeout=60) for _ in range(12)]\n"
+                  "print(sum(a.status_code == 200 and a.headers['content-type'] == 'image/png' for a in answers))\n")  # fmt: skip
+        done = subprocess.run(net_cluster.hosts.command("client", sys.executable, "-c", client), capture_output=True, text=True, timeout=300)
+        assert done.stdout.strip() == "12", done.stderr[-2000:]
     finally:
         server.send_signal(signal.SIGINT)  # a clean Serve shutdown frees both nodes' CPUs for the next test
         server.wait(timeout=120)
@@ -268,16 +324,16 @@ def test_two_serve_replicas_on_two_nodes_answer(two_nodes, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_worker_node_removed_mid_training_run_resumes_on_a_new_node(two_nodes, tmp_path):
-    cluster = two_nodes["cluster"]
-    command = train_command(tmp_path, "moved", "--epochs", "8", "--train-pairs", "256", "--max-failures", "3")
-    run = subprocess.Popen(command, env=two_nodes["env"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def test_worker_host_lost_mid_training_run_resumes_from_the_bucket_on_a_new_node(net_cluster):
+    env = net_cluster.env | {"RAY_ADDRESS": net_cluster.address}
+    command = train_command(net_cluster, "moved", "--epochs", "8", "--train-pairs", "256", "--max-failures", "3")
+    run = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, removed = [], False
     for line in run.stdout:  # worker lines arrive prefixed "(RayTrainWorker pid=...)"
         lines.append(line)
-        if "[polycolor] epoch 2/8" in line and not removed:  # two epochs reported: pull the worker node, once
-            cluster.remove_node(two_nodes["worker"], allow_graceful=False)
-            two_nodes["worker"] = cluster.add_node(num_cpus=1)  # a replacement joins; the run needs both CPUs again
+        if "[polycolor] epoch 2/8" in line and not removed:  # two epochs reported: the worker host loses every process
+            net_cluster.hosts.stop_all("worker")
+            net_cluster.start_worker()  # a replacement node joins; the run needs both CPUs again
             removed = True
     output = "".join(lines)
     assert run.wait(timeout=60) == 0, output[-4000:]
