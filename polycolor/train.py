@@ -252,7 +252,7 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"] + 1
         if is_rank0:
-            print(f"[polycolor] resuming {cfg.name} at epoch {start_epoch} from {resumed.path}", flush=True)
+            print(f"[polycolor] resuming {cfg.name} at epoch {start_epoch} from {resumed.path} with {world} worker(s)", flush=True)
 
     model = ray.train.torch.prepare_model(model)
     if cfg.compile:
@@ -358,6 +358,8 @@ def read_dataset(data: str) -> tuple[Split, Split]:
     handed to every worker through the object store (no shared disk needed); ValueError says what is wrong."""
     try:
         with storage.local_copy(data) as root:
+            if not root.is_dir():
+                raise ValueError(f"--data {data}: directory does not exist")
             if not (root / "training").is_dir() or not (root / "validation").is_dir():
                 raise ValueError(f"--data {data}: expected both training/ and validation/ splits")
             _, problems = check(root)
