@@ -139,6 +139,8 @@ async def parse_request(request: Request, limit: int) -> tuple[bytes, object, bo
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ClientError(400, "body is not valid JSON") from None
+        except RecursionError:  # json nests in Python's stack: thousands of brackets exhaust it
+            raise ClientError(400, "body is JSON nested too deeply") from None
         if not isinstance(payload, dict):
             raise ClientError(422, 'JSON body must be an object {"image": "<base64>", "color": "..."}')
         encoded = payload.get("image")

@@ -71,13 +71,6 @@ def check_writable(location: str) -> None:
         raise StorageError(f"{location}: cannot write there ({cause})") from None
 
 
-def write_bytes(location: str, data: bytes) -> None:
-    fs, path = filesystem(location)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as out:
-        out.write(data)
-
-
 def read_bytes(location: str) -> bytes:
     fs, path = filesystem(location)
     with fs.open_input_stream(path) as stream:
@@ -108,14 +101,14 @@ def local_copy(location: str):
         yield Path(tmp)
 
 
-def run_exists(storage: str, name: str) -> bool:
-    return exists(join(storage, name))
+def run_exists(location: str, name: str) -> bool:
+    return exists(join(location, name))
 
 
-def prune_orphans(result, storage: str, name: str) -> list[str]:
+def prune_orphans(result, location: str, name: str) -> list[str]:
     """Remove checkpoint_* directories that Ray never registered (left by a driver killed mid-upload)."""
     kept = {Path(c.path).name for c, _ in result.best_checkpoints or []}
-    fs, root = filesystem(join(storage, name))
+    fs, root = filesystem(join(location, name))
     entries = fs.get_file_info(pafs.FileSelector(root))
     orphans = [e.path for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_") and e.base_name not in kept]
     for path in orphans:

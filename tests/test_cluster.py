@@ -39,7 +39,11 @@ def test_launcher_configs_pass_ray_up_validation(name):
 
     nodes = config["available_node_types"]
     assert nodes[config["head_node_type"]]["resources"][DRIVER_RESOURCE] >= 1  # Tune's trial drivers live on the head
-    assert all(DRIVER_RESOURCE not in n["resources"] for k, n in nodes.items() if k != config["head_node_type"])
+    workers = [n for k, n in nodes.items() if k != config["head_node_type"]]
+    assert all(DRIVER_RESOURCE not in n["resources"] for n in workers)
+    spot = [n["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+            or any(s.get("provisioningModel") == "SPOT" for s in n["node_config"].get("scheduling", [])) for n in workers]  # fmt: skip
+    assert all(spot)  # GPU workers on spot capacity; the head (drivers, controllers) never is
 
 
 def test_trial_drivers_ask_for_the_head_resource_only_where_the_cluster_has_it():

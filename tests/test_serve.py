@@ -120,6 +120,7 @@ MALFORMED = {
     "empty colour": dict(files={"image": ("x.png", "GOOD")}, data={"color": ""}),
     "wrong content type": dict(content=b"image=1", headers={"content-type": "text/plain"}),
     "malformed JSON": dict(content=b'{"image": ', headers={"content-type": "application/json"}),
+    "JSON nested 20,000 deep": dict(content=b"[" * 20000 + b"]" * 20000, headers={"content-type": "application/json"}),
     "malformed multipart": dict(content=b"--xx\r\nnonsense", headers={"content-type": "multipart/form-data; boundary=xx"}),
     "malformed base64": dict(json={"image": "!!!not base64!!!", "color": "red"}),
     "GIF instead of PNG": dict(files={"image": ("x.gif", "GIF")}, data={"color": "red"}),
