@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,7 +33,9 @@ def test_a_checkpoint_exported_to_a_bucket_loads_and_colours_exactly_as_the_loca
     uri = bucket.uri("export/best")
     checkpoint.export(tiny_checkpoint, uri)
     assert bucket.keys("export/best") == {"model.safetensors", "config.json"}
+    copies = set(Path(tempfile.gettempdir()).glob("polycolor-*"))
     local, remote = Colorizer.from_checkpoint(tiny_checkpoint, "cpu"), Colorizer.from_checkpoint(uri, "cpu")
+    assert set(Path(tempfile.gettempdir()).glob("polycolor-*")) == copies  # the local copy is gone once loaded
     assert np.array_equal(np.asarray(local.colorize(STAR, "teal")), np.asarray(remote.colorize(STAR, "teal")))
     STAR.save(tmp_path / "star.png")
     done = subprocess.run([sys.executable, "-m", "polycolor.predict", "--checkpoint", uri, "--image", str(tmp_path / "star.png"),
