@@ -86,6 +86,8 @@ def fill_color(target: np.ndarray) -> RGB | None:
 
 
 def open_image(path: Path) -> Image.Image:
+    if path.exists() and not path.is_file():  # a FIFO or a device would block or never end
+        raise DatasetError(f"{path}: not a regular file")
     try:
         with Image.open(path) as image:
             image.load()
@@ -135,7 +137,17 @@ def read_rows(split_dir: Path) -> list[dict]:
         raise DatasetError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(rows, list):
         raise DatasetError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+    # A row names files inside the split, never a path: "../../x.png" or "/etc/passwd" would read or, for
+    # predict --data, write outside it.
+    paths = [f"row {i} {key} {row[key]!r}" for i, row in enumerate(rows) if isinstance(row, dict)
+             for key in ("input_polygon", "output_image") if isinstance(row.get(key), str) and not plain_name(row[key])]  # fmt: skip
+    if paths:
+        raise DatasetError(f"{path}: file names must be plain names inside the split, not paths: " + "; ".join(paths))
     return rows
+
+
+def plain_name(name: str) -> bool:
+    return name == Path(name).name and name not in ("", ".", "..") and "\\" not in name
 
 
 def read_split(split_dir: str | Path, size: int = IMAGE_SIZE) -> Split:
@@ -193,8 +205,8 @@ def check_split(split_dir: Path) -> list[str]:
             try:
                 images[folder] = open_image(split_dir / folder / name)
             except DatasetError:
-                exists = (split_dir / folder / name).is_file()
-                what = "is not a readable image" if exists else "does not exist"
+                path = split_dir / folder / name
+                what = "does not exist" if not path.exists() else "is not a regular file" if not path.is_file() else "is not a readable image"
                 problems.append(f"{where}: {folder}/{name} {what}; expected a PNG or JPEG")
         if len(images) < 2:
             continue

@@ -145,3 +145,43 @@ def test_augmentation_keeps_pairs_aligned_and_fills_white(ayna):
             # every outline pixel is painted: outline and target moved together
             assert painted[o[0] > 0].all()
             assert not (o[0] > 0)[~painted].any()
+
+
+def split_copy(synth_dir, tmp_path, edit) -> "Path":
+    split = tmp_path / "data" / "validation"
+    shutil.copytree(synth_dir / "validation", split)
+    rows = json.loads((split / "data.json").read_text())
+    edit(split, rows)
+    (split / "data.json").write_text(json.dumps(rows))
+    return split
+
+
+def test_rows_naming_paths_are_refused_by_check_and_by_predict(synth_dir, tmp_path, tiny_checkpoint):
+    import subprocess
+    import sys
+
+    def escape(split, rows):
+        rows[0]["output_image"] = "../../escaped.png"
+        rows[1]["input_polygon"] = "/etc/passwd"
+
+    split = split_copy(synth_dir, tmp_path, escape)
+    _, problems = check(split.parent)
+    assert len(problems) == 1 and "row 0 output_image '../../escaped.png'" in problems[0] and "row 1 input_polygon '/etc/passwd'" in problems[0]
+    done = subprocess.run([sys.executable, "-m", "polycolor.predict", "--checkpoint", str(tiny_checkpoint), "--data", str(split),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "file names must be plain names inside the split" in done.stderr
+    assert not (split.parent.parent / "escaped.png").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_in_place_of_an_image_is_named_not_waited_on(synth_dir, tmp_path):
+    import os
+
+    def fifo(split, rows):
+        target = split / "inputs" / rows[0]["input_polygon"]
+        target.unlink()
+        os.mkfifo(target)
+
+    split = split_copy(synth_dir, tmp_path, fifo)
+    _, problems = check(split.parent)
+    assert problems == [f"validation row 0: inputs/{json.loads((split / 'data.json').read_text())[0]['input_polygon']} is not a regular file; expected a PNG or JPEG"]
