@@ -228,7 +228,7 @@ class ColorizeService:
         device = "cuda" if self.cfg.gpu else "cpu"
         self.colorizer = Colorizer.from_checkpoint(self.cfg.checkpoint, device=device)
         if self.colorizer.conditioning == "text":  # load the phrase encoder now, not on the first new phrase
-            text.load(self.colorizer.model.cfg.text_encoder)
+            text.load(self.colorizer.model.cfg.text_encoder, local_only=True)
         self.limit = int(self.cfg.max_body_mb * 1024 * 1024)
         self.colorize_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.colorize_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
@@ -302,8 +302,10 @@ def build_app(args: dict):
         raise ValueError("build_app needs checkpoint=PATH")
     # Fail start-up here, naming the file (or the missing extra), not in every replica; a half-written
     # checkpoint in a bucket fails its hash check here too.
-    if checkpoint.load(cfg.checkpoint).model.cfg.conditioning == "text":
+    model = checkpoint.load(cfg.checkpoint).model
+    if model.cfg.conditioning == "text":
         text.require()
+        text.check_local(model.cfg.text_encoder)
     return ColorizeService.options(
         num_replicas=cfg.replicas,
         max_ongoing_requests=cfg.max_ongoing_requests,

