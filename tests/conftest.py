@@ -142,7 +142,9 @@ class Hosts:
         tag = f"pc{os.getpid() % 100000}"
         self.switch, self.ns = f"{tag}-sw", {name: f"{tag}-{name}" for name in names}
         self.ip = {name: f"{self.SUBNET}.{10 + i}" for i, name in enumerate(names)}
-        sh = lambda *args: subprocess.run(["ip", *args], check=True, capture_output=True)  # noqa: E731
+        def sh(*args: str) -> None:
+            subprocess.run(["ip", *args], check=True, capture_output=True)
+
         sh("netns", "add", self.switch)
         sh("-n", self.switch, "link", "add", "br0", "type", "bridge")
         sh("-n", self.switch, "link", "set", "br0", "up")

@@ -382,12 +382,15 @@ def test_L2_a_request_over_the_timeout_gets_408_and_leaves_nothing_behind(server
 def test_L3_clients_that_disconnect_early_leave_no_stuck_slots(server, outline):
     big = png_bytes(Image.open(io.BytesIO(outline)).resize((512, 512)))
 
-    async def abandon():
-        async with httpx.AsyncClient(base_url=server["url"], timeout=httpx.Timeout(0.05)) as client:
+    async def abandon(after_s: float):
+        async with httpx.AsyncClient(base_url=server["url"], timeout=httpx.Timeout(after_s)) as client:
             sends = [client.post("/tight/colorize", files={"image": ("o.png", big)}, data={"color": "red"}) for _ in range(20)]
             return await asyncio.gather(*sends, return_exceptions=True)
 
-    dropped = asyncio.run(abandon())
+    for after_s in (0.05, 0.02, 0.01, 0.005):  # on an idle machine the replica can answer within 50 ms: give up sooner
+        dropped = asyncio.run(abandon(after_s))
+        if any(isinstance(d, httpx.TimeoutException) for d in dropped):
+            break
     assert sum(isinstance(d, httpx.TimeoutException) for d in dropped) > 0
     time.sleep(1)
     with httpx.Client(base_url=server["url"], timeout=30) as client:  # the tight app has one slot and one queue place
