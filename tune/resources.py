@@ -1,13 +1,13 @@
 """What a trial holds on the cluster, and giving it back the moment the trial ends.
 
 Each trial's TorchTrainer starts a controller actor (owned by the trial's actor) that reserves the trial's
-workers in a placement group. When Tune ends a trial early (ASHA) it ends the trial's actor, and the
-controller dies with it; but Ray removes a non-detached placement group only once both the actor that
+workers in a placement group. When a trial ends (stopped by ASHA, and even finished: Tune ends the trial's
+actor right after its last result) the controller dies with the trial's actor; but Ray removes a non-detached placement group only once both the actor that
 created it and its job have died, and the job here is the search, still running. Ray Train's own
 `PlacementGroupCleaner` (a detached actor per run) frees the group only after the dashboard's state API
 confirms the controller's death; on a busy machine that answer comes late or never, the cleaner lingers,
 and the next trials wait for CPUs that nobody uses. So the search frees them itself, and its trials run
-without Ray's cleaner (``polycolor.train.build_trainer``): `ReleaseEndedTrials` reads the GCS's own
+without Ray's cleaner (``SearchTrainer``): `ReleaseEndedTrials` reads the GCS's own
 tables (no dashboard involved) after every trial that ends, and `holders()` names what holds the
 resources when a trial's workers cannot be placed.
 """
