@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,8 +42,11 @@ def key(phrase: str) -> str:
     return re.sub(r"\s+", " ", phrase.strip().lower())
 
 
+CACHED = 10_000  # phrases kept (384 floats each, about 15 MB); Serve's clients choose them, so it is bounded
+
+
 class TextEncoder:
-    """A frozen encoder and the embeddings of every phrase it has seen; ``encoded`` counts encoder runs."""
+    """A frozen encoder and the embeddings of the ``CACHED`` phrases it saw last; ``encoded`` counts encoder runs."""
 
     def __init__(self, name: str = DEFAULT_ENCODER, local_only: bool = False):
         require()
@@ -59,7 +63,7 @@ class TextEncoder:
         model = AutoModel.from_pretrained(path, local_files_only=local_only)
         self.model = getattr(model, "text_model", model).eval().requires_grad_(False)  # CLIP: its text tower
         self.dim = self.model.config.hidden_size
-        self.cache: dict[str, torch.Tensor] = {}
+        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # least recently used first
         self.encoded = 0
 
     @staticmethod
@@ -73,15 +77,22 @@ class TextEncoder:
     @torch.no_grad()  # not inference_mode: cached rows must be usable in autograd graphs later
     def embed(self, phrases: Sequence[str]) -> torch.Tensor:
         """(N, dim) float32 embeddings; only phrases not seen before go through the encoder."""
-        new = sorted({key(p) for p in phrases} - set(self.cache))
-        if new:
+        keys = [key(p) for p in phrases]
+        known = {k: self.cache[k] for k in keys if k in self.cache}
+        if new := sorted(set(keys) - set(known)):
             batch = self.tokenizer(new, padding=True, truncation=True, max_length=32, return_tensors="pt")
             hidden = self.model(**batch).last_hidden_state  # (N, T, dim)
             mask = batch["attention_mask"][:, :, None].float()  # (N, T, 1): padding does not count
-            pooled = F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
-            self.cache.update(zip(new, pooled.float()))
+            pooled = F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).float()
+            known |= dict(zip(new, pooled))
+            self.cache.update((k, row.clone()) for k, row in zip(new, pooled))  # a copy: a row view keeps its batch alive
             self.encoded += len(new)
-        return torch.stack([self.cache[key(p)] for p in phrases]) if phrases else torch.empty(0, self.dim)
+        for k in dict.fromkeys(keys):
+            if k in self.cache:
+                self.cache.move_to_end(k)
+        while len(self.cache) > CACHED:
+            self.cache.popitem(last=False)
+        return torch.stack([known[k] for k in keys]) if phrases else torch.empty(0, self.dim)
 
 
 def check_local(name: str) -> None:

@@ -36,6 +36,20 @@ def test_encoder_runs_once_per_phrase_and_mean_pools_to_unit_vectors():
     assert blue @ sky > blue @ crimson  # a real pretrained encoder: "sky blue" is nearer "blue" than "crimson red"
 
 
+
+@needs_extra
+@pytest.mark.slow
+def test_the_phrase_cache_stays_bounded_and_holds_rows_not_batches_after_100000_distinct_phrases():
+    encoder = text.TextEncoder()
+    for start in range(0, 100_000, 5_000):  # what clients of a text-mode server could send, each phrase new
+        encoder.embed([f"colour {i}" for i in range(start, start + 5_000)])
+    assert encoder.encoded == 100_000 and len(encoder.cache) == text.CACHED
+    assert all(row.untyped_storage().nbytes() == encoder.dim * 4 for row in encoder.cache.values())  # a copy, not a batch view
+    assert "colour 99999" in encoder.cache and "colour 0" not in encoder.cache  # the least recently used went first
+    encoder.embed(["colour 90000"])  # used again: it moves to the end and survives the next evictions
+    encoder.embed([f"colour {i}" for i in range(100_000, 100_000 + text.CACHED - 1)])
+    assert "colour 90000" in encoder.cache and "colour 90001" not in encoder.cache
+
 @pytest.fixture(scope="module")
 def text_checkpoint(ray_session, tmp_path_factory):
     if not text.available():
