@@ -40,6 +40,7 @@ from polycolor.data import outline_array
 from polycolor.predict import Colorizer
 
 ACCEPTED_FORMATS = ("PNG", "JPEG")
+HEALTH_TIMEOUT_S = 10  # a probe queues behind at most the batch in progress (well under a second on CPU)
 
 
 @dataclass
@@ -247,7 +248,14 @@ class ColorizeService:
         return list(await asyncio.get_running_loop().run_in_executor(self.model_thread, self.colorizer.colorize_arrays, outlines, colours))
 
     async def check_health(self) -> None:
-        self.colorizer.colorize_arrays(np.zeros((1, self.colorizer.image_size, self.colorizer.image_size), bool), ["red"])
+        """A tiny forward pass on the model thread, the path requests take: a wedged thread fails the check
+        (Serve then replaces the replica), where a pass on the event loop would have passed and blocked HTTP."""
+        blank = np.zeros((1, self.colorizer.image_size, self.colorizer.image_size), bool)
+        probe = self.model_thread.submit(self.colorizer.colorize_arrays, blank, ["red"])
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(probe), HEALTH_TIMEOUT_S)
+        except TimeoutError:
+            raise RuntimeError(f"the model thread did not answer a health probe within {HEALTH_TIMEOUT_S} s") from None
 
     @app.post("/colorize", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     async def colorize(self, request: Request) -> Response:
@@ -286,7 +294,10 @@ class ColorizeService:
 
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        await self.check_health()
+        try:
+            await self.check_health()
+        except RuntimeError as err:
+            return error(503, str(err))
         return JSONResponse({"status": "ok", "recent_batch_sizes": self.batch_sizes[-20:]})
 
     @app.get("/", response_class=HTMLResponse)

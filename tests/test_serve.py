@@ -438,3 +438,34 @@ def test_L6_health_check_catches_a_wedged_model_and_the_replica_is_replaced(serv
         assert first not in alive_replica_pids("wedge"), "the wedged replica was never replaced"
         marker.unlink()
         assert post_with_retries(client, f"{path}/colorize", outline, tries=120).status_code == 200
+
+
+@pytest.mark.slow
+def test_L6_a_wedged_model_thread_fails_the_health_check_and_the_replica_is_replaced(server, outline, tmp_path):
+    marker = tmp_path / "wedged"
+
+    class WedgeableThread(ColorizeService.func_or_class):  # once ``marker`` exists, the model thread blocks while it does
+        async def __init__(self, config):
+            await super().__init__(config)
+
+            def block():
+                while marker.exists():
+                    time.sleep(0.1)
+
+            async def wedge_when_told():
+                while not marker.exists():
+                    await asyncio.sleep(0.2)
+                self.model_thread.submit(block)
+
+            self.wedger = asyncio.get_running_loop().create_task(wedge_when_told())
+
+    checks = {"health_check_period_s": 1, "health_check_timeout_s": 30}
+    with deployed("thread", WedgeableThread, checks, checkpoint=str(server["checkpoint"])) as path, httpx.Client(base_url=server["url"], timeout=30) as client:
+        (first,) = alive_replica_pids("thread")
+        marker.touch()  # /colorize now hangs, while a forward pass on the event loop would still succeed
+        deadline = time.time() + 120
+        while first in alive_replica_pids("thread") and time.time() < deadline:
+            time.sleep(1)
+        assert first not in alive_replica_pids("thread"), "the replica with a wedged model thread was never replaced"
+        marker.unlink()
+        assert post_with_retries(client, f"{path}/colorize", outline, tries=120).status_code == 200
