@@ -93,7 +93,9 @@ class Bucket:
     def keys(self, prefix: str) -> set[str]:
         import pyarrow.fs
 
-        fs, root = pyarrow.fs.FileSystem.from_uri(self.uri(prefix))
+        from polycolor import storage
+
+        fs, root = storage.filesystem(self.uri(prefix))
         found = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
         return {f.path.removeprefix(root + "/") for f in found if f.type == pyarrow.fs.FileType.File}
 

@@ -428,14 +428,19 @@ def test_L6_health_check_catches_a_wedged_model_and_the_replica_is_replaced(serv
 
             self.colorizer.model.forward = maybe_wedged
 
-    checks = {"health_check_period_s": 1, "health_check_timeout_s": 3}
-    with deployed("wedge", Wedgeable, checks, checkpoint=str(server["checkpoint"])) as path, httpx.Client(base_url=server["url"], timeout=30) as client:
-        (first,) = alive_replica_pids("wedge")
+    wedge_and_see_the_replica_replaced("wedge", Wedgeable, {"health_check_period_s": 1, "health_check_timeout_s": 3}, marker, server, outline, 90)
+
+
+def wedge_and_see_the_replica_replaced(name: str, cls, checks: dict, marker, server, outline, within_s: int) -> None:
+    """Deploy ``cls``, wedge it by creating ``marker``: Serve's health check must replace the replica within
+    ``within_s``; once ``marker`` is gone, the application answers again."""
+    with deployed(name, cls, checks, checkpoint=str(server["checkpoint"])) as path, httpx.Client(base_url=server["url"], timeout=30) as client:
+        (first,) = alive_replica_pids(name)
         marker.touch()
-        deadline = time.time() + 90
-        while first in alive_replica_pids("wedge") and time.time() < deadline:
+        deadline = time.time() + within_s
+        while first in alive_replica_pids(name) and time.time() < deadline:
             time.sleep(1)
-        assert first not in alive_replica_pids("wedge"), "the wedged replica was never replaced"
+        assert first not in alive_replica_pids(name), f"the wedged replica of {name} was never replaced"
         marker.unlink()
         assert post_with_retries(client, f"{path}/colorize", outline, tries=120).status_code == 200
 
@@ -459,13 +464,5 @@ def test_L6_a_wedged_model_thread_fails_the_health_check_and_the_replica_is_repl
 
             self.wedger = asyncio.get_running_loop().create_task(wedge_when_told())
 
-    checks = {"health_check_period_s": 1, "health_check_timeout_s": 30}
-    with deployed("thread", WedgeableThread, checks, checkpoint=str(server["checkpoint"])) as path, httpx.Client(base_url=server["url"], timeout=30) as client:
-        (first,) = alive_replica_pids("thread")
-        marker.touch()  # /colorize now hangs, while a forward pass on the event loop would still succeed
-        deadline = time.time() + 120
-        while first in alive_replica_pids("thread") and time.time() < deadline:
-            time.sleep(1)
-        assert first not in alive_replica_pids("thread"), "the replica with a wedged model thread was never replaced"
-        marker.unlink()
-        assert post_with_retries(client, f"{path}/colorize", outline, tries=120).status_code == 200
+    # Wedged, /colorize hangs while a forward pass on the event loop would still succeed: the probe must take the thread.
+    wedge_and_see_the_replica_replaced("thread", WedgeableThread, {"health_check_period_s": 1, "health_check_timeout_s": 30}, marker, server, outline, 120)
