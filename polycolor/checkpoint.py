@@ -4,7 +4,7 @@ A directory::
 
     model.safetensors   the weights (never a pickle); its metadata holds the hash of config.json's model + palette
     config.json         format version, package version, ModelConfig, palette (name -> RGB), image size,
-                        sha256 of model.safetensors, training metrics when known
+                        sha256 of model.safetensors, training metrics and the TrainConfig when known
     train_state.pt      optional, training only: optimiser, LR schedule, RNG state, epoch (tensors and
                         plain containers, loaded with torch.load(weights_only=True))
 
@@ -96,10 +96,10 @@ def atomic_directory(path: str | Path):
 
 
 def write(path: str | Path, model: torch.nn.Module, palette: dict[str, RGB], metrics: dict | None = None,
-          train_state: dict | None = None) -> Path:  # fmt: skip
+          train_state: dict | None = None, train: dict | None = None) -> Path:  # fmt: skip
     """Write a checkpoint directory at ``path`` atomically, replacing any previous one there."""
     with atomic_directory(path) as tmp:
-        write_into(tmp, model, palette, metrics, train_state)
+        write_into(tmp, model, palette, metrics, train_state, train)
     return Path(path)
 
 
@@ -117,8 +117,8 @@ def export(source: str | Path, path: str | Path) -> Loaded:
 
 
 def write_into(directory: Path, model: torch.nn.Module, palette: dict[str, RGB], metrics: dict | None = None,
-               train_state: dict | None = None) -> None:  # fmt: skip
-    """Write the checkpoint files into an existing (e.g. temporary) directory."""
+               train_state: dict | None = None, train: dict | None = None) -> None:  # fmt: skip
+    """Write the checkpoint files into an existing (e.g. temporary) directory; ``train``: how it was trained."""
     directory, model = Path(directory), unwrap(model)
     model_config = model.cfg.to_dict()
     palette = {name: list(map(int, rgb)) for name, rgb in palette.items()}
@@ -132,6 +132,7 @@ def write_into(directory: Path, model: torch.nn.Module, palette: dict[str, RGB],
         "image_size": model.cfg.image_size,
         "weights_sha256": file_sha256(directory / WEIGHTS),
         "metrics": metrics or {},
+        "train": train or {},
     }
     (directory / CONFIG).write_text(json.dumps(config, indent=2))
     if train_state is not None:

@@ -7,7 +7,6 @@ Layout (the real data's, and what ``polycolor.synth`` writes)::
     DIR/{training,validation}/outputs/*.png      white plus the outline and what it encloses in one colour
 
     python -m polycolor.data check DIR
-    python -m polycolor.data synth OUT --train 1000 --val 100 --seed 0
 """
 
 from __future__ import annotations
@@ -27,12 +26,18 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from polycolor.colors import RGB, parse_color
+from polycolor.colors import RGB
 
 IMAGE_SIZE = 128
 SPLITS = ("training", "validation")
 KEYS = ("input_polygon", "colour", "output_image")
 WHITE = (255, 255, 255)
+# The real dataset's palette (its "green" is pure (0, 255, 0)): a fact about that data, what a checkpoint
+# trained on synthetic data records, and what wins over CSS names of the same spelling.
+REAL_PALETTE: dict[str, RGB] = {
+    "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
+    "orange": (255, 165, 0), "purple": (128, 0, 128), "cyan": (0, 255, 255), "magenta": (255, 0, 255),
+}  # fmt: skip
 
 
 class DatasetError(ValueError):
@@ -120,11 +125,6 @@ class Split:
             if name not in palette and (rgb := fill_color(target)) is not None:
                 palette[name] = rgb
         return palette
-
-    def rgbs(self) -> np.ndarray:
-        """(N, 3) uint8 condition colour per pair: the dataset's palette first, then the CSS table."""
-        palette = self.palette
-        return np.array([parse_color(name, palette) for name in self.colors], dtype=np.uint8)
 
 
 def read_rows(split_dir: Path) -> list[dict]:
@@ -257,18 +257,14 @@ def check(root: str | Path) -> tuple[list[str], list[str]]:
 
 
 class PolygonDataset(Dataset):
-    """Pairs as tensors: outline (1, H, W) ink in {0, 1}, rgb (3,) in [0, 1], target (3, H, W) in [0, 1],
-    token (the colour's index in ``vocabulary``, -1 when absent; used by the ``embedding`` mode).
+    """Pairs as (outline (1, H, W) ink in {0, 1}, target (3, H, W) in [0, 1], colour name as the data spells it).
 
     With ``augment`` each pair gets the same random flip / 90-degree rotation / small affine on outline
     and target; the affine fills with white and uses nearest-neighbour, so no new colour appears.
     """
 
-    def __init__(self, split: Split, vocabulary: Sequence[str] = (), augment: bool = False, affine: bool = False):
+    def __init__(self, split: Split, augment: bool = False, affine: bool = False):
         self.split, self.augment, self.affine = split, augment, affine
-        self.rgb = torch.from_numpy(split.rgbs()).float() / 255
-        index = {name: i for i, name in enumerate(vocabulary)}
-        self.tokens = torch.tensor([index.get(name, -1) for name in split.colors])
 
     def __len__(self) -> int:
         return len(self.split)
@@ -278,7 +274,7 @@ class PolygonDataset(Dataset):
         target = torch.from_numpy(self.split.targets[i]).permute(2, 0, 1).float() / 255  # (3, H, W)
         if self.augment:
             outline, target = augment_pair(outline, target, affine=self.affine)
-        return outline, self.rgb[i], target, self.tokens[i]
+        return outline, target, self.split.colors[i]
 
 
 def augment_pair(outline: torch.Tensor, target: torch.Tensor, affine: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,28 +301,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     check_cmd = commands.add_parser("check", help="validate a dataset directory and summarise it")
     check_cmd.add_argument("dir", help="dataset root holding training/ and/or validation/")
-    synth_cmd = commands.add_parser("synth", help="write a synthetic dataset in the real layout")
-    synth_cmd.add_argument("out", help="output directory (created)")
-    synth_cmd.add_argument("--train", type=int, default=1000, help="training pairs (default 1000)")
-    synth_cmd.add_argument("--val", type=int, default=100, help="validation pairs (default 100)")
-    synth_cmd.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    synth_cmd.add_argument("--size", type=int, default=IMAGE_SIZE, help="image size in pixels (default 128)")
     args = parser.parse_args(argv)
-
-    if args.command == "check":
-        summary, problems = check(args.dir)
-        print("\n".join(summary))
-        for problem in problems:
-            print(f"error: {problem}", file=sys.stderr)
-        print(f"{args.dir}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
-        return 1 if problems else 0
-
-    from polycolor import synth
-
-    for name, count, seed in (("training", args.train, args.seed), ("validation", args.val, args.seed + 1)):
-        synth.write_split(synth.generate(count, seed=seed, size=args.size), Path(args.out) / name)
-    print(f"wrote {args.train} training and {args.val} validation pairs to {args.out}")
-    return 0
+    summary, problems = check(args.dir)
+    print("\n".join(summary))
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    print(f"{args.dir}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -1,19 +1,12 @@
-"""Metrics and a visual report for a checkpoint on a dataset split.
+"""A checkpoint's metrics (``polycolor.metrics``) on a dataset split, and a visual report of its worst and best.
 
     python -m polycolor.evaluate --checkpoint CKPT --data SPLIT_DIR [--report DIR]
-
-Metrics (images in [0, 1]):
-  l1, psnr           over all pixels and channels (psnr from the split's mean squared error, capped at 100 dB)
-  pixel_exact        share of pixels whose three channels are all within 16/255 of the truth
-  iou                polygon IoU; a predicted pixel is in the polygon when it is nearer the colour than white
-  color_error        mean absolute channel error inside the true polygon (x255 for 8-bit levels)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,41 +15,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-EXACT_TOLERANCE = 16 / 255
-METRICS = ("l1", "mse", "pixel_exact", "iou", "color_error")
-
-
-def per_image(pred: torch.Tensor, target: torch.Tensor, rgb: torch.Tensor) -> dict[str, torch.Tensor]:
-    """(B, 3, H, W) prediction and truth, (B, 3) colour -> a (B,) tensor per metric."""
-    pred, target, colour = pred.float(), target.float(), rgb.float()[:, :, None, None]
-    diff = (pred - target).abs()
-    truth = (target < 1 - 1 / 510).any(dim=1)  # (B, H, W) the true polygon: every non-white pixel
-    inside = (pred - colour).square().sum(1) < (pred - 1).square().sum(1)  # (B, H, W) nearer colour than white
-    union = (truth | inside).sum((1, 2)).clamp(min=1)
-    area = truth.sum((1, 2)).clamp(min=1)
-    return {
-        "l1": diff.mean((1, 2, 3)),
-        "mse": diff.square().mean((1, 2, 3)),
-        "pixel_exact": (diff <= EXACT_TOLERANCE + 1e-6).all(dim=1).float().mean((1, 2)),
-        "iou": (truth & inside).sum((1, 2)) / union,
-        "color_error": (diff.mean(1) * truth).sum((1, 2)) / area,
-    }
-
-
-def summarize(sums: dict[str, float], count: int) -> dict[str, float]:
-    """Per-image sums over ``count`` images -> the reported means, with psnr."""
-    out = {name: sums[name] / max(count, 1) for name in METRICS}
-    out["psnr"] = min(100.0, 10 * math.log10(1 / out["mse"])) if out["mse"] > 0 else 100.0
-    return out
+from polycolor.metrics import per_image, summarize
 
 
 def evaluate_split(colorizer, split, batch_size: int = 32) -> tuple[dict[str, float], dict[str, np.ndarray], np.ndarray]:
     """(metrics, per-image metrics, predictions (N, H, W, 3) uint8) of ``colorizer`` on a ``Split``."""
-    rgbs = split.rgbs()
-    predictions = colorizer.colorize_arrays(split.outlines, split.colors)
+    predictions = colorizer.colorize_arrays(split.outlines, colorizer.condition(split.colors))
     pred = torch.from_numpy(predictions).permute(0, 3, 1, 2).float() / 255
     target = torch.from_numpy(split.targets).permute(0, 3, 1, 2).float() / 255
-    values = per_image(pred, target, torch.from_numpy(rgbs).float() / 255)
+    values = per_image(pred, target)
     metrics = summarize({k: float(v.sum()) for k, v in values.items()}, len(split))
     return metrics, {k: v.numpy() for k, v in values.items()}, predictions
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from polycolor import checkpoint, text
-from polycolor.colors import RGB, check_phrase, normalize_name, parse_color, suggestion
+from polycolor import checkpoint
+from polycolor.colors import RGB
 from polycolor.data import outline_array, read_rows
 
 
@@ -28,7 +28,6 @@ class Colorizer:
         # Small CPU batches keep activations in cache: 8 runs about twice as fast per image as 64 there.
         self.model = model.to(self.device).eval()
         self.palette, self.batch_size = palette, batch_size or (8 if self.device.type == "cpu" else 64)
-        self.vocabulary = {normalize_name(n): i for i, n in enumerate(model.cfg.vocabulary)}
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None) -> Colorizer:
@@ -44,50 +43,26 @@ class Colorizer:
     def conditioning(self) -> str:
         return self.model.cfg.conditioning
 
-    def parse(self, colour: object) -> tuple[RGB, int]:
-        """(RGB, vocabulary token or -1); ValueError for a colour this checkpoint cannot paint.
-        The ``text`` mode takes any phrase: the model reads the colour from it (the RGB is then unused)."""
-        if self.conditioning == "text":
-            check_phrase(colour)
-            return (0, 0, 0), self.vocabulary.get(normalize_name(colour), -1)
-        rgb = parse_color(colour, self.palette)
-        if self.conditioning != "embedding":
-            return rgb, -1
-        token = self.vocabulary.get(normalize_name(colour))
-        if token is None:
-            names = {n: self.palette.get(n, (0, 0, 0)) for n in self.model.cfg.vocabulary}
-            raise ValueError(f"colour {colour!r} is not in this checkpoint's vocabulary{suggestion(colour, names)}")
-        return rgb, token
+    def condition(self, colours: Sequence[str]) -> torch.Tensor:
+        """The conditioning mode's tensor for ``colours`` (CPU); ValueError naming one this checkpoint cannot paint.
+        The ``text`` mode takes any phrase: the model reads the colour from it."""
+        return self.model.condition.prepare(colours, self.palette)
 
     @torch.inference_mode()
-    def colorize_arrays(self, outlines: np.ndarray, colours: Sequence[str]) -> np.ndarray:
-        """(N, H, W) bool ink at the model's size + N colours -> (N, H, W, 3) uint8 RGB."""
-        parsed = [self.parse(c) for c in colours]
-        rgbs = torch.tensor([p[0] for p in parsed], dtype=torch.float32) / 255
-        tokens = torch.tensor([p[1] for p in parsed])
-        if self.conditioning == "text":
-            tokens = self.phrase_embeddings(colours, tokens)  # (N, text_dim)
+    def colorize_arrays(self, outlines: np.ndarray, cond: torch.Tensor) -> np.ndarray:
+        """(N, H, W) bool ink at the model's size + N conditions (``condition``) -> (N, H, W, 3) uint8 RGB."""
         out = []
         for start in range(0, len(outlines), self.batch_size):
-            stop = start + self.batch_size
-            ink = torch.from_numpy(np.asarray(outlines[start:stop])).float()[:, None].to(self.device)
-            tok = tokens[start:stop].to(self.device) if self.conditioning in ("embedding", "text") else None
-            image = self.model(ink, rgbs[start:stop].to(self.device), tok, hard=True)  # (B, 3, H, W)
+            ink = torch.from_numpy(np.asarray(outlines[start : start + self.batch_size])).float()[:, None].to(self.device)
+            image = self.model(ink, cond[start : start + self.batch_size].to(self.device), hard=True)  # (B, 3, H, W)
             out.append((image * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
         return np.concatenate(out) if out else np.empty((0, self.image_size, self.image_size, 3), np.uint8)
 
-    def phrase_embeddings(self, phrases: Sequence[str], tokens: torch.Tensor) -> torch.Tensor:
-        """(N, text_dim): the checkpoint's own embedding of a training phrase, the encoder's (cached) for a new one."""
-        table = self.model.condition.phrases.cpu()
-        embeddings = table[tokens.clamp(min=0)]
-        if new := [i for i, t in enumerate(tokens.tolist()) if t < 0]:
-            embeddings[new] = text.load(self.model.cfg.text_encoder).embed([phrases[i] for i in new])
-        return embeddings
-
     def colorize_batch(self, images: Sequence[Image.Image | str | Path], colours: Sequence[str], original_size: bool = False) -> list[Image.Image]:
         pils = [Image.open(i) if isinstance(i, (str, Path)) else i for i in images]
+        cond = self.condition(colours)
         outlines = np.stack([outline_array(image, self.image_size) for image in pils])
-        results = [Image.fromarray(a) for a in self.colorize_arrays(outlines, colours)]
+        results = [Image.fromarray(a) for a in self.colorize_arrays(outlines, cond)]
         if original_size:
             results = [r.resize(i.size, Image.Resampling.NEAREST) for r, i in zip(results, pils)]
         return results

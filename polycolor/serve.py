@@ -17,6 +17,7 @@ import asyncio
 import base64
 import binascii
 import hmac
+import html
 import io
 import json
 import os
@@ -26,8 +27,10 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -35,7 +38,8 @@ from PIL import Image, UnidentifiedImageError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from polycolor import checkpoint, text
+from polycolor import checkpoint
+from polycolor.config import Settings, add_flags, setting
 from polycolor.data import outline_array
 from polycolor.predict import Colorizer
 
@@ -44,16 +48,18 @@ HEALTH_TIMEOUT_S = 10  # a probe queues behind at most the batch in progress (we
 
 
 @dataclass
-class ServeConfig:
-    checkpoint: str = ""
-    replicas: int = 1
-    gpu: bool = False
-    max_body_mb: float = 10.0
-    max_pixels: int = 4096 * 4096
-    max_batch_size: int = 16
-    batch_wait_s: float = 0.005
-    max_ongoing_requests: int = 64
-    max_queued_requests: int = 256
+class ServeConfig(Settings):
+    """A deployment's settings: ``serve run`` arguments, a Serve config file's ``args`` and main()'s flags."""
+
+    checkpoint: str = setting("", "checkpoint directory or URI (e.g. runs/NAME/best)")
+    replicas: int = setting(1, "replicas of the model", lambda v: v >= 1, ">= 1")
+    gpu: bool = setting(False, "one GPU per replica")
+    max_body_mb: float = setting(10.0, "request body limit in MiB (413 above it)", lambda v: v > 0, "> 0")
+    max_pixels: int = setting(4096 * 4096, "largest accepted image, in pixels (413 above it)", lambda v: v >= 1, ">= 1")
+    max_batch_size: int = setting(16, "requests the model runs together", lambda v: v >= 1, ">= 1")
+    batch_wait_s: float = setting(0.005, "how long a batch waits to fill", lambda v: v >= 0, ">= 0")
+    max_ongoing_requests: int = setting(64, "requests a replica takes at once; more are queued", lambda v: v >= 1, ">= 1")
+    max_queued_requests: int = setting(256, "queued requests beyond which clients get 503", lambda v: v >= 1, ">= 1")
 
     @classmethod
     def from_args(cls, args: dict) -> "ServeConfig":
@@ -64,6 +70,9 @@ class ServeConfig:
             raise ValueError(f"unknown argument(s) {sorted(unknown)}; expected some of {sorted(known)}")
         casts = {int: int, float: float, bool: lambda v: str(v).lower() in ("1", "true", "yes"), str: str}
         return cls(**{k: casts[known[k]](v) for k, v in args.items()})
+
+
+DEFAULTS = ServeConfig()
 
 
 class ClientError(Exception):
@@ -175,7 +184,7 @@ async def parse_request(request: Request, limit: int) -> tuple[bytes, object, bo
 
 
 def demo_page(colorizer: Colorizer) -> str:
-    """The demo: pick a real shape (drawn here, no dataset needed) or upload one, pick a colour, see it."""
+    """The demo (static/demo.html): pick a real shape (drawn here, no dataset needed) or upload one, pick a colour."""
     from polycolor.synth import REAL_SHAPES, draw_outline, shape_points
 
     rng = np.random.default_rng(0)
@@ -185,34 +194,11 @@ def demo_page(colorizer: Colorizer) -> str:
         buffer = io.BytesIO()
         Image.fromarray(np.where(ink, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
         options.append(f'<option value="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">{name}</option>')
-    names = "".join(f'<option value="{n}">' for n in sorted(colorizer.palette))
-    return DEMO_HTML.replace("{{SHAPES}}", "".join(options)).replace("{{NAMES}}", names)
+    names = "".join(f'<option value="{html.escape(n)}">' for n in sorted(colorizer.palette))  # a checkpoint's names: escaped
+    return DEMO_HTML.read_text().replace("{{SHAPES}}", "".join(options)).replace("{{NAMES}}", names)
 
 
-DEMO_HTML = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>polycolor</title>
-<style>body{font-family:sans-serif;max-width:640px;margin:2em auto}img{width:256px;height:256px;image-rendering:pixelated;border:1px solid #ccc}
-label{display:block;margin:.5em 0}#error{color:#b00}</style></head><body>
-<h1>polycolor</h1>
-<label>Shape <select id="shape">{{SHAPES}}</select> or upload <input type="file" id="upload" accept="image/png,image/jpeg"></label>
-<label>Colour <input id="color" list="names" value="red"><datalist id="names">{{NAMES}}</datalist>
-<input type="color" id="picker" value="#ff0000"></label>
-<button id="go">Colorize</button> <span id="error"></span>
-<p><img id="outline" alt="outline"> <img id="result" alt="result"></p>
-<script>
-const $ = id => document.getElementById(id);
-$("picker").oninput = () => { $("color").value = $("picker").value; };
-$("shape").onchange = () => { $("outline").src = $("shape").value; $("upload").value = ""; };
-$("upload").onchange = () => { if ($("upload").files[0]) $("outline").src = URL.createObjectURL($("upload").files[0]); };
-$("outline").src = $("shape").value;
-$("go").onclick = async () => {
-  $("error").textContent = "";
-  const file = $("upload").files[0] || await (await fetch($("shape").value)).blob();
-  const form = new FormData(); form.append("image", file, "outline.png"); form.append("color", $("color").value);
-  const answer = await fetch("colorize", {method: "POST", body: form});
-  if (!answer.ok) { $("error").textContent = (await answer.json()).error; return; }
-  $("result").src = URL.createObjectURL(await answer.blob());
-};
-</script></body></html>"""
+DEMO_HTML = Path(__file__).with_name("static") / "demo.html"
 
 
 def authorized(request: Request) -> bool:
@@ -226,32 +212,42 @@ def authorized(request: Request) -> bool:
 class ColorizeService:
     def __init__(self, config: dict):
         self.cfg = ServeConfig(**config)
-        device = "cuda" if self.cfg.gpu else "cpu"
-        self.colorizer = Colorizer.from_checkpoint(self.cfg.checkpoint, device=device)
-        if self.colorizer.conditioning == "text":  # load the phrase encoder now, not on the first new phrase
-            text.load(self.colorizer.model.cfg.text_encoder, local_only=True)
+        self.colorizer = Colorizer.from_checkpoint(self.cfg.checkpoint, device="cuda" if self.cfg.gpu else "cpu")
+        self.colorizer.model.condition.check_serving(load=True)  # a text encoder loads now, not on the first new phrase
         self.limit = int(self.cfg.max_body_mb * 1024 * 1024)
         self.colorize_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.colorize_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
         self.page = demo_page(self.colorizer)
+        self.probe = self.colorizer.condition([next(iter(self.colorizer.model.cfg.vocabulary), "red")])
         self.batch_sizes: list[int] = []  # recent batch sizes, for /healthz and the tests
         # One model thread: serve.batch runs one batch at a time, and the event loop stays free for HTTP.
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        # One decode thread: the event loop never decodes, and at most one full-size image is held at a time.
+        self.decode_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def colorize_batch(self, items: list[tuple[np.ndarray, str]]) -> list[np.ndarray]:
+    @serve.batch(max_batch_size=DEFAULTS.max_batch_size, batch_wait_timeout_s=DEFAULTS.batch_wait_s)
+    async def colorize_batch(self, items: list[tuple[np.ndarray, torch.Tensor]]) -> list[np.ndarray]:
         """The Colorizer runs a batch in chunks of its own batch size (8 on CPU): faster per image than whole
         large batches, and the allocator sees at most eight tensor sizes, so memory stays flat under load."""
         self.batch_sizes = (self.batch_sizes + [len(items)])[-100:]
         outlines = np.stack([outline for outline, _ in items])
-        colours = [c for _, c in items]
-        return list(await asyncio.get_running_loop().run_in_executor(self.model_thread, self.colorizer.colorize_arrays, outlines, colours))
+        cond = torch.stack([c for _, c in items])
+        return list(await asyncio.get_running_loop().run_in_executor(self.model_thread, self.colorizer.colorize_arrays, outlines, cond))
+
+    def prepare(self, data: bytes, colour: object) -> tuple[tuple[int, int], np.ndarray, torch.Tensor]:
+        """(image size, outline at the model's size, the colour's condition): all a request keeps of its image."""
+        image = decode_image(data, self.cfg.max_pixels)
+        try:
+            cond = self.colorizer.condition([colour])[0]
+        except ValueError as err:
+            raise ClientError(422, str(err)) from None
+        return image.size, outline_array(image, self.colorizer.image_size), cond
 
     async def check_health(self) -> None:
         """A tiny forward pass on the model thread, the path requests take: a wedged thread fails the check
         (Serve then replaces the replica), where a pass on the event loop would have passed and blocked HTTP."""
         blank = np.zeros((1, self.colorizer.image_size, self.colorizer.image_size), bool)
-        probe = self.model_thread.submit(self.colorizer.colorize_arrays, blank, ["red"])
+        probe = self.model_thread.submit(self.colorizer.colorize_arrays, blank, self.probe)
         try:
             await asyncio.wait_for(asyncio.wrap_future(probe), HEALTH_TIMEOUT_S)
         except TimeoutError:
@@ -264,17 +260,13 @@ class ColorizeService:
             return error(401, "missing or wrong API key; send Authorization: Bearer <key>")
         try:
             data, colour, original = await parse_request(request, self.limit)
-            image = decode_image(data, self.cfg.max_pixels)
-            try:
-                self.colorizer.parse(colour)
-            except ValueError as err:
-                raise ClientError(422, str(err)) from None
-            outline = outline_array(image, self.colorizer.image_size)
+            size, outline, cond = await asyncio.get_running_loop().run_in_executor(self.decode_thread, self.prepare, data, colour)
         except ClientError as err:
             return error(err.status, err.message)
-        result = Image.fromarray(await self.colorize_batch((outline, colour)))
+        del data  # the body is not needed past decoding
+        result = Image.fromarray(await self.colorize_batch((outline, cond)))
         if original:
-            result = result.resize(image.size, Image.Resampling.NEAREST)
+            result = result.resize(size, Image.Resampling.NEAREST)
         buffer = io.BytesIO()
         result.save(buffer, format="PNG")
         return Response(buffer.getvalue(), media_type="image/png")
@@ -283,14 +275,7 @@ class ColorizeService:
     async def colors(self, request: Request) -> JSONResponse:
         if not authorized(request):
             return error(401, "missing or wrong API key; send Authorization: Bearer <key>")
-        mode = self.colorizer.conditioning
-        return JSONResponse({
-            "conditioning": mode,
-            "palette": {n: list(rgb) for n, rgb in self.colorizer.palette.items()},
-            "vocabulary": list(self.colorizer.model.cfg.vocabulary),
-            "any_css_name_or_hex": mode in ("concat", "film"),
-            "free_text_phrases": mode == "text",
-        })  # fmt: skip
+        return JSONResponse(self.colorizer.model.condition.advertise(self.colorizer.palette))
 
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
@@ -313,10 +298,7 @@ def build_app(args: dict):
         raise ValueError("build_app needs checkpoint=PATH")
     # Fail start-up here, naming the file (or the missing extra), not in every replica; a half-written
     # checkpoint in a bucket fails its hash check here too.
-    model = checkpoint.load(cfg.checkpoint).model
-    if model.cfg.conditioning == "text":
-        text.require()
-        text.check_local(model.cfg.text_encoder)
+    checkpoint.load(cfg.checkpoint).model.condition.check_serving(load=False)
     return ColorizeService.options(
         num_replicas=cfg.replicas,
         max_ongoing_requests=cfg.max_ongoing_requests,
@@ -327,21 +309,16 @@ def build_app(args: dict):
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m polycolor.serve", description="Serve a checkpoint over HTTP with Ray Serve.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. runs/NAME/best)")
+    add_flags(p, ServeConfig)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--replicas", type=int, default=1)
-    p.add_argument("--gpu", action="store_true", help="one GPU per replica")
-    p.add_argument("--max-body-mb", type=float, default=10.0, help="request body limit (413 above it)")
-    p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest accepted image, in pixels")
-    p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--batch-wait-s", type=float, default=0.005)
-    p.add_argument("--max-ongoing-requests", type=int, default=64, help="per replica; more are queued")
-    p.add_argument("--max-queued-requests", type=int, default=256, help="beyond this, 503")
-    p.add_argument("--request-timeout-s", type=float, default=30.0, help="408 after this long")
+    p.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    p.add_argument("--request-timeout-s", type=float, default=30.0, help="408 after this long (default: 30)")
     args = p.parse_args(argv)
+    given = {f.name: getattr(args, f.name) for f in fields(ServeConfig) if hasattr(args, f.name)}
+    if "checkpoint" not in given:
+        p.error("--checkpoint is required")
     try:
-        application = build_app({k: v for k, v in vars(args).items() if k not in ("host", "port", "request_timeout_s")})
+        application = build_app(given)
     except (checkpoint.CheckpointError, ImportError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

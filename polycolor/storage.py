@@ -105,6 +105,14 @@ def run_exists(location: str, name: str) -> bool:
     return exists(join(location, name))
 
 
+def checkpoints(location: str, name: str) -> list[str]:
+    """The run's checkpoint_* directories (Ray names them by time, so the last is the latest), as locations."""
+    fs, root = filesystem(join(location, name))
+    entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    found = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_"))
+    return [join(location, name, base) for base in found]
+
+
 def prune_orphans(result, location: str, name: str) -> list[str]:
     """Remove checkpoint_* directories that Ray never registered (left by a driver killed mid-upload)."""
     kept = {Path(c.path).name for c, _ in result.best_checkpoints or []}

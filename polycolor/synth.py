@@ -5,13 +5,15 @@ encloses (a 4-connected hole fill, which reproduces all 61 real pairs) in one pu
 eight real ones in random poses, other regular n-gons, stars, irregular convex and concave polygons,
 crosses and ellipses. Colours: the real palette, CSS names and random RGB. Deterministic per seed.
 
-    python -m polycolor.data synth OUT --train 1000 --val 100 --seed 0
+    python -m polycolor.synth OUT --train 1000 --val 100 --seed 0
     split = generate(1000, seed=(seed, epoch, rank))   # in memory, e.g. one worker's shard
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,13 +24,8 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from polycolor.colors import CSS_COLORS, RGB, parse_color, to_hex
-from polycolor.data import IMAGE_SIZE, Split
+from polycolor.data import IMAGE_SIZE, REAL_PALETTE, Split
 
-# The real dataset's palette (its "green" is pure (0, 255, 0)); wins over CSS names of the same spelling.
-REAL_PALETTE: dict[str, RGB] = {
-    "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
-    "orange": (255, 165, 0), "purple": (128, 0, 128), "cyan": (0, 255, 255), "magenta": (255, 0, 255),
-}  # fmt: skip
 REAL_SHAPES = ("circle", "diamond", "hexagon", "octagon", "pentagon", "square", "star", "triangle")
 OTHER_SHAPES = ("ngon", "nstar", "convex", "concave", "cross", "ellipse")
 # Colours too close to white would leave no visible polygon (and no defined IoU): a fill must differ
@@ -153,12 +150,12 @@ def generate(n: int, seed: int | Sequence[int] = 0, size: int = IMAGE_SIZE, colo
 class SyntheticDataset(Dataset):
     """``length`` fresh pairs per epoch, each made on demand from (seed, epoch, index): nothing is stored,
     any DataLoader worker can make any item, and a resumed run sees exactly the pairs it would have seen.
-    Items are those of ``PolygonDataset``: outline, rgb, target, token."""
+    Items are those of ``PolygonDataset``: outline, target, colour name; ``colors`` restricts the names."""
 
-    def __init__(self, length: int, seed: int | Sequence[int] = 0, size: int = IMAGE_SIZE, vocabulary: Sequence[str] = ()):
+    def __init__(self, length: int, seed: int | Sequence[int] = 0, size: int = IMAGE_SIZE, colors: Sequence[str] = ()):
         self.length, self.size, self.epoch = length, size, 0
         self.seed = (seed,) if isinstance(seed, int) else tuple(seed)
-        self.vocabulary = list(vocabulary)
+        self.colors = list(colors)
 
     def __len__(self) -> int:
         return self.length
@@ -167,15 +164,8 @@ class SyntheticDataset(Dataset):
         self.epoch = epoch
 
     def __getitem__(self, i: int):
-        _, ink, target, name = sample((*self.seed, self.epoch, i), self.size, self.vocabulary or None)
-        rgb = parse_color(name, REAL_PALETTE)
-        token = self.vocabulary.index(name) if name in self.vocabulary else -1
-        return (
-            torch.from_numpy(ink).float()[None],  # (1, H, W)
-            torch.tensor(rgb, dtype=torch.float32) / 255,  # (3,)
-            torch.from_numpy(target).permute(2, 0, 1).float() / 255,  # (3, H, W)
-            torch.tensor(token),
-        )
+        _, ink, target, name = sample((*self.seed, self.epoch, i), self.size, self.colors or None)
+        return torch.from_numpy(ink).float()[None], torch.from_numpy(target).permute(2, 0, 1).float() / 255, name
 
 
 def write_split(split: Split, out: Path) -> None:
@@ -189,3 +179,21 @@ def write_split(split: Split, out: Path) -> None:
         Image.fromarray(target).save(out / "outputs" / output)
         rows.append({"input_polygon": f"{stem}.png", "colour": name, "output_image": output})
     (out / "data.json").write_text(json.dumps(rows, indent=2))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m polycolor.synth", description="Write a synthetic dataset in the real layout.")
+    parser.add_argument("out", help="output directory (created)")
+    parser.add_argument("--train", type=int, default=1000, help="training pairs (default 1000)")
+    parser.add_argument("--val", type=int, default=100, help="validation pairs (default 100)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--size", type=int, default=IMAGE_SIZE, help="image size in pixels (default 128)")
+    args = parser.parse_args(argv)
+    for name, count, seed in (("training", args.train, args.seed), ("validation", args.val, args.seed + 1)):
+        write_split(generate(count, seed=seed, size=args.size), Path(args.out) / name)
+    print(f"wrote {args.train} training and {args.val} validation pairs to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,7 +17,6 @@ import yaml
 
 from polycolor import storage
 
-from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay"
@@ -240,7 +239,6 @@ class NetCluster:
 
 @pytest.fixture(scope="module")
 def net_cluster(hosts):
-    import pyarrow.fs
 
     cluster = NetCluster(hosts, "mn")
     s3 = subprocess.Popen(hosts.command("client", "moto_server", "-H", hosts.ip["client"], "-p", str(S3_PORT)),

@@ -147,7 +147,7 @@ def test_augmentation_keeps_pairs_aligned_and_fills_white(ayna):
             assert not (o[0] > 0)[~painted].any()
 
 
-def split_copy(synth_dir, tmp_path, edit) -> "Path":
+def split_copy(synth_dir, tmp_path, edit):
     split = tmp_path / "data" / "validation"
     shutil.copytree(synth_dir / "validation", split)
     rows = json.loads((split / "data.json").read_text())

@@ -22,13 +22,24 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from polycolor import checkpoint, storage, text
-from polycolor.model import CONDITIONING_MODES
-from polycolor.train import LOSSES, SCORE, TrainConfig, build_trainer, init_ray, read_dataset
+from polycolor import checkpoint, storage
+from polycolor.conditioning import MODES
+from polycolor.config import FIELDS, LOSSES, PRESETS, SECTIONS, TrainConfig, add_flags, preset
+from polycolor.metrics import SCORE
+from polycolor.runs import init_ray, read_dataset
+from polycolor.train import build_trainer, worker_resources
 
-SEARCHED = ("lr", "loss", "conditioning", "batch_size", "base_width")
-RECIPE = {"lr": 3e-3, "loss": "bce", "conditioning": "concat", "batch_size": 16, "base_width": 8}  # the default training recipe
-FIRST_POINTS = [RECIPE]  # tried before the sampler's own picks, so a search never does worse than the recipe
+# Settings a search fixes unless told (a laptop-sized budget); the searched ones are TrainConfig's own.
+SEARCH_DEFAULTS = dict(epochs=4, train_pairs=1500, threads=1, max_failures=1)
+SEARCHED = ("lr", "loss", "conditioning", "batch_size", "width")
+
+
+def installed(mode: str) -> bool:
+    try:
+        MODES[mode].require()
+    except ImportError:
+        return False
+    return True
 
 
 def search_space() -> dict:
@@ -37,10 +48,16 @@ def search_space() -> dict:
     return {
         "lr": tune.loguniform(1e-4, 1e-2),
         "loss": tune.choice(list(LOSSES)),
-        "conditioning": tune.choice([m for m in CONDITIONING_MODES if m != "text" or text.available()]),
+        "conditioning": tune.choice([mode for mode in MODES if installed(mode)]),
         "batch_size": tune.choice([8, 16, 32]),
-        "base_width": tune.choice([8, 16]),
+        "width": tune.choice([8, 16]),
     }
+
+
+def first_points() -> list[dict]:
+    """The recipe's searched settings, tried before the sampler's own picks: a search never does worse than it."""
+    recipe = preset("recipe").flat()
+    return [{k: recipe[k] for k in SEARCHED}]
 
 
 def trainable(config: dict, splits=None) -> None:
@@ -57,20 +74,18 @@ def trainable(config: dict, splits=None) -> None:
 
     from tune.resources import SearchTrainer, holders
 
-    base = dict(config["base"])
     trial_id = tune.get_context().get_trial_id()
-    cfg = TrainConfig(**(base | {k: config[k] for k in SEARCHED} | {"name": f"{config['search_name']}-{trial_id}"}))
-    if splits is not None:
-        cfg.splits = ray.put(splits)
-    trainer = build_trainer(cfg, config["storage"], max_failures=config["max_failures"], callbacks=[TuneReportCallback()],
-                            startup_minutes=config["startup_minutes"], trainer_cls=SearchTrainer)  # fmt: skip
+    searched = {k: config[k] for k in SEARCHED}
+    cfg = TrainConfig.from_dict(config["base"]).replace(**searched, name=f"{config['search_name']}-{trial_id}")
+    trainer = build_trainer(cfg, config["storage"], callbacks=[TuneReportCallback()], startup_minutes=config["startup_minutes"],
+                            trainer_cls=SearchTrainer, splits=ray.put(splits) if splits is not None else None)  # fmt: skip
     try:
         fit_within(trainer, config["max_trial_minutes"])
     except ControllerError as err:
         if not isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
             raise
         need = trainer.scaling_config.resources_per_worker
-        why = f"{cfg.workers} worker(s) of {need} could not be placed within {config['startup_minutes']:g} min"
+        why = f"{cfg.run.workers} worker(s) of {need} could not be placed within {config['startup_minutes']:g} min"
         raise TimeoutError(f"trial {trial_id}: {why}: {holders(need)}") from None
 
 
@@ -141,7 +156,7 @@ def write_outputs(rows: list[dict], grid, location: str, name: str) -> dict | No
     header = f"{'trial':<12}{'lr':>9} {'loss':>5} {'cond':>10} {'bs':>3} {'w':>3} {'ep':>3} {'best exact':>11} {'status':>14}"
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
-        print(f"{r['trial']:<12}{r['lr']:>9.2e} {r['loss']:>5} {r['conditioning']:>10} {r['batch_size']:>3} {r['base_width']:>3} "
+        print(f"{r['trial']:<12}{r['lr']:>9.2e} {r['loss']:>5} {r['conditioning']:>10} {r['batch_size']:>3} {r['width']:>3} "
               f"{r['epochs']:>3} {r['best_' + SCORE]:>11.6f} {r['status']:>14}")  # fmt: skip
     for r in rows:
         if r["error"]:
@@ -189,11 +204,11 @@ def write_files(out: Path, rows: list[dict], best: dict | None, grid) -> None:
     plt.close(figure)
 
 
-def trial_concurrency(resources: dict, workers: int, cpus_per_worker: int, use_gpu: bool) -> int:
-    """Trials that fit at once: each holds its driver's 0.25 CPU plus its workers' CPUs (and GPUs)."""
-    concurrency = max(1, int(resources.get("CPU", 1) // (0.25 + workers * cpus_per_worker)))
-    if use_gpu:
-        concurrency = min(concurrency, max(1, int(resources.get("GPU", 0) // workers)))
+def trial_concurrency(cluster: dict, workers: int, worker: dict) -> int:
+    """Trials that fit at once: each holds its driver's 0.25 CPU plus its workers' ``worker`` resources."""
+    concurrency = max(1, int(cluster.get("CPU", 1) // (0.25 + workers * worker["CPU"])))
+    if "GPU" in worker:
+        concurrency = min(concurrency, max(1, int(cluster.get("GPU", 0) // workers)))
     return concurrency
 
 
@@ -216,11 +231,11 @@ def trial_function(splits=None, cluster: dict | None = None):
 
 def param_space(name: str, location: str, base: dict, limits: dict, space: dict | None = None) -> dict:
     """The search space (or ``space``) plus what every trial needs: the fixed ``base`` config, where to write,
-    and its ``limits`` (max_failures, startup_minutes, max_trial_minutes)."""
+    and its ``limits`` (startup_minutes, max_trial_minutes)."""
     return (space or search_space()) | {"base": base, "storage": location, "search_name": name} | limits
 
 
-LIMITS = {"max_failures": 1, "startup_minutes": 5.0, "max_trial_minutes": 60.0}
+LIMITS = {"startup_minutes": 5.0, "max_trial_minutes": 60.0}
 
 
 def make_tuner(name: str, location: str, base: dict, num_samples: int, concurrency: int, searcher=None, scheduler=None,
@@ -244,44 +259,38 @@ def make_tuner(name: str, location: str, base: dict, num_samples: int, concurren
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tune.search", description="Search polycolor's hyperparameters with Ray Tune and Optuna.")
-    p.add_argument("--data", default="synthetic", help="'synthetic' (default), or a dataset directory or URI in the layout of the README")
+    p.add_argument("--preset", choices=tuple(PRESETS), help="the settings every trial starts from, before the searched ones (default: recipe)")
+    p.add_argument("--smoke-test", dest="preset", action="store_const", const="smoke", help="--preset smoke: a tiny search, 3 trials unless --num-samples")
     p.add_argument("--num-samples", type=int, default=None, help="trials in total (default 8; 3 with --smoke-test)")
-    p.add_argument("--max-epochs", type=int, default=4, help="epochs of a trial that ASHA never stops (default 4)")
-    p.add_argument("--train-pairs", type=int, default=1500, help="training pairs per epoch (default 1500)")
-    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers in each trial")
+    add_flags(p, *SECTIONS.values(), only=("data", "train_pairs", "epochs", "workers", "threads", "max_failures", "name", "seed", "wandb"),
+              defaults=SEARCH_DEFAULTS, flags={"epochs": "--max-epochs", "workers": "--workers-per-trial", "threads": "--cpus-per-worker"})  # fmt: skip
     p.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per trial, split over its workers (default: 1 per worker when the cluster has GPUs)")
-    p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (torch threads) per training worker")
-    p.add_argument("--max-failures", type=int, default=LIMITS["max_failures"], help="worker-failure retries inside each trial")
     p.add_argument("--startup-minutes", type=float, default=LIMITS["startup_minutes"],
                    help="a trial whose workers cannot be placed within this long fails, naming what holds the cluster (default 5)")
     p.add_argument("--max-trial-minutes", type=float, default=LIMITS["max_trial_minutes"],
                    help="a trial still running after this long fails and the search goes on; 0: no limit (default 60)")
     p.add_argument("--storage", help="local path or URI (s3://, gs://, file://) for trials, results and best/ "
                    "(default ./runs; ~/ray_results inside a submitted Ray job)")
-    p.add_argument("--name", default=None, help="search name (default polycolor-search-TIMESTAMP)")
     p.add_argument("--resume", action="store_true", help="continue the search STORAGE/NAME")
-    p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler and of training")
-    p.add_argument("--wandb", action="store_true", help="log every trial as a wandb run in one group (offline without WANDB_API_KEY)")
-    p.add_argument("--smoke-test", action="store_true", help="a tiny search: 3 trials (unless --num-samples), tiny model and data")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    name = args.name or f"polycolor-search-{time.strftime('%Y%m%d-%H%M%S')}"
+    given = {k: v for k, v in vars(args).items() if k in FIELDS}
+    name = given.pop("name", None) or f"polycolor-search-{time.strftime('%Y%m%d-%H%M%S')}"
+    wandb = given.pop("wandb", False)  # one wandb run per trial, logged by the search, not by the trial's workers
     location = storage.resolve(args.storage or storage.default())
-    base = dict(data=args.data, train_pairs=args.train_pairs, epochs=args.max_epochs, seed=args.seed, workers=args.workers_per_trial,
-                threads=args.cpus_per_worker)  # fmt: skip
-    num_samples = args.num_samples if args.num_samples is not None else 3 if args.smoke_test else 8
-    if args.smoke_test:
-        base |= dict(epochs=2, levels=2, train_pairs=48, val_pairs=32)
+    num_samples = args.num_samples if args.num_samples is not None else 3 if args.preset == "smoke" else 8
+    if args.gpus_per_trial is not None:
+        given["gpu"] = args.gpus_per_trial > 0
     try:
-        TrainConfig(**base)
-        if num_samples < 1 or args.max_epochs < 1:
-            raise ValueError("--num-samples and --max-epochs must be >= 1")
+        base = TrainConfig().replace(**SEARCH_DEFAULTS).replace(**PRESETS[args.preset or "recipe"]).replace(**given, wandb=False)
+        if num_samples < 1:
+            raise ValueError("--num-samples must be >= 1")
         if args.startup_minutes <= 0 or args.max_trial_minutes < 0:
             raise ValueError("--startup-minutes must be > 0 and --max-trial-minutes >= 0")
-        splits = read_dataset(args.data) if args.data != "synthetic" else None
+        splits = read_dataset(base.data.data) if base.data.data != "synthetic" else None
         storage.check_writable(location)
     except ValueError as err:  # StorageError is one
         print(f"error: {err}", file=sys.stderr)
@@ -300,29 +309,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Trial drivers are mostly idle: one spare logical CPU lets them run beside their workers.
     init_ray(num_cpus=(os.cpu_count() or 1) + 1)
     resources = ray.cluster_resources()
-    use_gpu = resources.get("GPU", 0) > 0 if args.gpus_per_trial is None else args.gpus_per_trial > 0
-    base |= {"use_gpu": use_gpu, "loader_workers": 4 if use_gpu else 0, "wandb": False}
-    concurrency = trial_concurrency(resources, args.workers_per_trial, args.cpus_per_worker, use_gpu)
-    data = f"{len(splits[0])} training / {len(splits[1])} validation pairs from {args.data}" if splits else "synthetic"
-    print(f"[search] {name}: {num_samples} trials, up to {concurrency} at once, {'GPU' if use_gpu else 'CPU'}, data {data}, storage {location}", flush=True)
+    worker = worker_resources(base.run, resources)
+    concurrency = trial_concurrency(resources, base.run.workers, worker)
+    data = f"{len(splits[0])} training / {len(splits[1])} validation pairs from {base.data.data}" if splits else "synthetic"
+    print(f"[search] {name}: {num_samples} trials, up to {concurrency} at once, {'GPU' if 'GPU' in worker else 'CPU'}, data {data}, storage {location}", flush=True)
 
     callbacks = []
-    if args.wandb:
+    if wandb:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
         if not os.environ.get("WANDB_API_KEY"):
             os.environ.setdefault("WANDB_MODE", "offline")
         callbacks.append(WandbLoggerCallback(project="polycolor", group=name, excludes=["base"]))
-    limits = {"max_failures": args.max_failures, "startup_minutes": args.startup_minutes, "max_trial_minutes": args.max_trial_minutes}
+    limits = {"startup_minutes": args.startup_minutes, "max_trial_minutes": args.max_trial_minutes}
     if args.resume:
-        space = param_space(name, location, base, limits)
+        space = param_space(name, location, base.to_dict(), limits)
         tuner = tune.Tuner.restore(storage.join(location, name), trial_function(splits, resources), resume_errored=True, param_space=space)
     else:
-        searcher = OptunaSearch(points_to_evaluate=list(FIRST_POINTS), seed=args.seed)
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base["epochs"], grace_period=1, reduction_factor=2)
-        tuner = make_tuner(name, location, base, num_samples, concurrency, searcher, scheduler, callbacks, limits, splits=splits)
+        searcher = OptunaSearch(points_to_evaluate=first_points(), seed=base.data.seed)
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base.optim.epochs, grace_period=1, reduction_factor=2)
+        tuner = make_tuner(name, location, base.to_dict(), num_samples, concurrency, searcher, scheduler, callbacks, limits, splits=splits)
     grid = tuner.fit()
-    best = write_outputs(trial_rows(grid, base["epochs"], location), grid, location, name)
+    best = write_outputs(trial_rows(grid, base.optim.epochs, location), grid, location, name)
     return 0 if best is not None else 1
 
 

@@ -1,0 +1,224 @@
+"""Conditioning modes: each is one class that owns how a colour reaches the UNet.
+
+A mode turns colour strings into its condition tensor (``prepare``), names the vocabulary it needs,
+says what ``/colors`` advertises, and is itself the module the UNet consumes: extra input channels
+(``concat``) or one vector that FiLM applies in every block (the others). ``paint`` is the colour the
+mask head paints. A new mode is one class here plus its line in ``MODES``.
+
+    concat      (B, 3) RGB in [0, 1], appended as 3 constant input channels (the published recommendation)
+    film        (B, 3) RGB in [0, 1] -> MLP -> FiLM vector
+    embedding   (B,) index into a closed vocabulary of colour names -> learned embedding -> FiLM vector
+    text        (B, text_dim) frozen-encoder embedding of any phrase (``polycolor.text``) -> MLP -> FiLM vector;
+                the mask head reads the colour from it too, by a linear map solved on the training phrases
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from polycolor import text as text_encoders
+from polycolor.colors import RGB, check_phrase, normalize_name, parse_color, phrase, suggestion
+
+
+def rgb_of(colours: Sequence[str], palette: Mapping[str, RGB]) -> torch.Tensor:
+    """(B, 3) RGB in [0, 1] of colour strings, the palette's names first; ValueError for an unknown one."""
+    return torch.tensor([parse_color(c, palette) for c in colours], dtype=torch.float32).reshape(-1, 3) / 255
+
+
+class Conditioning(nn.Module):
+    """The base: a mode without a vocabulary that takes any colour string ``parse_color`` reads."""
+
+    name: ClassVar[str]
+    extra_channels: ClassVar[int] = 0  # input channels added to the outline's one
+    needs_vocabulary: ClassVar[bool] = False
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.dim = cfg.cond_dim  # the FiLM vector's size; None: no FiLM
+
+    @staticmethod
+    def vocabulary(palette: Mapping[str, RGB], named: Iterable[str] = ()) -> tuple[str, ...]:
+        """The names the mode must know before training: none, or the dataset's (and ``named`` colours)."""
+        return ()
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """ValueError for a model config the mode cannot be built from."""
+
+    @classmethod
+    def require(cls) -> None:
+        """ImportError with the install command when the mode needs an extra that is missing."""
+
+    @classmethod
+    def model_fields(cls, text_encoder: str) -> dict:
+        """The ModelConfig fields this mode adds to a run's settings (loading what it must to know them)."""
+        return {}
+
+    def fit(self, palette: Mapping[str, RGB]) -> None:
+        """Set what the mode knows before training (its vocabulary's colours or embeddings) from ``palette``."""
+
+    def check_serving(self, load: bool = True) -> None:
+        """ValueError when serving would load something from outside this machine; ``load`` what it needs now."""
+
+    def prepare(self, colours: Sequence[str], palette: Mapping[str, RGB]) -> torch.Tensor:
+        """Colour strings -> the condition tensor, here (B, 3) RGB; ValueError naming one this mode cannot paint."""
+        return rgb_of(colours, palette)
+
+    def forward(self, outline: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(UNet input, FiLM vector (B, dim) or None)."""
+        return outline, self.encode(cond)
+
+    def paint(self, cond: torch.Tensor) -> torch.Tensor:
+        """(B, 3) the colour the mask head paints, in [0, 1]."""
+        return cond.float()
+
+    def advertise(self, palette: Mapping[str, RGB]) -> dict:
+        """What ``GET /colors`` says a client may send."""
+        return {
+            "conditioning": self.name, "palette": {n: list(rgb) for n, rgb in palette.items()},
+            "vocabulary": list(self.cfg.vocabulary), "any_css_name_or_hex": not self.needs_vocabulary,
+            "free_text_phrases": False,
+        }  # fmt: skip
+
+
+class Concat(Conditioning):
+    name = "concat"
+    extra_channels = 3
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.dim = None
+
+    def forward(self, outline, cond):
+        colour = cond[:, :, None, None].expand(-1, -1, *outline.shape[-2:])  # (B, 3, H, W)
+        return torch.cat([outline, colour.to(outline.dtype)], dim=1), None
+
+
+class FiLMRGB(Conditioning):
+    name = "film"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.encode = nn.Sequential(nn.Linear(3, cfg.cond_dim), nn.SiLU(), nn.Linear(cfg.cond_dim, cfg.cond_dim))
+
+
+class Vocabulary(Conditioning):
+    """A mode that knows its colours by name: the index of a name in ``cfg.vocabulary``."""
+
+    needs_vocabulary = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.index = {normalize_name(n): i for i, n in enumerate(cfg.vocabulary)}
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        if not cfg.vocabulary:
+            raise ValueError(f"conditioning {cls.name!r} needs a non-empty vocabulary of colour names")
+
+    def tokens(self, colours: Sequence[str]) -> list[int]:
+        """The vocabulary index of each colour, -1 where it has none."""
+        return [self.index.get(normalize_name(check_phrase(c)), -1) for c in colours]
+
+
+class Embedding(Vocabulary):
+    name = "embedding"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.encode = nn.Sequential(nn.Embedding(len(cfg.vocabulary), cfg.cond_dim), nn.SiLU())
+        self.register_buffer("rgb", torch.zeros(len(cfg.vocabulary), 3))  # (V, 3) each name's colour, set by ``fit``
+
+    @staticmethod
+    def vocabulary(palette, named=()):
+        return tuple(sorted(palette))
+
+    def fit(self, palette: Mapping[str, RGB]) -> None:
+        """Record each vocabulary name's RGB (from ``palette``) for the mask head to paint."""
+        self.rgb.copy_(rgb_of(self.cfg.vocabulary, palette))
+
+    def prepare(self, colours, palette):
+        tokens = self.tokens(colours)
+        for colour, token in zip(colours, tokens):
+            if token < 0:
+                names = {n: palette.get(n, (0, 0, 0)) for n in self.cfg.vocabulary}
+                raise ValueError(f"colour {colour!r} is not in this checkpoint's vocabulary{suggestion(colour, names)}")
+        return torch.tensor(tokens, dtype=torch.long)
+
+    def paint(self, cond):
+        return self.rgb[cond]
+
+
+class Text(Vocabulary):
+    name = "text"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # The frozen encoder's embeddings of the vocabulary: saved with the weights, never trained.
+        self.register_buffer("phrases", torch.zeros(len(cfg.vocabulary), cfg.text_dim))
+        self.encode = nn.Sequential(nn.Linear(cfg.text_dim, cfg.cond_dim), nn.SiLU(), nn.Linear(cfg.cond_dim, cfg.cond_dim))
+        # Phrase embedding -> RGB, solved by ``fit`` rather than trained: every training phrase's colour is known.
+        self.colour = nn.Linear(cfg.text_dim, 3).requires_grad_(False) if cfg.head == "mask" else None
+
+    @staticmethod
+    def vocabulary(palette, named=()):
+        return tuple(sorted(set(palette) | {phrase(name) for name in named}))
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        if not cfg.text_encoder or cfg.text_dim < 1:
+            raise ValueError("conditioning 'text' needs text_encoder (a model name or path) and a positive text_dim")
+
+    @classmethod
+    def require(cls) -> None:
+        text_encoders.require()
+
+    @classmethod
+    def model_fields(cls, text_encoder):
+        return {"text_encoder": text_encoder, "text_dim": text_encoders.load(text_encoder).dim}
+
+    def check_serving(self, load=True) -> None:
+        self.require()
+        text_encoders.check_local(self.cfg.text_encoder)
+        if load:
+            text_encoders.load(self.cfg.text_encoder, local_only=True)
+
+    @torch.no_grad()
+    def fit(self, palette: Mapping[str, RGB], ridge: float = 1e-5) -> None:
+        """Embed the vocabulary (one encoder run each) and, for the mask head, solve the phrase -> colour map:
+        ridge least squares from ``phrases`` (V, text_dim) to their RGB. SGD on it from image batches
+        underfits (17 levels off after 3 epochs)."""
+        self.phrases.copy_(text_encoders.load(self.cfg.text_encoder).embed(self.cfg.vocabulary))
+        if self.colour is None:
+            return
+        rgb = rgb_of(self.cfg.vocabulary, palette)
+        x = torch.cat([self.phrases, torch.ones(len(self.phrases), 1)], dim=1).double()
+        w = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype), x.T @ rgb.double())
+        self.colour.weight.copy_(w[:-1].T)
+        self.colour.bias.copy_(w[-1])
+
+    def prepare(self, colours, palette):
+        """(B, text_dim): the saved embedding of a training phrase, the encoder's (cached) for any other."""
+        tokens = torch.tensor(self.tokens(colours), dtype=torch.long)
+        embeddings = self.phrases.cpu()[tokens.clamp(min=0)]
+        if new := [i for i, t in enumerate(tokens.tolist()) if t < 0]:
+            embeddings[new] = text_encoders.load(self.cfg.text_encoder).embed([colours[i] for i in new])
+        return embeddings
+
+    def forward(self, outline, cond):
+        return outline, self.encode(cond.to(self.phrases.dtype))
+
+    def paint(self, cond):
+        return self.colour(cond.to(self.phrases.dtype)).float().clamp(0, 1)
+
+    def advertise(self, palette):
+        return super().advertise(palette) | {"any_css_name_or_hex": False, "free_text_phrases": True}
+
+
+MODES: dict[str, type[Conditioning]] = {mode.name: mode for mode in (Concat, FiLMRGB, Embedding, Text)}
