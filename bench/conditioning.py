@@ -23,10 +23,12 @@ from torch.utils.data import DataLoader
 
 from polycolor import checkpoint, synth, text
 from polycolor.colors import phrase
-from polycolor.data import Split
+from polycolor.config import TrainConfig
+from polycolor.data import REAL_PALETTE, Split
 from polycolor.evaluate import evaluate_split
+from polycolor.loop import make_optimizer, train_one_epoch
 from polycolor.predict import Colorizer
-from polycolor.train import TrainConfig, build_model, train_one_epoch
+from polycolor.train import build_model
 
 HELD_OUT = ("darkblue", "skyblue", "crimson", "tomato", "teal", "orchid", "gold", "seagreen", "slateblue", "chocolate",
             "hotpink", "olivedrab", "steelblue", "indianred", "darkorange", "mediumpurple")  # fmt: skip
@@ -69,19 +71,19 @@ def eval_sets(n: int) -> dict[str, Split]:
 
 def train(cfg: TrainConfig, vocabulary: tuple[str, ...], out: Path) -> tuple[Path, float]:
     """One run of the plain-PyTorch core; returns the checkpoint and the training seconds."""
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, vocabulary if cfg.conditioning in ("embedding", "text") else (), dict(synth.REAL_PALETTE))
-    data = synth.SyntheticDataset(cfg.train_pairs, seed=(cfg.seed, 0, 0), vocabulary=vocabulary)
-    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=False, drop_last=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=cfg.epochs * len(loader), pct_start=0.1)
+    torch.manual_seed(cfg.data.seed)
+    palette, optim = dict(REAL_PALETTE), cfg.optim
+    model = build_model(cfg, palette, vocabulary)
+    data = synth.SyntheticDataset(cfg.data.train_pairs, seed=(cfg.data.seed, 0, 0), colors=vocabulary)
+    loader = DataLoader(data, batch_size=optim.batch_size, shuffle=False, drop_last=True)
+    optimizer, scheduler = make_optimizer(model, optim, optim.epochs * len(loader))
     start = time.perf_counter()
-    for epoch in range(cfg.epochs):
+    for epoch in range(optim.epochs):
         data.set_epoch(epoch)
-        stats = train_one_epoch(model, loader, optimizer, scheduler, cfg.loss, torch.device("cpu"))
-        print(f"  epoch {epoch + 1}/{cfg.epochs}  loss {stats['train_loss']:.4f}  {stats['images_per_s']:.0f} img/s", flush=True)
+        stats = train_one_epoch(model, loader, optimizer, scheduler, optim.loss, palette, torch.device("cpu"))
+        print(f"  epoch {epoch + 1}/{optim.epochs}  loss {stats['train_loss']:.4f}  {stats['images_per_s']:.0f} img/s", flush=True)
     seconds = time.perf_counter() - start
-    return checkpoint.write(out, model, dict(synth.REAL_PALETTE)), seconds
+    return checkpoint.write(out, model, palette, train=cfg.to_dict()), seconds
 
 
 def score(path: Path, sets: dict[str, Split]) -> dict[str, dict | None]:
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
           f"{args.epochs} epochs x {args.pairs} pairs per run")  # fmt: skip
     results = []
     for i, (label, overrides) in enumerate(runs):
-        cfg = TrainConfig(**({"epochs": args.epochs, "train_pairs": args.pairs} | overrides))
+        cfg = TrainConfig().replace(epochs=args.epochs, train_pairs=args.pairs, **overrides)
         print(f"{label}: {overrides}", flush=True)
         path, seconds = train(cfg, vocabulary, args.out / f"run{i}")
         results.append({"label": label, "config": overrides, "train_s": seconds, "scores": score(path, sets)})

@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from polycolor.config import TrainConfig
+from polycolor.data import REAL_PALETTE
+from polycolor.loop import make_optimizer, train_one_epoch
 from polycolor.model import ConditionalUNet
 from polycolor.predict import Colorizer
 from polycolor.synth import SyntheticDataset, generate
-from polycolor.train import TrainConfig, train_one_epoch
 
 
 def training(cfg: TrainConfig, device: torch.device, pairs: int, loader_workers: int) -> dict:
@@ -31,21 +33,20 @@ def training(cfg: TrainConfig, device: torch.device, pairs: int, loader_workers:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         torch.cuda.reset_peak_memory_stats()
-    loader = DataLoader(SyntheticDataset(pairs, seed=(0, 0, 0)), batch_size=cfg.batch_size, drop_last=True,
+    loader = DataLoader(SyntheticDataset(pairs, seed=(0, 0, 0)), batch_size=cfg.optim.batch_size, drop_last=True,
                         num_workers=loader_workers, persistent_workers=loader_workers > 0, pin_memory=device.type == "cuda")  # fmt: skip
-    optimizer = torch.optim.AdamW(model.parameters(), cfg.lr)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=2 * len(loader))
-    train_one_epoch(model, loader, optimizer, scheduler, cfg.loss, device)  # warm-up: kernels, allocator, loader processes
-    stats = train_one_epoch(model, loader, optimizer, scheduler, cfg.loss, device)
+    optimizer, scheduler = make_optimizer(model, cfg.optim, 2 * len(loader))
+    train_one_epoch(model, loader, optimizer, scheduler, cfg.optim.loss, REAL_PALETTE, device)  # warm-up: kernels, allocator, loader processes
+    stats = train_one_epoch(model, loader, optimizer, scheduler, cfg.optim.loss, REAL_PALETTE, device)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
     return {"images_per_s": stats["images_per_s"], "peak_mib": peak}
 
 
 def inference(width: int, batch: int, device: torch.device, images: int) -> float:
-    model = ConditionalUNet(TrainConfig(base_width=width).model_config())
+    model = ConditionalUNet(TrainConfig().replace(width=width).model_config())
     colorizer = Colorizer(model, {}, device, batch_size=batch)
     outlines = generate(images, seed=3).outlines
-    colours = ["teal"] * images
+    colours = colorizer.condition(["teal"] * images)
     colorizer.colorize_arrays(outlines[:batch], colours[:batch])  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -70,7 +71,7 @@ def main() -> int:
     rows = []
     for width in map(int, args.widths.split(",")):
         for batch in map(int, args.batch_sizes.split(",")):
-            cfg = TrainConfig(base_width=width, batch_size=batch)
+            cfg = TrainConfig().replace(width=width, batch_size=batch)
             train = training(cfg, device, args.pairs, loader_workers)
             infer = inference(width, batch, device, args.images)
             rows.append({"width": width, "batch": batch, "train_images_per_s": train["images_per_s"],

@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from polycolor.model import ConditionalUNet, target_mask
+from polycolor.config import TrainConfig
+from polycolor.data import REAL_PALETTE
+from polycolor.metrics import polygon
+from polycolor.model import ConditionalUNet
 from polycolor.synth import SyntheticDataset
-from polycolor.train import TrainConfig
 
 LINKS = {  # name: (bandwidth bytes/s per GPU in a ring, latency s per hop)
     "one node, NVLink": (300e9, 10e-6),
@@ -45,8 +47,8 @@ ADAMW_KERNELS = 12  # assumed: AdamW's multi-tensor (foreach) step, its CUDA def
 
 
 def forward_backward(model, batch):
-    outline, rgb, target, _ = batch
-    loss = F.binary_cross_entropy_with_logits(model(outline, rgb, logits=True)[:, :1], target_mask(target))
+    outline, target, cond = batch
+    loss = F.binary_cross_entropy_with_logits(model(outline, cond, logits=True), polygon(target))
     loss.backward()
 
 
@@ -61,7 +63,10 @@ def measure(cfg: TrainConfig, batch_size: int) -> dict:
     model = ConditionalUNet(cfg.model_config())
     optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
     data = SyntheticDataset(batch_size * 8, seed=(0, 0, 0))
-    batches = [[torch.stack(t) for t in zip(*(data[i] for i in range(s, s + batch_size)))] for s in range(0, len(data), batch_size)]
+    batches = []
+    for start in range(0, len(data), batch_size):
+        outline, target, names = zip(*(data[i] for i in range(start, start + batch_size)))
+        batches.append((torch.stack(outline), torch.stack(target), model.condition.prepare(names, REAL_PALETTE)))
     with FlopCounterMode(display=False) as flops:
         step_once(model, optimizer, batches[0])
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -121,7 +126,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one worker's CPU share, as in a 1-CPU-per-worker Ray Train run
 
-    cfg = TrainConfig(base_width=args.width, levels=args.levels)
+    cfg = TrainConfig().replace(width=args.width, levels=args.levels)
     rate = generation_rate()
     print(f"synthetic data: {rate:.0f} pairs/s per CPU core; {args.loader_workers} loader workers -> {args.loader_workers * rate:.0f} pairs/s per GPU")
     print(f"assumed: {args.gpu_tflops:.0f} TFLOP/s achieved, {args.launch_us:.0f} us per kernel launch; links: "

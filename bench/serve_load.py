@@ -46,11 +46,11 @@ def in_process(colorizer: Colorizer, threads: int, images: int = 128, repeats: i
     """Images/s of ``Colorizer.colorize_arrays`` at its own batch size; the best of ``repeats`` runs."""
     torch.set_num_threads(threads)
     outlines = np.repeat(synth.generate(1, seed=0).outlines, images, axis=0)
-    colorizer.colorize_arrays(outlines[:32], ["red"] * 32)
+    colorizer.colorize_arrays(outlines[:32], colorizer.condition(["red"] * 32))
     rates = []
     for _ in range(repeats):
         start = time.perf_counter()
-        colorizer.colorize_arrays(outlines, ["red"] * images)
+        colorizer.colorize_arrays(outlines, colorizer.condition(["red"] * images))
         rates.append(images / (time.perf_counter() - start))
     return max(rates)
 

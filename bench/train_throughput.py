@@ -18,8 +18,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from polycolor.config import PRESETS, TrainConfig
+from polycolor.data import REAL_PALETTE
+from polycolor.loop import make_optimizer, train_one_epoch
+from polycolor.model import ConditionalUNet
+from polycolor.runs import init_ray
 from polycolor.synth import SyntheticDataset
-from polycolor.train import SMOKE, TrainConfig, build_trainer, init_ray, train_one_epoch
+from polycolor.train import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,19 +32,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def plain(cfg: TrainConfig, threads: int) -> float:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    from polycolor.model import ConditionalUNet
-
     model = ConditionalUNet(cfg.model_config())
-    loader = DataLoader(SyntheticDataset(cfg.train_pairs, seed=(0, 0, 0)), batch_size=cfg.batch_size, drop_last=True)
-    optimizer = torch.optim.AdamW(model.parameters(), cfg.lr)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=2 * len(loader))
-    train_one_epoch(model, loader, optimizer, scheduler, cfg.loss, torch.device("cpu"))  # warm-up
-    return train_one_epoch(model, loader, optimizer, scheduler, cfg.loss, torch.device("cpu"))["images_per_s"]
+    loader = DataLoader(SyntheticDataset(cfg.data.train_pairs, seed=(0, 0, 0)), batch_size=cfg.optim.batch_size, drop_last=True)
+    optimizer, scheduler = make_optimizer(model, cfg.optim, 2 * len(loader))
+    for _ in range(2):  # a warm-up epoch, then the timed one
+        stats = train_one_epoch(model, loader, optimizer, scheduler, cfg.optim.loss, REAL_PALETTE, torch.device("cpu"))
+    return stats["images_per_s"]
 
 
 def ray_loop(cfg: TrainConfig, workers: int, threads: int, storage: str) -> float:
-    cfg = TrainConfig(**(cfg.to_dict() | dict(workers=workers, threads=threads, epochs=2, train_pairs=cfg.train_pairs * workers,
-                                              name=f"throughput-{workers}")))  # fmt: skip
+    cfg = cfg.replace(workers=workers, threads=threads, epochs=2, train_pairs=cfg.data.train_pairs * workers, name=f"throughput-{workers}")
     result = build_trainer(cfg, storage).fit()
     return result.metrics["images_per_s_per_worker"]  # the second (warm) epoch
 
@@ -50,7 +52,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--width", type=int, default=8)
     args = parser.parse_args()
-    cfg = TrainConfig(train_pairs=args.pairs, batch_size=args.batch_size, base_width=args.width, val_pairs=SMOKE["val_pairs"])
+    cfg = TrainConfig().replace(train_pairs=args.pairs, batch_size=args.batch_size, width=args.width, val_pairs=PRESETS["smoke"]["val_pairs"])
     cpus = os.cpu_count() or 2
 
     figures = {f"plain, {t} thread(s)": plain(cfg, t) for t in sorted({1, cpus})}

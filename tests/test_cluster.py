@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from polycolor import storage
-
+from polycolor.data import REAL_PALETTE
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay"
@@ -118,7 +118,7 @@ def test_serve_configs_validate_and_import():
 def test_named_commands_answer_help():
     job = yaml.safe_load((ROOT / "cluster" / "kuberay" / "rayjob.yaml").read_text())
     assert job["spec"]["entrypoint"].startswith("python -m tune.search")
-    for module in ("tune.search", "polycolor.train", "polycolor.serve", "polycolor.predict", "polycolor.evaluate", "polycolor.data"):
+    for module in ("tune.search", "polycolor.train", "polycolor.serve", "polycolor.predict", "polycolor.evaluate", "polycolor.data", "polycolor.synth"):
         done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert done.returncode == 0 and "usage" in done.stdout, module
     flags = subprocess.run([sys.executable, "-m", "tune.search", "--help"], capture_output=True, text=True, cwd=ROOT).stdout
@@ -294,10 +294,11 @@ def test_two_workers_on_two_hosts_train_with_their_storage_in_a_bucket(net_clust
 def test_two_serve_replicas_on_two_hosts_answer_another_host(net_cluster, tmp_path):
     from PIL import Image
 
-    from conftest import tiny_model
     from polycolor import checkpoint, synth
 
-    path = checkpoint.write(tmp_path / "ckpt", tiny_model(), synth.REAL_PALETTE)
+    from conftest import tiny_model
+
+    path = checkpoint.write(tmp_path / "ckpt", tiny_model(), REAL_PALETTE)
     head = net_cluster.hosts.ip["head"]
     command = net_cluster.on_head(sys.executable, "-m", "polycolor.serve", "--checkpoint", str(path), "--replicas", "2", "--host", head, "--port", "8000")
     env = net_cluster.env | {"RAY_ADDRESS": net_cluster.address}

@@ -8,30 +8,37 @@ from PIL import Image
 from scipy import ndimage
 
 from polycolor import data
-from polycolor.data import DatasetError, PolygonDataset, augment_pair, check, outline_array, read_split, target_array
+from polycolor.data import REAL_PALETTE, DatasetError, PolygonDataset, augment_pair, check, outline_array, read_split, target_array
 
 
-def test_real_dataset_passes_check_and_loads(ayna):
-    summary, problems = check(ayna)
+def test_a_dataset_passes_check_and_loads_as_binary_outlines_and_one_colour_targets(dataset):
+    summary, problems = check(dataset)
     assert problems == []
-    assert any("training: 56 pairs" in line for line in summary)
+    train = read_split(dataset / "training")
+    assert any(f"training: {len(train)} pairs" in line for line in summary)
+    outline, target, colour = PolygonDataset(train)[0]
+    assert outline.shape == (1, 128, 128) and target.shape == (3, 128, 128) and colour == train.colors[0]
+    assert set(outline.unique().tolist()) == {0.0, 1.0}
+    painted = torch.unique((target * 255).round().reshape(3, -1), dim=1).T.tolist()  # white and the row's colour only
+    assert sorted(painted) == sorted([[255.0] * 3, [float(v) for v in train.palette[colour]]])
+
+
+def test_the_real_palette_is_read_from_the_real_targets(ayna):
     train, val = read_split(ayna / "training"), read_split(ayna / "validation")
     assert (len(train), len(val)) == (56, 5)
-    assert train.palette["green"] == (0, 255, 0) and train.palette["purple"] == (128, 0, 128)
-    outline, rgb, target, token = PolygonDataset(train)[0]
-    assert outline.shape == (1, 128, 128) and target.shape == (3, 128, 128) and rgb.shape == (3,)
-    assert set(outline.unique().tolist()) == {0.0, 1.0} and 0 <= target.min() and target.max() <= 1
+    assert train.palette == REAL_PALETTE  # its green is (0, 255, 0), not CSS green
 
 
-def test_check_cli_exit_codes(ayna, tmp_path, capsys):
-    assert data.main(["check", str(ayna)]) == 0
-    assert "cyan" in capsys.readouterr().out
+def test_check_cli_exit_codes(dataset, tmp_path, capsys):
+    assert data.main(["check", str(dataset)]) == 0
+    colour = json.loads((dataset / "validation" / "data.json").read_text())[0]["colour"]
+    assert colour in capsys.readouterr().out
     assert data.main(["check", str(tmp_path / "nope")]) == 1
 
 
-def broken_copy(ayna, tmp_path, edit):
+def broken_copy(dataset, tmp_path, edit):
     root = tmp_path / "broken"
-    shutil.copytree(ayna / "validation", root / "validation")
+    shutil.copytree(dataset / "validation", root / "validation")
     rows = json.loads((root / "validation" / "data.json").read_text())
     edit(root / "validation", rows)
     (root / "validation" / "data.json").write_text(json.dumps(rows))
@@ -56,11 +63,11 @@ def _not_image(d, rows):
 
 
 def _colour_disagrees(d, rows):
-    rows[0]["colour"] = rows[1]["colour"]  # blue_octagon's file now claims another row's colour name
+    rows[0]["colour"] = rows[1]["colour"]  # row 0's file now claims another row's colour name
 
 
 def _duplicate(d, rows):
-    rows.append(dict(rows[3]))
+    rows.insert(5, dict(rows[3]))
 
 
 def _size(d, rows):
@@ -80,8 +87,8 @@ def _size(d, rows):
         (_size, "is 64x64, expected the size of inputs/"),
     ],
 )
-def test_each_broken_copy_gives_its_named_error(ayna, tmp_path, edit, expected):
-    problems = broken_copy(ayna, tmp_path, edit)
+def test_each_broken_copy_gives_its_named_error(dataset, tmp_path, edit, expected):
+    problems = broken_copy(dataset, tmp_path, edit)
     assert any(expected in p for p in problems), problems
     with pytest.raises(DatasetError, match="failed its check"):
         read_split(tmp_path / "broken" / "validation")
@@ -130,10 +137,10 @@ def test_targets_resize_nearest_without_new_colours():
     assert colours == {(255, 255, 255), (255, 165, 0)}
 
 
-def test_augmentation_keeps_pairs_aligned_and_fills_white(ayna):
-    split = read_split(ayna / "training")
+def test_augmentation_keeps_pairs_aligned_and_fills_white(dataset):
+    split = read_split(dataset / "training")
     torch.manual_seed(0)
-    for i in range(0, 56, 7):
+    for i in range(0, len(split), 3):
         outline = torch.from_numpy(split.outlines[i]).float()[None]
         target = torch.from_numpy(split.targets[i]).permute(2, 0, 1).float() / 255
         colour = torch.tensor(split.palette[split.colors[i]]) / 255

@@ -3,61 +3,61 @@ import torch
 import torch.nn.functional as F
 
 from polycolor import synth
-from polycolor.data import PolygonDataset
-from polycolor.model import ConditionalUNet, ModelConfig, target_mask
+from polycolor.conditioning import MODES
+from polycolor.data import REAL_PALETTE, PolygonDataset
+from polycolor.metrics import polygon
+from polycolor.model import ConditionalUNet, ModelConfig
 
 from conftest import tiny_model
 
 
-def batch(n=4, vocabulary=()):
-    ds = PolygonDataset(synth.generate(n, seed=0, colors=list(synth.REAL_PALETTE)), vocabulary)
-    return [torch.stack(t) for t in zip(*(ds[i] for i in range(n)))]
+def batch(model, n=4, colours=None):
+    """(outline, target, the mode's condition) for ``n`` pairs in the real palette's colours (or ``colours``)."""
+    ds = PolygonDataset(synth.generate(n, seed=0, colors=list(REAL_PALETTE)))
+    outline, target, names = zip(*(ds[i] for i in range(n)))
+    return torch.stack(outline), torch.stack(target), model.condition.prepare(colours or names, REAL_PALETTE)
 
 
-@pytest.mark.parametrize("conditioning", ["concat", "film", "embedding", "text"])
+@pytest.mark.parametrize("conditioning", list(MODES))
 @pytest.mark.parametrize("head", ["mask", "rgb"])
-def test_shapes_and_range(conditioning, head):
+def test_output_is_an_image_and_logits_have_one_channel_per_head_output(conditioning, head):
     model = tiny_model(conditioning, head)
-    outline, rgb, target, token = batch(vocabulary=model.cfg.vocabulary)
-    image = model(outline, rgb, token)
-    assert image.shape == (4, 3, 128, 128) and 0 <= image.min() and image.max() <= 1
-    channels = 3 if head == "rgb" else 4 if conditioning == "text" else 1  # text + mask: mask logit, then colour
-    assert model(outline, rgb, token, logits=True).shape == (4, channels, 128, 128)
+    outline, _, cond = batch(model)
+    image = model(outline, cond)
+    assert image.shape == (4, 3, 128, 128) and image.min() >= 0 and image.max() <= 1
+    assert model(outline, cond, logits=True).shape == (4, 3 if head == "rgb" else 1, 128, 128)
 
 
-@pytest.mark.parametrize("conditioning", ["concat", "film", "embedding", "text"])
+@pytest.mark.parametrize("conditioning", list(MODES))
 @pytest.mark.parametrize("head", ["mask", "rgb"])
 def test_output_changes_when_only_the_colour_changes(conditioning, head):
     model = tiny_model(conditioning, head)
     for p in model.parameters():  # FiLM starts as the identity; perturb so every path is live
         p.data.add_(torch.randn_like(p) * 0.05)
-    outline = batch(1)[0]
-    red, blue = torch.tensor([[1.0, 0, 0]]), torch.tensor([[0, 0, 1.0]])
-    vocab = list(model.cfg.vocabulary)
-    tok = (lambda name: torch.tensor([vocab.index(name)])) if vocab else (lambda name: None)
-    assert not torch.allclose(model(outline, red, tok("red")), model(outline, blue, tok("blue")))
+    outline, _, red = batch(model, 1, ["red"])
+    blue = model.condition.prepare(["blue"], REAL_PALETTE)
+    assert not torch.allclose(model(outline, red), model(outline, blue))
 
 
-def test_hard_mask_output_is_exactly_white_or_the_colour():
-    model = tiny_model()
-    outline, rgb, _, _ = batch()
-    image = model(outline, rgb, hard=True)
-    is_white = (image == 1).all(1)
-    is_colour = (image == rgb[:, :, None, None]).all(1)
-    assert (is_white | is_colour).all()
+@pytest.mark.parametrize("conditioning", ["concat", "film", "embedding"])
+def test_hard_mask_output_is_exactly_white_or_the_named_colour(conditioning):
+    model = tiny_model(conditioning)
+    outline, target, cond = batch(model)
+    image = model(outline, cond, hard=True)
+    colour = torch.tensor([REAL_PALETTE[n] for n in synth.generate(4, seed=0, colors=list(REAL_PALETTE)).colors]) / 255
+    assert ((image == 1).all(1) | (image == colour[:, :, None, None]).all(1)).all()
 
 
 def test_text_mode_paints_one_predicted_colour_exactly_and_takes_raw_phrase_embeddings():
     model = tiny_model("text")
     for p in model.parameters():
         p.data.add_(torch.randn_like(p) * 0.05)
-    outline, rgb, _, token = batch(2, vocabulary=model.cfg.vocabulary)
-    image = model(outline, rgb, token, hard=True)
+    outline, _, cond = batch(model, 2)
+    assert cond.shape == (2, model.cfg.text_dim)  # what the encoder gives a phrase, here the saved rows
+    image = model(outline, cond, hard=True)
     for one in image:  # (3, H, W): white, or one colour on the 1/255 grid
         colours = torch.unique(one.reshape(3, -1), dim=1)
         assert colours.shape[1] <= 2 and torch.equal(colours * 255, (colours * 255).round())
-    embeddings = model.condition.phrases[token]  # (B, text_dim): what the encoder would give for a new phrase
-    assert torch.equal(model(outline, rgb, embeddings, hard=True), image)
 
 
 def test_any_size_divisible_by_two_to_the_levels():
@@ -71,7 +71,7 @@ def test_any_size_divisible_by_two_to_the_levels():
         (dict(conditioning="clip"), "conditioning 'clip' is unknown"),
         (dict(head="rgba"), "head 'rgba' is unknown"),
         (dict(conditioning="embedding"), "needs a non-empty vocabulary"),
-        (dict(conditioning="text"), "needs text_encoder"),
+        (dict(conditioning="text", vocabulary=("red",)), "needs text_encoder"),
         (dict(base_width=12), "multiple of 8"),
         (dict(image_size=100), "divisible by 2**levels"),
     ],
@@ -81,21 +81,48 @@ def test_bad_config_is_refused(kwargs, message):
         ModelConfig(**kwargs)
 
 
-def test_rgb_modes_accept_unseen_colours():
-    model = tiny_model("film")
-    outline = batch(1)[0]
-    assert model(outline, torch.tensor([[0.123, 0.456, 0.789]])).shape == (1, 3, 128, 128)
+def test_rgb_modes_accept_any_colour_and_vocabulary_modes_refuse_unknown_names():
+    film, embedding = tiny_model("film"), tiny_model("embedding")
+    outline = batch(film, 1)[0]
+    assert film(outline, film.condition.prepare(["#1f74c9"], REAL_PALETTE)).shape == (1, 3, 128, 128)
+    with pytest.raises(ValueError, match="'teal' is not in this checkpoint's vocabulary"):
+        embedding.condition.prepare(["teal"], REAL_PALETTE)
 
 
 def test_tiny_model_overfits_a_handful_of_pairs():
     torch.manual_seed(0)
     model = ConditionalUNet(ModelConfig(base_width=8))
-    outline, rgb, target, _ = batch(4)
+    outline, target, cond = batch(model)
     optimizer = torch.optim.Adam(model.parameters(), 1e-2)
     for _ in range(100):
-        loss = F.binary_cross_entropy_with_logits(model(outline, rgb, logits=True), target_mask(target))
+        loss = F.binary_cross_entropy_with_logits(model(outline, cond, logits=True), polygon(target))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    exact = (model(outline, rgb, hard=True) - target).abs().max(1).values <= 16 / 255
+    exact = (model(outline, cond, hard=True) - target).abs().max(1).values <= 16 / 255
     assert exact.float().mean() > 0.99
+
+
+def test_a_new_conditioning_mode_is_one_class_and_its_registration(monkeypatch, tmp_path):
+    from torch import nn
+
+    from polycolor import checkpoint
+    from polycolor.conditioning import Conditioning
+    from polycolor.predict import Colorizer
+
+    class Grey(Conditioning):  # FiLM from the colour's luminance alone; the base's RGB condition and paint
+        name = "grey"
+
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.encode = nn.Linear(1, cfg.cond_dim)
+
+        def forward(self, outline, cond):
+            return outline, self.encode(cond @ torch.tensor([[0.299], [0.587], [0.114]]))
+
+    monkeypatch.setitem(MODES, "grey", Grey)
+    model = ConditionalUNet(ModelConfig(conditioning="grey", base_width=8, multipliers=(1, 2)))
+    colorizer = Colorizer.from_checkpoint(checkpoint.write(tmp_path / "grey", model, REAL_PALETTE), device="cpu")
+    out = colorizer.colorize_arrays(synth.generate(2, seed=0).outlines, colorizer.condition(["teal", "#ff8800"]))
+    assert out.shape == (2, 128, 128, 3)
+    assert model.condition.advertise(REAL_PALETTE)["conditioning"] == "grey"

@@ -4,15 +4,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from polycolor import checkpoint, predict, synth
+from polycolor import checkpoint, predict
+from polycolor.data import REAL_PALETTE
 from polycolor.predict import Colorizer
 
 from conftest import tiny_model
 
 
-def test_colorize_any_image_and_original_size(tiny_checkpoint, ayna):
+def first_input(dataset):
+    return dataset / "validation" / "inputs" / json.loads((dataset / "validation" / "data.json").read_text())[0]["input_polygon"]
+
+
+def test_colorize_any_image_and_original_size(tiny_checkpoint, dataset):
     colorizer = Colorizer.from_checkpoint(tiny_checkpoint, device="cpu")
-    outline = Image.open(ayna / "training" / "inputs" / "star.png")
+    outline = Image.open(first_input(dataset))
     out = colorizer.colorize(outline, "red")
     assert out.size == (128, 128) and out.mode == "RGB"
     big = colorizer.colorize(outline.resize((300, 200)).convert("RGBA"), "#00ff00", original_size=True)
@@ -30,19 +35,19 @@ def test_unknown_colour_suggests_names(tiny_checkpoint):
 
 
 def test_embedding_mode_is_a_closed_vocabulary(tmp_path):
-    path = checkpoint.write(tmp_path / "e", tiny_model("embedding"), synth.REAL_PALETTE)
+    path = checkpoint.write(tmp_path / "e", tiny_model("embedding"), REAL_PALETTE)
     colorizer = Colorizer.from_checkpoint(path, device="cpu")
     assert colorizer.colorize(Image.new("L", (128, 128), 255), "Purple").size == (128, 128)
     with pytest.raises(ValueError, match="not in this checkpoint's vocabulary"):
         colorizer.colorize(Image.new("L", (128, 128), 255), "teal")
 
 
-def test_predict_cli_single_and_split(tiny_checkpoint, ayna, tmp_path, capsys):
+def test_predict_cli_single_and_split(tiny_checkpoint, dataset, tmp_path, capsys):
     out = tmp_path / "one.png"
-    args = ["--checkpoint", str(tiny_checkpoint), "--image", str(ayna / "validation/inputs/star.png"), "--color", "teal", "--out", str(out)]
+    args = ["--checkpoint", str(tiny_checkpoint), "--image", str(first_input(dataset)), "--color", "teal", "--out", str(out)]
     assert predict.main(args) == 0 and Image.open(out).size == (128, 128)
-    assert predict.main(["--checkpoint", str(tiny_checkpoint), "--data", str(ayna / "validation"), "--out", str(tmp_path / "split")]) == 0
-    rows = json.loads((ayna / "validation" / "data.json").read_text())
+    assert predict.main(["--checkpoint", str(tiny_checkpoint), "--data", str(dataset / "validation"), "--out", str(tmp_path / "split")]) == 0
+    rows = json.loads((dataset / "validation" / "data.json").read_text())
     assert sorted(p.name for p in (tmp_path / "split").iterdir()) == sorted(r["output_image"] for r in rows)
 
 

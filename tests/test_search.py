@@ -48,7 +48,8 @@ def test_smoke_search_on_a_dataset_exports_the_best_trial_loadably(ray_session, 
 def test_a_diverging_trial_is_marked_and_never_best(ray_session, tmp_path, monkeypatch):
     from tune import search as module
 
-    monkeypatch.setattr(module, "FIRST_POINTS", [module.RECIPE | {"lr": 1e6}, module.RECIPE])
+    recipe = module.first_points()[0]
+    monkeypatch.setattr(module, "first_points", lambda: [recipe | {"lr": 1e6}, recipe])
     assert module.main(["--smoke-test", "--storage", str(tmp_path), "--name", "nan"]) == 0
     results = json.loads((tmp_path / "nan" / "results.json").read_text())
     absurd = [t for t in results["trials"] if t["lr"] == 1e6]
@@ -203,6 +204,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_sessio
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_job_submission_with_token_auth_against_a_local_head(tmp_path):
     gcs, dashboard, agent = free_port(), free_port(), free_port()
     home = tmp_path / "home"  # the head's home: with no --storage, the job's results go to its ~/ray_results

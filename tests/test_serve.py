@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from polycolor import synth
+from polycolor.data import REAL_PALETTE
 from polycolor.predict import Colorizer
 from polycolor.serve import ColorizeService, ServeConfig
 
@@ -35,10 +36,11 @@ REQUEST_TIMEOUT_S = 6  # the proxy's end-to-end limit: a request still unanswere
 def server(ray_session, tmp_path_factory):
     from ray import serve
 
-    from conftest import tiny_model
     from polycolor import checkpoint
 
-    path = checkpoint.write(tmp_path_factory.mktemp("serve") / "ckpt", tiny_model(), synth.REAL_PALETTE)
+    from conftest import tiny_model
+
+    path = checkpoint.write(tmp_path_factory.mktemp("serve") / "ckpt", tiny_model(), REAL_PALETTE)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
     cfg = ServeConfig(checkpoint=str(path), max_body_mb=LIMIT_MB, max_pixels=512 * 512, max_batch_size=8, batch_wait_s=0.05)
@@ -255,13 +257,14 @@ def test_demo_page_in_a_real_browser(server, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    from conftest import tiny_model
     from polycolor import checkpoint
+
+    from conftest import tiny_model
 
     model = tiny_model()
     with torch.no_grad():
         model.out.bias.fill_(10.0)  # paints every pixel: the colour the user picked must come back
-    path = checkpoint.write(tmp_path / "paint", model, synth.REAL_PALETTE)
+    path = checkpoint.write(tmp_path / "paint", model, REAL_PALETTE)
     serve.run(ColorizeService.options(ray_actor_options={"num_cpus": 0.5}).bind(asdict(ServeConfig(checkpoint=str(path)))),
               name="demo", route_prefix="/demo")  # fmt: skip
     options = webdriver.ChromeOptions()
@@ -333,7 +336,7 @@ def post_with_retries(client: httpx.Client, path: str, outline: bytes, tries: in
     form=st.sampled_from(["multipart", "json", "raw"]),
     content_type=st.sampled_from(["", "application/json", "text/plain", "multipart/form-data", "multipart/form-data; boundary=zz", "image/png"]),
 )
-def test_S2_fuzzed_requests_never_get_a_5xx(server, image, colour, form, content_type):
+def test_fuzzed_requests_never_get_a_5xx(server, image, colour, form, content_type):
     if form == "multipart":
         kwargs = {"files": {"image": ("f.png", image)}, "data": {"color": colour}}
     elif form == "json":
@@ -346,16 +349,16 @@ def test_S2_fuzzed_requests_never_get_a_5xx(server, image, colour, form, content
         assert set(answer.json()) == {"error"}
 
 
-def test_S6_internal_error_gives_a_generic_500_and_the_next_request_works(server, outline):
+def test_an_internal_error_gives_a_generic_500_and_the_next_request_works(server, outline):
     class Faulty(ColorizeService.func_or_class):  # a local class: pickled by value into the replica
         async def __init__(self, config):  # the model raises on one colour (not the health check's red)
             await super().__init__(config)
             colorize = self.colorizer.colorize_arrays
 
-            def faulty(outlines, colours):
-                if "#123456" in colours:
+            def faulty(outlines, cond):
+                if [0x12, 0x34, 0x56] in (cond * 255).round().int().tolist():  # the colour "#123456"
                     raise RuntimeError("forced failure in /secret/path/model.py")
-                return colorize(outlines, colours)
+                return colorize(outlines, cond)
 
             self.colorizer.colorize_arrays = faulty
 
@@ -366,7 +369,7 @@ def test_S6_internal_error_gives_a_generic_500_and_the_next_request_works(server
         assert client.post(f"{path}/colorize", files={"image": ("o.png", outline)}, data={"color": "red"}).status_code == 200
 
 
-def test_L2_a_request_over_the_timeout_gets_408_and_leaves_nothing_behind(server, outline):
+def test_a_request_over_the_timeout_gets_408_and_leaves_nothing_behind(server, outline):
     slow = {"max_batch_size": 64, "batch_wait_s": REQUEST_TIMEOUT_S + 4}  # a lone request waits past the timeout
     with deployed("slow", checkpoint=str(server["checkpoint"]), **slow) as path, httpx.Client(base_url=server["url"], timeout=60) as client:
         pids = alive_replica_pids("slow")
@@ -379,7 +382,7 @@ def test_L2_a_request_over_the_timeout_gets_408_and_leaves_nothing_behind(server
         assert alive_replica_pids("slow") == pids
 
 
-def test_L3_clients_that_disconnect_early_leave_no_stuck_slots(server, outline):
+def test_clients_that_disconnect_early_leave_no_stuck_slots(server, outline):
     big = png_bytes(Image.open(io.BytesIO(outline)).resize((512, 512)))
 
     async def abandon(after_s: float):
@@ -399,7 +402,7 @@ def test_L3_clients_that_disconnect_early_leave_no_stuck_slots(server, outline):
 
 
 @pytest.mark.slow
-def test_L5_a_replica_killed_under_load_is_replaced_and_a_retrying_client_always_succeeds(server, outline):
+def test_a_replica_killed_under_load_is_replaced_and_a_retrying_client_always_succeeds(server, outline):
     with deployed("victim", checkpoint=str(server["checkpoint"])) as path, httpx.Client(base_url=server["url"], timeout=30) as client:
         (victim,) = alive_replica_pids("victim")
         answers = []
@@ -413,7 +416,7 @@ def test_L5_a_replica_killed_under_load_is_replaced_and_a_retrying_client_always
 
 
 @pytest.mark.slow
-def test_L6_health_check_catches_a_wedged_model_and_the_replica_is_replaced(server, outline, tmp_path):
+def test_the_health_check_catches_a_wedged_model_and_the_replica_is_replaced(server, outline, tmp_path):
     marker = tmp_path / "wedged"
 
     class Wedgeable(ColorizeService.func_or_class):  # while ``marker`` exists, the model's forward hangs
@@ -446,7 +449,7 @@ def wedge_and_see_the_replica_replaced(name: str, cls, checks: dict, marker, ser
 
 
 @pytest.mark.slow
-def test_L6_a_wedged_model_thread_fails_the_health_check_and_the_replica_is_replaced(server, outline, tmp_path):
+def test_a_wedged_model_thread_fails_the_health_check_and_the_replica_is_replaced(server, outline, tmp_path):
     marker = tmp_path / "wedged"
 
     class WedgeableThread(ColorizeService.func_or_class):  # once ``marker`` exists, the model thread blocks while it does

@@ -17,6 +17,7 @@ from PIL import Image
 
 from polycolor import checkpoint, storage, synth
 from polycolor.checkpoint import CheckpointError
+from polycolor.data import REAL_PALETTE
 from polycolor.predict import Colorizer
 
 from conftest import free_port, png_bytes, tiny_model
@@ -47,7 +48,7 @@ def test_a_checkpoint_exported_to_a_bucket_loads_and_colours_exactly_as_the_loca
 def test_a_half_written_checkpoint_in_a_bucket_is_never_loaded(bucket, tiny_checkpoint, tmp_path):
     uri = bucket.uri("half/best")
     checkpoint.export(tiny_checkpoint, uri)
-    newer = checkpoint.write(tmp_path / "newer", tiny_model(seed=1), synth.REAL_PALETTE)
+    newer = checkpoint.write(tmp_path / "newer", tiny_model(seed=1), REAL_PALETTE)
     storage.upload([newer / checkpoint.WEIGHTS], uri)  # the writer died before config.json, which goes last
     with pytest.raises(CheckpointError, match=r"half/best/model\.safetensors\?\S+: sha256 does not match"):
         checkpoint.load(uri)

