@@ -30,43 +30,57 @@ def rgb_of(colours: Sequence[str], palette: Mapping[str, RGB]) -> torch.Tensor:
 
 
 class Conditioning(nn.Module):
-    """The base: a mode without a vocabulary that takes any colour string ``parse_color`` reads."""
+    """The base: a mode that takes any colour string ``parse_color`` reads, as (B, 3) RGB, and paints it."""
 
     name: ClassVar[str]
     extra_channels: ClassVar[int] = 0  # input channels added to the outline's one
-    needs_vocabulary: ClassVar[bool] = False
+    needs_vocabulary: ClassVar[bool] = False  # colours are known by name: an index into ``cfg.vocabulary``
 
     def __init__(self, cfg):
         super().__init__()
-        self.cfg = cfg
-        self.dim = cfg.cond_dim  # the FiLM vector's size; None: no FiLM
+        self.cfg, self.dim = cfg, cfg.cond_dim  # dim: the FiLM vector's size; None: no FiLM
+        self.index = {normalize_name(n): i for i, n in enumerate(cfg.vocabulary)}
 
     @staticmethod
     def vocabulary(palette: Mapping[str, RGB], named: Iterable[str] = ()) -> tuple[str, ...]:
-        """The names the mode must know before training: none, or the dataset's (and ``named`` colours)."""
+        """The names the mode must know before training, from the data's palette (and ``named`` colours)."""
         return ()
 
     @classmethod
     def check(cls, cfg) -> None:
         """ValueError for a model config the mode cannot be built from."""
+        if cls.needs_vocabulary and not cfg.vocabulary:
+            raise ValueError(f"conditioning {cls.name!r} needs a non-empty vocabulary of colour names")
 
     @classmethod
     def require(cls) -> None:
         """ImportError with the install command when the mode needs an extra that is missing."""
 
     @classmethod
+    def available(cls) -> bool:
+        try:
+            cls.require()
+        except ImportError:
+            return False
+        return True
+
+    @classmethod
     def model_fields(cls, text_encoder: str) -> dict:
-        """The ModelConfig fields this mode adds to a run's settings (loading what it must to know them)."""
+        """The ModelConfig fields the mode adds to a run's settings (loading what it must to know them)."""
         return {}
 
     def fit(self, palette: Mapping[str, RGB]) -> None:
-        """Set what the mode knows before training (its vocabulary's colours or embeddings) from ``palette``."""
+        """Learn before training what the mode knows of its vocabulary (colours, embeddings) from ``palette``."""
 
     def check_serving(self, load: bool = True) -> None:
-        """ValueError when serving would load something from outside this machine; ``load`` what it needs now."""
+        """ValueError when serving would load something from outside this machine; ``load`` it now."""
+
+    def tokens(self, colours: Sequence[str]) -> list[int]:
+        """The vocabulary index of each colour, -1 where it has none."""
+        return [self.index.get(normalize_name(check_phrase(c)), -1) for c in colours]
 
     def prepare(self, colours: Sequence[str], palette: Mapping[str, RGB]) -> torch.Tensor:
-        """Colour strings -> the condition tensor, here (B, 3) RGB; ValueError naming one this mode cannot paint."""
+        """Colour strings -> the condition tensor (B, ...); ValueError naming one this mode cannot paint."""
         return rgb_of(colours, palette)
 
     def forward(self, outline: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -78,17 +92,13 @@ class Conditioning(nn.Module):
         return cond.float()
 
     def advertise(self, palette: Mapping[str, RGB]) -> dict:
-        """What ``GET /colors`` says a client may send."""
-        return {
-            "conditioning": self.name, "palette": {n: list(rgb) for n, rgb in palette.items()},
-            "vocabulary": list(self.cfg.vocabulary), "any_css_name_or_hex": not self.needs_vocabulary,
-            "free_text_phrases": False,
-        }  # fmt: skip
+        """What ``GET /colors`` tells a client it may send."""
+        return {"conditioning": self.name, "palette": {n: list(rgb) for n, rgb in palette.items()}, "vocabulary": list(self.cfg.vocabulary),
+                "any_css_name_or_hex": not self.needs_vocabulary, "free_text_phrases": False}  # fmt: skip
 
 
 class Concat(Conditioning):
-    name = "concat"
-    extra_channels = 3
+    name, extra_channels = "concat", 3
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -107,27 +117,8 @@ class FiLMRGB(Conditioning):
         self.encode = nn.Sequential(nn.Linear(3, cfg.cond_dim), nn.SiLU(), nn.Linear(cfg.cond_dim, cfg.cond_dim))
 
 
-class Vocabulary(Conditioning):
-    """A mode that knows its colours by name: the index of a name in ``cfg.vocabulary``."""
-
-    needs_vocabulary = True
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.index = {normalize_name(n): i for i, n in enumerate(cfg.vocabulary)}
-
-    @classmethod
-    def check(cls, cfg) -> None:
-        if not cfg.vocabulary:
-            raise ValueError(f"conditioning {cls.name!r} needs a non-empty vocabulary of colour names")
-
-    def tokens(self, colours: Sequence[str]) -> list[int]:
-        """The vocabulary index of each colour, -1 where it has none."""
-        return [self.index.get(normalize_name(check_phrase(c)), -1) for c in colours]
-
-
-class Embedding(Vocabulary):
-    name = "embedding"
+class Embedding(Conditioning):
+    name, needs_vocabulary = "embedding", True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -138,24 +129,23 @@ class Embedding(Vocabulary):
     def vocabulary(palette, named=()):
         return tuple(sorted(palette))
 
-    def fit(self, palette: Mapping[str, RGB]) -> None:
-        """Record each vocabulary name's RGB (from ``palette``) for the mask head to paint."""
+    def fit(self, palette):
         self.rgb.copy_(rgb_of(self.cfg.vocabulary, palette))
 
     def prepare(self, colours, palette):
+        """(B,) vocabulary indices."""
         tokens = self.tokens(colours)
-        for colour, token in zip(colours, tokens):
-            if token < 0:
-                names = {n: palette.get(n, (0, 0, 0)) for n in self.cfg.vocabulary}
-                raise ValueError(f"colour {colour!r} is not in this checkpoint's vocabulary{suggestion(colour, names)}")
+        if -1 in tokens:
+            colour, names = colours[tokens.index(-1)], {n: palette.get(n, (0, 0, 0)) for n in self.cfg.vocabulary}
+            raise ValueError(f"colour {colour!r} is not in this checkpoint's vocabulary{suggestion(colour, names)}")
         return torch.tensor(tokens, dtype=torch.long)
 
     def paint(self, cond):
         return self.rgb[cond]
 
 
-class Text(Vocabulary):
-    name = "text"
+class Text(Conditioning):
+    name, needs_vocabulary = "text", True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -190,18 +180,16 @@ class Text(Vocabulary):
             text_encoders.load(self.cfg.text_encoder, local_only=True)
 
     @torch.no_grad()
-    def fit(self, palette: Mapping[str, RGB], ridge: float = 1e-5) -> None:
+    def fit(self, palette, ridge: float = 1e-5) -> None:
         """Embed the vocabulary (one encoder run each) and, for the mask head, solve the phrase -> colour map:
         ridge least squares from ``phrases`` (V, text_dim) to their RGB. SGD on it from image batches
         underfits (17 levels off after 3 epochs)."""
         self.phrases.copy_(text_encoders.load(self.cfg.text_encoder).embed(self.cfg.vocabulary))
-        if self.colour is None:
-            return
-        rgb = rgb_of(self.cfg.vocabulary, palette)
-        x = torch.cat([self.phrases, torch.ones(len(self.phrases), 1)], dim=1).double()
-        w = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype), x.T @ rgb.double())
-        self.colour.weight.copy_(w[:-1].T)
-        self.colour.bias.copy_(w[-1])
+        if self.colour is not None:
+            x = torch.cat([self.phrases, torch.ones(len(self.phrases), 1)], dim=1).double()
+            w = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype), x.T @ rgb_of(self.cfg.vocabulary, palette).double())
+            self.colour.weight.copy_(w[:-1].T)
+            self.colour.bias.copy_(w[-1])
 
     def prepare(self, colours, palette):
         """(B, text_dim): the saved embedding of a training phrase, the encoder's (cached) for any other."""

@@ -1,19 +1,40 @@
-"""What a training run and a search share before any trial starts: the dataset read once, the check that a
-run to continue was trained as asked, and a Ray to run on."""
+"""What a training run and a search share before any trial starts: their storage and preset flags, the
+dataset read once, the checks on where they write and that a run to continue was trained as asked, a Ray."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
 from polycolor import storage
-from polycolor.config import TrainConfig
+from polycolor.config import PRESETS, TrainConfig
 from polycolor.data import Split, check, read_split
 
 
-def read_dataset(data: str) -> tuple[Split, Split]:
-    """The checked training and validation splits of a dataset directory or URI, read once by the driver and
-    handed to every worker through the object store (no shared disk needed); ValueError says what is wrong."""
+def add_run_flags(parser: argparse.ArgumentParser, noun: str) -> None:
+    """--preset, --smoke-test, --storage and --resume, for a ``noun`` ("run" or "search")."""
+    parser.add_argument("--preset", choices=tuple(PRESETS), help="the settings to start from, which flags then change (default: recipe)")
+    parser.add_argument("--smoke-test", dest="preset", action="store_const", const="smoke", help="--preset smoke: a tiny model and data, two epochs")
+    parser.add_argument("--storage", help=f"local path or URI (s3://, gs://, file://) for the {noun}'s checkpoints, results and best/ "
+                        "(default ./runs; ~/ray_results inside a submitted Ray job)")  # fmt: skip
+    parser.add_argument("--resume", action="store_true", help=f"continue the {noun} STORAGE/NAME")
+
+
+def check_location(location: str, name: str, resume: bool, noun: str) -> None:
+    """ValueError unless ``location`` can be written and holds a ``noun`` called ``name`` exactly when resuming."""
+    storage.check_writable(location)
+    if storage.run_exists(location, name) != resume:
+        raise ValueError(f"--resume: no {noun} {name!r} under {location}" if resume else
+                         f"a {noun} {name!r} already exists under {location}; pass --resume to continue it or pick another --name")  # fmt: skip
+
+
+def read_dataset(data: str) -> tuple[Split, Split] | None:
+    """The checked training and validation splits of a dataset directory or URI (None for "synthetic"), read
+    once by the driver and handed to every worker through the object store (no shared disk needed);
+    ValueError says what is wrong."""
+    if data == "synthetic":
+        return None
     try:
         with storage.local_copy(data) as root:
             if not root.is_dir():

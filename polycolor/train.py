@@ -32,7 +32,7 @@ from polycolor.data import REAL_PALETTE, PolygonDataset, Split
 from polycolor.loop import evaluate, make_optimizer, metrics_from_sums, train_one_epoch
 from polycolor.metrics import SCORE, colour_line
 from polycolor.model import ConditionalUNet
-from polycolor.runs import init_ray, read_dataset, resume_config
+from polycolor.runs import add_run_flags, check_location, init_ray, read_dataset, resume_config
 from polycolor.synth import NAMED_COLORS, SyntheticDataset
 
 # ---------------------------------------------------------------------------------------------------
@@ -44,11 +44,6 @@ def palette_of(splits: tuple[Split, Split] | None) -> dict[str, RGB]:
     if splits is None:
         return dict(REAL_PALETTE)
     return splits[1].palette | splits[0].palette
-
-
-def vocabulary_of(cfg: TrainConfig, palette: dict[str, RGB], synthetic: bool) -> tuple[str, ...]:
-    """The names the mode must know: from the dataset's palette (on synthetic data: every CSS name too)."""
-    return MODES[cfg.model.conditioning].vocabulary(palette, NAMED_COLORS if synthetic else ())
 
 
 def build_model(cfg: TrainConfig, palette: dict[str, RGB], vocabulary: Sequence[str]) -> ConditionalUNet:
@@ -94,8 +89,9 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
 
     splits = ray.get(config["splits"]) if config["splits"] is not None else None
     palette = palette_of(splits)
+    vocabulary = MODES[cfg.model.conditioning].vocabulary(palette, NAMED_COLORS if splits is None else ())  # synthetic: CSS names too
     torch.manual_seed(cfg.data.seed)  # identical initialisation on every rank
-    model = build_model(cfg, palette, vocabulary_of(cfg, palette, synthetic=splits is None)).to(device)
+    model = build_model(cfg, palette, vocabulary).to(device)
     train_set, val_set = make_datasets(cfg, rank, world, model.cfg.vocabulary, splits)
 
     # 1. Data loaders. Synthetic data is already one shard per rank; a dataset gets a DistributedSampler.
@@ -234,12 +230,8 @@ def best_of(result) -> tuple[object, dict]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m polycolor.train", description="Train the conditional UNet on Ray Train.")
-    p.add_argument("--preset", choices=tuple(PRESETS), help="named settings that flags then change (default: recipe)")
-    p.add_argument("--smoke-test", dest="preset", action="store_const", const="smoke", help="--preset smoke: a tiny model and data, two epochs")
     add_flags(p, *SECTIONS.values())
-    p.add_argument("--storage", help="local path or URI (s3://, gs://, file://) for checkpoints and best/ "
-                   "(default ./runs; ~/ray_results inside a submitted Ray job)")  # fmt: skip
-    p.add_argument("--resume", action="store_true", help="continue the run STORAGE/NAME from its last checkpoint, as it was trained")
+    add_run_flags(p, "run")
     p.add_argument("--out", help="where to export best/: a directory or URI (default STORAGE/NAME)")
     return p.parse_args(argv)
 
@@ -252,12 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = preset(args.preset or "recipe").replace(**given).named()
         if args.resume:
             cfg = resume_config(location, cfg.run.name, PRESETS.get(args.preset, {}) | given, cfg)
-        splits = read_dataset(cfg.data.data) if cfg.data.data != "synthetic" else None
-        storage.check_writable(location)
-        exists = storage.run_exists(location, cfg.run.name)
-        if exists != args.resume:
-            raise ValueError(f"--resume: no run {cfg.run.name!r} under {location}" if args.resume else
-                             f"a run {cfg.run.name!r} already exists under {location}; pass --resume to continue it or pick another --name")  # fmt: skip
+        splits = read_dataset(cfg.data.data)
+        check_location(location, cfg.run.name, args.resume, "run")
     except ValueError as err:  # StorageError is one
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ results.json, results.csv and curves.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -20,38 +21,38 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from polycolor import checkpoint, storage
 from polycolor.conditioning import MODES
-from polycolor.config import FIELDS, LOSSES, PRESETS, SECTIONS, TrainConfig, add_flags, preset
+from polycolor.config import FIELDS, LOSSES, PRESETS, SECTIONS, Settings, TrainConfig, add_flags, preset, setting
 from polycolor.metrics import SCORE
-from polycolor.runs import init_ray, read_dataset
+from polycolor.runs import add_run_flags, check_location, init_ray, read_dataset
 from polycolor.train import build_trainer, worker_resources
 
-# Settings a search fixes unless told (a laptop-sized budget); the searched ones are TrainConfig's own.
+
+@dataclass(frozen=True)
+class SearchSettings(Settings):
+    num_samples: int = setting(8, "trials in total (3 with --smoke-test unless given)", lambda v: v >= 1, ">= 1")
+    gpus_per_trial: float | None = setting(None, "GPUs per trial, one per worker (default: when the cluster has GPUs)", type=float)
+    startup_minutes: float = setting(5.0, "a trial whose workers cannot be placed within this long fails, naming what holds the cluster",
+                                     lambda v: v > 0, "> 0")  # fmt: skip
+    max_trial_minutes: float = setting(60.0, "a trial still running after this long fails and the search goes on; 0: no limit", lambda v: v >= 0, ">= 0")
+
+
+# Training settings a search fixes unless told (a laptop-sized budget), their flags' names here, what it searches.
 SEARCH_DEFAULTS = dict(epochs=4, train_pairs=1500, threads=1, max_failures=1)
+FLAGS = {"epochs": "--max-epochs", "workers": "--workers-per-trial", "threads": "--cpus-per-worker"}
 SEARCHED = ("lr", "loss", "conditioning", "batch_size", "width")
-
-
-def installed(mode: str) -> bool:
-    try:
-        MODES[mode].require()
-    except ImportError:
-        return False
-    return True
 
 
 def search_space() -> dict:
     from ray import tune
 
-    return {
-        "lr": tune.loguniform(1e-4, 1e-2),
-        "loss": tune.choice(list(LOSSES)),
-        "conditioning": tune.choice([mode for mode in MODES if installed(mode)]),
-        "batch_size": tune.choice([8, 16, 32]),
-        "width": tune.choice([8, 16]),
-    }
+    installed = [name for name, mode in MODES.items() if mode.available()]
+    return {"lr": tune.loguniform(1e-4, 1e-2), "loss": tune.choice(list(LOSSES)), "conditioning": tune.choice(installed),
+            "batch_size": tune.choice([8, 16, 32]), "width": tune.choice([8, 16])}  # fmt: skip
 
 
 def first_points() -> list[dict]:
@@ -229,17 +230,15 @@ def trial_function(splits=None, cluster: dict | None = None):
     return tune.with_resources(tune.with_parameters(trainable, splits=splits), placement)
 
 
-def param_space(name: str, location: str, base: dict, limits: dict, space: dict | None = None) -> dict:
+def param_space(name: str, location: str, base: dict, limits: SearchSettings, space: dict | None = None) -> dict:
     """The search space (or ``space``) plus what every trial needs: the fixed ``base`` config, where to write,
     and its ``limits`` (startup_minutes, max_trial_minutes)."""
-    return (space or search_space()) | {"base": base, "storage": location, "search_name": name} | limits
-
-
-LIMITS = {"startup_minutes": 5.0, "max_trial_minutes": 60.0}
+    bounds = {"startup_minutes": limits.startup_minutes, "max_trial_minutes": limits.max_trial_minutes}
+    return (space or search_space()) | {"base": base, "storage": location, "search_name": name} | bounds
 
 
 def make_tuner(name: str, location: str, base: dict, num_samples: int, concurrency: int, searcher=None, scheduler=None,
-               callbacks: Sequence = (), limits: dict = LIMITS, space: dict | None = None, splits=None):  # fmt: skip
+               callbacks: Sequence = (), limits: SearchSettings = SearchSettings(), space: dict | None = None, splits=None):  # fmt: skip
     """A Tuner over ``trainable``: the search space (or ``space``), the fixed ``base`` config, a searcher and scheduler.
     Whatever an ended trial held is released by the search itself (``ReleaseEndedTrials``)."""
     import ray
@@ -259,19 +258,10 @@ def make_tuner(name: str, location: str, base: dict, num_samples: int, concurren
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tune.search", description="Search polycolor's hyperparameters with Ray Tune and Optuna.")
-    p.add_argument("--preset", choices=tuple(PRESETS), help="the settings every trial starts from, before the searched ones (default: recipe)")
-    p.add_argument("--smoke-test", dest="preset", action="store_const", const="smoke", help="--preset smoke: a tiny search, 3 trials unless --num-samples")
-    p.add_argument("--num-samples", type=int, default=None, help="trials in total (default 8; 3 with --smoke-test)")
     add_flags(p, *SECTIONS.values(), only=("data", "train_pairs", "epochs", "workers", "threads", "max_failures", "name", "seed", "wandb"),
-              defaults=SEARCH_DEFAULTS, flags={"epochs": "--max-epochs", "workers": "--workers-per-trial", "threads": "--cpus-per-worker"})  # fmt: skip
-    p.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per trial, split over its workers (default: 1 per worker when the cluster has GPUs)")
-    p.add_argument("--startup-minutes", type=float, default=LIMITS["startup_minutes"],
-                   help="a trial whose workers cannot be placed within this long fails, naming what holds the cluster (default 5)")
-    p.add_argument("--max-trial-minutes", type=float, default=LIMITS["max_trial_minutes"],
-                   help="a trial still running after this long fails and the search goes on; 0: no limit (default 60)")
-    p.add_argument("--storage", help="local path or URI (s3://, gs://, file://) for trials, results and best/ "
-                   "(default ./runs; ~/ray_results inside a submitted Ray job)")
-    p.add_argument("--resume", action="store_true", help="continue the search STORAGE/NAME")
+              defaults=SEARCH_DEFAULTS, flags=FLAGS)  # fmt: skip
+    add_flags(p, SearchSettings)
+    add_run_flags(p, "search")
     return p.parse_args(argv)
 
 
@@ -281,25 +271,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = given.pop("name", None) or f"polycolor-search-{time.strftime('%Y%m%d-%H%M%S')}"
     wandb = given.pop("wandb", False)  # one wandb run per trial, logged by the search, not by the trial's workers
     location = storage.resolve(args.storage or storage.default())
-    num_samples = args.num_samples if args.num_samples is not None else 3 if args.preset == "smoke" else 8
-    if args.gpus_per_trial is not None:
-        given["gpu"] = args.gpus_per_trial > 0
     try:
+        limits = SearchSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SearchSettings) if hasattr(args, f.name)})
+        if limits.gpus_per_trial is not None:
+            given["gpu"] = limits.gpus_per_trial > 0
         base = TrainConfig().replace(**SEARCH_DEFAULTS).replace(**PRESETS[args.preset or "recipe"]).replace(**given, wandb=False)
-        if num_samples < 1:
-            raise ValueError("--num-samples must be >= 1")
-        if args.startup_minutes <= 0 or args.max_trial_minutes < 0:
-            raise ValueError("--startup-minutes must be > 0 and --max-trial-minutes >= 0")
-        splits = read_dataset(base.data.data) if base.data.data != "synthetic" else None
-        storage.check_writable(location)
+        splits = read_dataset(base.data.data)
+        check_location(location, name, args.resume, "search")
     except ValueError as err:  # StorageError is one
         print(f"error: {err}", file=sys.stderr)
         return 2
-    exists = storage.run_exists(location, name)
-    if exists != args.resume:
-        why = f"no search {name!r} under {location} to resume" if args.resume else f"a search {name!r} already exists under {location}; pass --resume or another --name"
-        print(f"error: {why}", file=sys.stderr)
-        return 2
+    num_samples = limits.num_samples if hasattr(args, "num_samples") or args.preset != "smoke" else 3
 
     import ray
     from ray import tune
@@ -321,7 +303,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not os.environ.get("WANDB_API_KEY"):
             os.environ.setdefault("WANDB_MODE", "offline")
         callbacks.append(WandbLoggerCallback(project="polycolor", group=name, excludes=["base"]))
-    limits = {"startup_minutes": args.startup_minutes, "max_trial_minutes": args.max_trial_minutes}
     if args.resume:
         space = param_space(name, location, base.to_dict(), limits)
         tuner = tune.Tuner.restore(storage.join(location, name), trial_function(splits, resources), resume_errored=True, param_space=space)
