@@ -49,10 +49,16 @@ def dataset(request, synth_dir) -> Path:
 RAY_FIXTURES = {"ray_session", "server", "net_cluster", "hosts"}
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests that use a Ray fixture ``ray``; leave ``slow`` tests out unless ``-m`` names them
+    (``pytest -m slow`` runs them, ``pytest`` and ``pytest -m "not ray"`` do not)."""
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
+    if "slow" not in config.option.markexpr:
+        slow = [item for item in items if item.get_closest_marker("slow")]
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
 def free_port() -> int:
