@@ -150,7 +150,3 @@ class ConditionalUNet(nn.Module):
         """(B, 3, H, W) image in [0, 1]; the raw logits with ``logits=True`` (for losses, through DDP)."""
         out = self.logits(outline, cond)
         return out if logits else self.render(out, cond, hard)
-
-
-def num_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

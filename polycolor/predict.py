@@ -39,10 +39,6 @@ class Colorizer:
     def image_size(self) -> int:
         return self.model.cfg.image_size
 
-    @property
-    def conditioning(self) -> str:
-        return self.model.cfg.conditioning
-
     def condition(self, colours: Sequence[str]) -> torch.Tensor:
         """The conditioning mode's tensor for ``colours`` (CPU); ValueError naming one this checkpoint cannot paint.
         The ``text`` mode takes any phrase: the model reads the colour from it."""
