@@ -1,7 +1,22 @@
-"""Colour names, hex codes and ``rgb(...)`` strings -> RGB triples.
+"""Colour names, modifiers and notations -> RGB triples.
 
-The CSS/X11 table comes from Pillow's ``ImageColor``. A dataset's own palette (the RGB its targets
-really use, e.g. the real data's ``green`` is (0, 255, 0), not CSS (0, 128, 0)) wins over the table.
+Names, first match wins: a dataset's own palette (the RGB its targets really use: the real data's
+``green`` is (0, 255, 0), not CSS (0, 128, 0)), the CSS/X11 names (Pillow's ``ImageColor``), then the
+949 names of the XKCD colour survey as matplotlib ships them ("navy blue", "burgundy", "blood red").
+Names match case-, space- and punctuation-insensitively, after a leading article ("a deep red").
+
+Notations: ``#rgb``, ``#rgba``, ``#rrggbb``, ``#rrggbbaa``; ``rgb()``/``rgba()`` in 0-255 or percentages;
+``hsl()``/``hsla()``. An alpha below 1 is composited over white, as a painted image would show it.
+
+Modifiers, before any known name, act in OKLCH (OKLab's lightness L in [0, 1], chroma C, hue h), so the
+hue stays (chroma is lowered until the colour fits sRGB):
+
+    light   L moves 35% of the way to white, C x 0.85       dark    L x 0.7
+    pale    L moves 50% of the way to white, C x 0.5        deep    L x 0.85, C x 1.2
+    bright  L moves 10% of the way to white, C x 1.3        very    the next modifier twice
+    X-ish   ("reddish", "bluish") 30% of the way to X in OKLab; alone ("greenish"), X at 70% chroma
+
+A name the lexicons hold wins over its modifier reading: "dark red" is the survey's (132, 0, 0).
 
     >>> parse_color("Light Blue")
     (173, 216, 230)
@@ -11,43 +26,157 @@ really use, e.g. the real data's ``green`` is (0, 255, 0), not CSS (0, 128, 0)) 
 
 from __future__ import annotations
 
+import colorsys
 import difflib
 import re
 from collections.abc import Mapping
 
+import numpy as np
 from PIL import ImageColor
 
 RGB = tuple[int, int, int]
 
 MAX_COLOR_LENGTH = 64
-_HEX = re.compile(r"#(?:[0-9a-f]{3}|[0-9a-f]{6})")
-_RGB_FUNC = re.compile(r"rgb\(\s*(\d{1,3})\s*,\s*(\d{1,3})\s*,\s*(\d{1,3})\s*\)")
 CSS_COLORS: dict[str, RGB] = {name: ImageColor.getrgb(name)[:3] for name in ImageColor.colormap}
+_ARTICLE = re.compile(r"^(?:a|an|the)\s+")
+_HEX = re.compile(r"#([0-9a-f]{3,4}|[0-9a-f]{6}|[0-9a-f]{8})")
+_NUMBER = r"\s*([0-9]*\.?[0-9]+)(%?)\s*"
+_FUNC = re.compile(rf"(rgba?|hsla?)\({_NUMBER}(?:deg)?[,\s]{_NUMBER}[,\s]{_NUMBER}(?:[,/]{_NUMBER})?\)")
 
 
 def normalize_name(text: str) -> str:
-    """Case-, space-, hyphen- and underscore-insensitive key: "Light-Blue" -> "lightblue"."""
-    return re.sub(r"[\s_\-]+", "", text.strip().lower())
+    """The lookup key of a name: lower case, no leading article, letters and digits only ("A Light-Blue" -> "lightblue")."""
+    return re.sub(r"[^a-z0-9]", "", _ARTICLE.sub("", text.strip().lower()))
+
+
+def _xkcd() -> dict[str, RGB]:
+    from matplotlib.colors import XKCD_COLORS
+
+    return {name.removeprefix("xkcd:"): ImageColor.getrgb(value)[:3] for name, value in XKCD_COLORS.items()}
+
+
+XKCD_COLORS: dict[str, RGB] = _xkcd()
+LEXICONS = {"css": CSS_COLORS, "xkcd": XKCD_COLORS}  # in the order they are consulted, after a dataset's palette
+# key -> (name as written, RGB); an earlier lexicon wins a key both hold
+LEXICON: dict[str, tuple[str, RGB]] = {normalize_name(n): (n, rgb) for table in reversed(LEXICONS.values()) for n, rgb in table.items()}
 
 
 def parse_color(text: object, palette: Mapping[str, RGB] | None = None) -> RGB:
     """Return the (r, g, b) that ``text`` names; ValueError quoting it and suggesting names if unknown."""
     check_phrase(text)
-    key = normalize_name(text)
-    own = {normalize_name(name): tuple(rgb) for name, rgb in (palette or {}).items()}
-    if key in own:
-        return own[key]
-    if key in CSS_COLORS:
-        return CSS_COLORS[key]
-    compact = text.strip().lower().replace(" ", "")
-    if _HEX.fullmatch(compact):
-        return ImageColor.getrgb(compact)[:3]
-    if match := _RGB_FUNC.fullmatch(compact):
-        rgb = tuple(int(v) for v in match.groups())
-        if max(rgb) > 255:
-            raise ValueError(f"colour {text!r}: each rgb() component must be 0-255")
+    if (rgb := notation(text)) is not None or (rgb := lookup(text, palette)) is not None:
         return rgb
+    words = _ARTICLE.sub("", text.strip().lower()).replace("-", " ").split()
+    for split in range(len(words) - 1, 0, -1):  # the most modifiers before a known name: "very light" + "blue"
+        base = lookup(" ".join(words[split:]), palette)
+        if base is not None and all(is_modifier(w, palette) for w in words[:split]):
+            return modified(base, words[:split], palette)
+    if len(words) == 1 and (tint := ish(words[0], palette)) is not None:  # "greenish" alone
+        return from_oklab(scale_chroma(to_oklab(tint), 0.7))
     raise ValueError(f"unknown colour {text!r}{suggestion(text, palette)}")
+
+
+def lookup(name: str, palette: Mapping[str, RGB] | None = None) -> RGB | None:
+    key = normalize_name(name)
+    own = {normalize_name(n): tuple(rgb) for n, rgb in (palette or {}).items()}
+    return own.get(key) or (LEXICON[key][1] if key in LEXICON else None)
+
+
+def notation(text: str) -> RGB | None:
+    """The RGB of a hex, rgb()/rgba() or hsl()/hsla() string, None if it is none of them; ValueError if malformed."""
+    compact = text.strip().lower()
+    if match := _HEX.fullmatch(compact.replace(" ", "")):
+        digits = match.group(1)
+        if len(digits) <= 4:
+            digits = "".join(2 * d for d in digits)
+        values = [int(digits[i : i + 2], 16) / 255 for i in range(0, len(digits), 2)]
+        return over_white(values[:3], values[3] if len(values) == 4 else 1.0)
+    if not (match := _FUNC.fullmatch(compact)):
+        if compact.startswith(("rgb", "hsl", "#")):
+            raise ValueError(f"colour {text!r} is not a valid #hex, rgb(r, g, b) or hsl(h, s%, l%)")
+        return None
+    kind, groups = match.group(1), match.groups()[1:]
+    values, percent = [float(v) if v else None for v in groups[0::2]], [p == "%" for p in groups[1::2]]
+    alpha = 1.0 if values[3] is None else values[3] / 100 if percent[3] else values[3]
+    if kind.startswith("rgb"):
+        channels = [v / 100 if p else v / 255 for v, p in zip(values[:3], percent[:3])]
+    else:
+        if not (percent[1] and percent[2]):
+            raise ValueError(f"colour {text!r}: hsl() takes saturation and lightness in percent, e.g. hsl(120, 100%, 50%)")
+        channels = list(colorsys.hls_to_rgb(values[0] % 360 / 360, values[2] / 100, values[1] / 100))
+    if max(channels) > 1 or alpha > 1:
+        raise ValueError(f"colour {text!r}: each component must be 0-255 (or 0-100%), alpha 0-1")
+    return over_white(channels, alpha)
+
+
+def over_white(channels, alpha: float) -> RGB:
+    return tuple(int(round((alpha * c + 1 - alpha) * 255)) for c in channels)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Modifiers in OKLab (Björn Ottosson's matrices): lightness and chroma change, hue stays.
+
+_M1 = np.array([[0.4122214708, 0.5363325363, 0.0514459929], [0.2119034982, 0.6806995451, 0.1073969566], [0.0883024619, 0.2817188376, 0.6299787005]])
+_M2 = np.array([[0.2104542553, 0.7936177850, -0.0040720468], [1.9779984951, -2.4285922050, 0.4505937099], [0.0259040371, 0.7827717662, -0.8086757660]])
+STEPS = {  # modifier -> (share of the way to white, lightness factor, chroma factor)
+    "light": (0.35, 1.0, 0.85), "dark": (0.0, 0.7, 1.0), "pale": (0.5, 1.0, 0.5), "deep": (0.0, 0.85, 1.2), "bright": (0.1, 1.0, 1.3),
+}  # fmt: skip
+
+
+def to_oklab(rgb: RGB) -> np.ndarray:
+    c = np.asarray(rgb, dtype=float) / 255
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    return _M2 @ np.cbrt(_M1 @ linear)
+
+
+def from_oklab(lab: np.ndarray) -> RGB:
+    """The sRGB colour of ``lab``, its chroma lowered (hue and lightness kept) until it fits."""
+    for _ in range(30):
+        linear = np.linalg.solve(_M1, np.linalg.solve(_M2, lab) ** 3)
+        if linear.min() >= -1e-4 and linear.max() <= 1 + 1e-4:
+            break
+        lab = scale_chroma(lab, 0.9)
+    linear = np.clip(linear, 0, 1)
+    c = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+    return tuple(int(round(v * 255)) for v in c)
+
+
+def scale_chroma(lab: np.ndarray, factor: float) -> np.ndarray:
+    return np.array([lab[0], lab[1] * factor, lab[2] * factor])
+
+
+def ish(word: str, palette: Mapping[str, RGB] | None = None) -> RGB | None:
+    """The colour X of "Xish" ("reddish", "bluish", "orangeish"), or None."""
+    if not word.endswith("ish") or len(word) < 5:
+        return None
+    stem = word[:-3]
+    for base in (stem, stem[:-1], stem + "e"):  # reddish -> red, bluish -> blue
+        if (rgb := lookup(base, palette)) is not None:
+            return rgb
+    return None
+
+
+def is_modifier(word: str, palette: Mapping[str, RGB] | None = None) -> bool:
+    return word in STEPS or word == "very" or ish(word, palette) is not None
+
+
+def modified(rgb: RGB, modifiers: list[str], palette: Mapping[str, RGB] | None = None) -> RGB:
+    """``rgb`` under ``modifiers``, the one nearest the name first; "very" repeats the modifier after it."""
+    steps, times = [], 1
+    for word in modifiers:
+        if word == "very":
+            times += 1
+        else:
+            steps, times = steps + [word] * times, 1
+    lab = to_oklab(rgb)
+    for word in reversed(steps):
+        if word in STEPS:
+            to_white, lightness, chroma = STEPS[word]
+            light = lab[0] * lightness
+            lab = np.array([light + (1 - light) * to_white, lab[1] * chroma, lab[2] * chroma])
+        else:
+            lab = lab + 0.3 * (to_oklab(ish(word, palette)) - lab)
+    return from_oklab(lab)
 
 
 def check_phrase(text: object) -> str:
@@ -58,16 +187,23 @@ def check_phrase(text: object) -> str:
         raise ValueError("colour is empty: expected a name such as 'red', '#ff8800' or 'rgb(255,136,0)'")
     if len(text) > MAX_COLOR_LENGTH:
         raise ValueError(f"colour is {len(text)} characters long; at most {MAX_COLOR_LENGTH} are accepted")
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text):
+        raise ValueError(f"colour {text!r} holds control characters; expected a name, #hex, rgb() or hsl()")
     return text
 
 
 def suggestion(text: str, palette: Mapping[str, RGB] | None = None) -> str:
-    """'; did you mean ...?' for the names closest to ``text``, or a hint on the accepted forms."""
-    names = {normalize_name(n): n for n in CSS_COLORS} | {normalize_name(n): n for n in (palette or {})}
-    close = difflib.get_close_matches(normalize_name(text), names, n=3, cutoff=0.6)
+    """'; did you mean ...?' for the three names nearest ``text``: those sharing most of its words (a phrase's
+    colour words lead to names of that colour), then the closest spellings; or a hint on the accepted forms."""
+    names = {k: n for k, (n, _) in LEXICON.items()} | {normalize_name(n): n for n in (palette or {})}
+    words = set(_ARTICLE.sub("", text.strip().lower()).replace("-", " ").split())
+    key = normalize_name(text)
+    ranked = sorted(((len(words & set(n.lower().split())), -len(n.split()), difflib.SequenceMatcher(None, key, k).ratio(), k)
+                     for k, n in names.items() if words & set(n.lower().split())), reverse=True)[:3]  # fmt: skip
+    close = [k for *_, k in ranked] + [k for k in difflib.get_close_matches(key, names, n=3, cutoff=0.6) if k not in {k for *_, k in ranked}]
     if close:
-        return "; did you mean " + ", ".join(repr(names[c]) for c in close) + "?"
-    return "; expected a colour name (e.g. 'red', 'light blue'), '#rrggbb' or 'rgb(r, g, b)'"
+        return "; did you mean " + ", ".join(repr(names[c]) for c in close[:3]) + "?"
+    return "; expected a colour name (e.g. 'red', 'navy blue', 'light teal'), '#rrggbb', 'rgb(r, g, b)' or 'hsl(h, s%, l%)'"
 
 
 # The words CSS names are made of, for ``phrase``; a compound that is one word stays one ("goldenrod").
