@@ -1,13 +1,16 @@
-"""Compare the conditioning modes at one training budget and seed, on seen colours, unseen names and paraphrases.
+"""Compare the conditioning modes at one training budget and seed, on seen colours, unseen names and phrases.
 
-    python bench/conditioning.py [--epochs 3] [--pairs 2000] [--out bench/results/conditioning]
+    python bench/conditioning.py [--epochs 3] [--pairs 2000] [--out bench/results/conditioning]   # pip install -e '.[bench]'
 
-Every run trains with the plain-PyTorch core of ``polycolor.train`` (no Ray: the comparison is about the
+Every run trains with the plain-PyTorch core (``polycolor.loop``; no Ray: the comparison is about the
 model) on the same synthetic pairs, whose colours are CSS names minus a held-out set. Each run is then
 scored on fresh shapes in: seen colour names; "blue" alone (where the published FiLM+CLIP model failed);
-held-out CSS names; and paraphrases no colour table knows ("crimson red", "a deep red"). A mode that
-cannot take a colour (``embedding`` outside its vocabulary, RGB modes given a phrase no table parses)
-scores n/a: that is the answer, not a gap. Prints a markdown table, writes results.json.
+held-out CSS names; paraphrases of CSS names ("crimson red", "a deep red"), scored against the CSS colour;
+and held-out phrases that no lexicon holds ("fire truck red"), scored against the reference RGBs below. A
+mode that cannot take a colour (``embedding`` outside its vocabulary, RGB modes given a phrase no lexicon
+parses) scores n/a: that is the answer, not a gap. The colour error is the mean absolute channel error
+inside the polygon in 8-bit levels; CIEDE2000 compares each image's mean colour there with the truth's.
+Prints a markdown table, writes results.json.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from skimage.color import deltaE_ciede2000, rgb2lab
 from torch.utils.data import DataLoader
 
 from polycolor import checkpoint, synth, text
@@ -44,7 +49,11 @@ RUNS = [  # (label, TrainConfig overrides): ours first, then the published desig
     ("text, rgb head, l1, lr 1e-4 (published FiLM)", dict(conditioning="text", head="rgb", loss="l1", lr=1e-4)),
     ("text, rgb head, l1, lr 3e-3", dict(conditioning="text", head="rgb", loss="l1")),
 ]
-SETS = ("seen", "blue", "unseen names", "paraphrases")
+# Phrases no lexicon holds, with common reference RGBs (the named things' usual colour values).
+PHRASES = {"fire truck red": "#ce2029", "school bus yellow": "#ffd800", "coca cola red": "#f40009", "denim jeans blue": "#1560bd",
+           "emerald gemstone": "#50c878", "ruby gemstone": "#e0115f", "sapphire gemstone": "#0f52ba", "canary bird yellow": "#ffff99",
+           "halloween pumpkin": "#ff7518", "chocolate bar brown": "#7b3f00"}  # fmt: skip
+SETS = ("seen", "blue", "unseen names", "paraphrases", "held-out phrases")
 
 
 def training_phrases() -> tuple[str, ...]:
@@ -52,7 +61,7 @@ def training_phrases() -> tuple[str, ...]:
 
 
 def renamed(names: dict[str, str], n: int, seed: int) -> Split:
-    """``n`` fresh pairs coloured by the CSS names ``names`` maps to, labelled with the keys (the phrases)."""
+    """``n`` fresh pairs coloured by the colours (CSS names or #hex) ``names`` maps to, labelled with its keys."""
     keys = list(names)
     split = synth.generate(n, seed=seed, colors=[names[k] for k in keys])
     by_css = {names[k]: k for k in keys}
@@ -66,6 +75,7 @@ def eval_sets(n: int) -> dict[str, Split]:
         "blue": renamed({"blue": "blue"}, n // 2, seed=102),
         "unseen names": renamed({phrase(c): c for c in HELD_OUT}, n, seed=103),
         "paraphrases": renamed(PARAPHRASES, n, seed=104),
+        "held-out phrases": renamed(PHRASES, n, seed=105),
     }
 
 
@@ -91,8 +101,10 @@ def score(path: Path, sets: dict[str, Split]) -> dict[str, dict | None]:
     scores = {}
     for name, split in sets.items():
         try:
-            metrics = evaluate_split(colorizer, split)[0]
-            scores[name] = {k: metrics[k] for k in ("pixel_exact", "iou", "color_error")}
+            metrics, per, _ = evaluate_split(colorizer, split)
+            inside, true = (np.stack([per[f"{what}_{c}"] for c in "rgb"], axis=1) / 255 for what in ("inside", "true"))  # (N, 3) each
+            ciede = float(deltaE_ciede2000(rgb2lab(inside[None]), rgb2lab(true[None])).mean())
+            scores[name] = {k: metrics[k] for k in ("pixel_exact", "iou", "color_error")} | {"ciede2000": ciede}
         except ValueError as err:  # this mode cannot take these colours at all
             scores[name] = None
             print(f"  {name}: n/a ({str(err).splitlines()[0][:90]})")
@@ -100,13 +112,13 @@ def score(path: Path, sets: dict[str, Split]) -> dict[str, dict | None]:
 
 
 def table(results: list[dict]) -> str:
-    head = "| mode | " + " | ".join(f"{s}: exact / IoU / colour err" for s in SETS) + " |"
+    head = "| mode | " + " | ".join(f"{s}: exact / IoU / colour err / ΔE00" for s in SETS) + " |"
     lines = [head, "|" + "---|" * (len(SETS) + 1)]
     for r in results:
         cells = []
         for s in SETS:
             m = r["scores"][s]
-            cells.append("n/a" if m is None else f"{m['pixel_exact']:.4f} / {m['iou']:.4f} / {m['color_error'] * 255:.1f}")
+            cells.append("n/a" if m is None else f"{m['pixel_exact']:.4f} / {m['iou']:.4f} / {m['color_error'] * 255:.1f} / {m['ciede2000']:.1f}")
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -8,8 +8,8 @@ mask head paints. A new mode is one class here plus its line in ``MODES``.
     concat      (B, 3) RGB in [0, 1], appended as 3 constant input channels (the published recommendation)
     film        (B, 3) RGB in [0, 1] -> MLP -> FiLM vector
     embedding   (B,) index into a closed vocabulary of colour names -> learned embedding -> FiLM vector
-    text        (B, text_dim) frozen-encoder embedding of any phrase (``polycolor.text``) -> MLP -> FiLM vector;
-                the mask head reads the colour from it too, by a linear map solved on the training phrases
+    text        (B, text_dim + 3) frozen-encoder embedding of any phrase (``polycolor.text``) -> MLP -> FiLM vector,
+                and the phrase's RGB for the mask head: from the lexicons, else from the embedding's nearest names
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from polycolor import text as text_encoders
-from polycolor.colors import RGB, check_phrase, normalize_name, parse_color, phrase, suggestion
+from polycolor.colors import LEXICONS, RGB, STEPS, check_phrase, normalize_name, parse_color, phrase, suggestion
 
 
 def rgb_of(colours: Sequence[str], palette: Mapping[str, RGB]) -> torch.Tensor:
@@ -35,6 +35,7 @@ class Conditioning(nn.Module):
     name: ClassVar[str]
     extra_channels: ClassVar[int] = 0  # input channels added to the outline's one
     needs_vocabulary: ClassVar[bool] = False  # colours are known by name: an index into ``cfg.vocabulary``
+    reads_lexicons: ClassVar[bool] = True  # takes any colour ``parse_color`` reads, not only its vocabulary's
 
     def __init__(self, cfg):
         super().__init__()
@@ -92,9 +93,12 @@ class Conditioning(nn.Module):
         return cond.float()
 
     def advertise(self, palette: Mapping[str, RGB]) -> dict:
-        """What ``GET /colors`` tells a client it may send."""
+        """What ``GET /colors`` tells a client it may send: any name of the palette and the lexicons, with
+        modifiers and notations (``polycolor.colors``), or only the vocabulary's names."""
+        lexicons = ["palette", *LEXICONS] if self.reads_lexicons else []
         return {"conditioning": self.name, "palette": {n: list(rgb) for n, rgb in palette.items()}, "vocabulary": list(self.cfg.vocabulary),
-                "any_css_name_or_hex": not self.needs_vocabulary, "free_text_phrases": False}  # fmt: skip
+                "any_css_name_or_hex": bool(lexicons), "free_text_phrases": False, "lexicons": lexicons,
+                "modifiers": [*STEPS, "very", "-ish"] if lexicons else [], "notations": ["#hex", "rgb()", "hsl()"] if lexicons else []}  # fmt: skip
 
 
 class Concat(Conditioning):
@@ -118,7 +122,7 @@ class FiLMRGB(Conditioning):
 
 
 class Embedding(Conditioning):
-    name, needs_vocabulary = "embedding", True
+    name, needs_vocabulary, reads_lexicons = "embedding", True, False
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -152,8 +156,6 @@ class Text(Conditioning):
         # The frozen encoder's embeddings of the vocabulary: saved with the weights, never trained.
         self.register_buffer("phrases", torch.zeros(len(cfg.vocabulary), cfg.text_dim))
         self.encode = nn.Sequential(nn.Linear(cfg.text_dim, cfg.cond_dim), nn.SiLU(), nn.Linear(cfg.cond_dim, cfg.cond_dim))
-        # Phrase embedding -> RGB, solved by ``fit`` rather than trained: every training phrase's colour is known.
-        self.colour = nn.Linear(cfg.text_dim, 3).requires_grad_(False) if cfg.head == "mask" else None
 
     @staticmethod
     def vocabulary(palette, named=()):
@@ -177,36 +179,41 @@ class Text(Conditioning):
         self.require()
         text_encoders.check_local(self.cfg.text_encoder)
         if load:
-            text_encoders.load(self.cfg.text_encoder, local_only=True)
+            text_encoders.load(self.cfg.text_encoder, local_only=True).lexicon()
 
     @torch.no_grad()
-    def fit(self, palette, ridge: float = 1e-5) -> None:
-        """Embed the vocabulary (one encoder run each) and, for the mask head, solve the phrase -> colour map:
-        ridge least squares from ``phrases`` (V, text_dim) to their RGB. SGD on it from image batches
-        underfits (17 levels off after 3 epochs)."""
+    def fit(self, palette) -> None:
+        """Embed the vocabulary, one encoder run per phrase."""
         self.phrases.copy_(text_encoders.load(self.cfg.text_encoder).embed(self.cfg.vocabulary))
-        if self.colour is not None:
-            x = torch.cat([self.phrases, torch.ones(len(self.phrases), 1)], dim=1).double()
-            w = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype), x.T @ rgb_of(self.cfg.vocabulary, palette).double())
-            self.colour.weight.copy_(w[:-1].T)
-            self.colour.bias.copy_(w[-1])
 
     def prepare(self, colours, palette):
-        """(B, text_dim): the saved embedding of a training phrase, the encoder's (cached) for any other."""
+        """(B, text_dim + 3): the phrase's embedding (the saved one of a training phrase, the encoder's of any
+        other) and its RGB in [0, 1]. The RGB is read through the lexicons (``parse_color``: the palette, CSS
+        and survey names, modifiers, notations) wherever they can; the encoder only places the rest, at the
+        OKLab mean of their nearest lexicon names (``TextEncoder.nearest_colour``)."""
         tokens = torch.tensor(self.tokens(colours), dtype=torch.long)
         embeddings = self.phrases.cpu()[tokens.clamp(min=0)]
         if new := [i for i, t in enumerate(tokens.tolist()) if t < 0]:
             embeddings[new] = text_encoders.load(self.cfg.text_encoder).embed([colours[i] for i in new])
-        return embeddings
+        rgb = [lexicon_colour(c, palette) or text_encoders.load(self.cfg.text_encoder).nearest_colour(e) for c, e in zip(colours, embeddings)]
+        return torch.cat([embeddings, torch.tensor(rgb, dtype=torch.float32) / 255], dim=1)
 
     def forward(self, outline, cond):
-        return outline, self.encode(cond.to(self.phrases.dtype))
+        return outline, self.encode(cond[:, :-3].to(self.phrases.dtype))
 
     def paint(self, cond):
-        return self.colour(cond.to(self.phrases.dtype)).float().clamp(0, 1)
+        return cond[:, -3:].float()
 
     def advertise(self, palette):
-        return super().advertise(palette) | {"any_css_name_or_hex": False, "free_text_phrases": True}
+        return super().advertise(palette) | {"free_text_phrases": True}
+
+
+def lexicon_colour(colour: str, palette: Mapping[str, RGB]) -> RGB | None:
+    """``parse_color``'s answer, or None where the lexicons do not know the phrase."""
+    try:
+        return parse_color(colour, palette)
+    except ValueError:
+        return None
 
 
 MODES: dict[str, type[Conditioning]] = {mode.name: mode for mode in (Concat, FiLMRGB, Embedding, Text)}

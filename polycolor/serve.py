@@ -39,6 +39,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from polycolor import checkpoint
+from polycolor.colors import LEXICON
 from polycolor.config import Settings, add_flags, setting
 from polycolor.data import outline_array
 from polycolor.predict import Colorizer
@@ -194,7 +195,9 @@ def demo_page(colorizer: Colorizer) -> str:
         buffer = io.BytesIO()
         Image.fromarray(np.where(ink, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
         options.append(f'<option value="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">{name}</option>')
-    names = "".join(f'<option value="{html.escape(n)}">' for n in sorted(colorizer.palette))  # a checkpoint's names: escaped
+    described = colorizer.model.condition.advertise(colorizer.palette)  # completions: every name it accepts
+    accepted = set(described["palette"]) | {name for name, _ in LEXICON.values()} if described["lexicons"] else set(described["vocabulary"])
+    names = "".join(f'<option value="{html.escape(n)}">' for n in sorted(accepted))  # a checkpoint's names: escaped
     return DEMO_HTML.read_text().replace("{{SHAPES}}", "".join(options)).replace("{{NAMES}}", names)
 
 

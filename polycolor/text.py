@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -42,6 +43,7 @@ def key(phrase: str) -> str:
     return re.sub(r"\s+", " ", phrase.strip().lower())
 
 
+NEIGHBOURS = 5  # lexicon names whose colours place a phrase no lexicon holds
 CACHED = 10_000  # phrases kept (384 floats each, about 15 MB); Serve's clients choose them, so it is bounded
 
 
@@ -65,6 +67,7 @@ class TextEncoder:
         self.dim = self.model.config.hidden_size
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # least recently used first
         self.encoded = 0
+        self.names: tuple[torch.Tensor, torch.Tensor] | None = None  # the lexicon's embeddings and OKLab colours
 
     @staticmethod
     def path_of(name: str):
@@ -93,6 +96,28 @@ class TextEncoder:
         while len(self.cache) > CACHED:
             self.cache.popitem(last=False)
         return torch.stack([known[k] for k in keys]) if phrases else torch.empty(0, self.dim)
+
+
+    def lexicon(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, dim) embeddings and (N, 3) OKLab colours of every lexicon name (CSS names as words), made once."""
+        if self.names is None:
+            from polycolor.colors import LEXICON, phrase, to_oklab
+
+            names = sorted({phrase(name) for name, _ in LEXICON.values()})
+            embeddings = torch.cat([self.embed(names[i : i + 256]) for i in range(0, len(names), 256)])
+            colours = {phrase(name): rgb for name, rgb in LEXICON.values()}
+            self.names = embeddings, torch.tensor(np.array([to_oklab(colours[n]) for n in names]), dtype=torch.float32)
+        return self.names
+
+    def nearest_colour(self, embedding: torch.Tensor, k: int = NEIGHBOURS, temperature: float = 0.05) -> tuple[int, int, int]:
+        """The RGB of a phrase no lexicon holds: the mean, in OKLab, of the colours of the ``k`` lexicon names
+        whose embeddings are nearest its own (cosine), weighted by softmax(similarity / ``temperature``)."""
+        from polycolor.colors import from_oklab
+
+        embeddings, colours = self.lexicon()
+        nearest = (embeddings @ embedding.float()).topk(k)
+        weights = torch.softmax(nearest.values / temperature, dim=0)
+        return from_oklab((weights[:, None] * colours[nearest.indices]).sum(0).double().numpy())
 
 
 def check_local(name: str) -> None:

@@ -52,7 +52,7 @@ def test_text_mode_paints_one_predicted_colour_exactly_and_takes_raw_phrase_embe
     for p in model.parameters():
         p.data.add_(torch.randn_like(p) * 0.05)
     outline, _, cond = batch(model, 2)
-    assert cond.shape == (2, model.cfg.text_dim)  # what the encoder gives a phrase, here the saved rows
+    assert cond.shape == (2, model.cfg.text_dim + 3)  # the phrase's embedding (here the saved rows), then its RGB
     image = model(outline, cond, hard=True)
     for one in image:  # (3, H, W): white, or one colour on the 1/255 grid
         colours = torch.unique(one.reshape(3, -1), dim=1)

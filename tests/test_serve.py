@@ -233,10 +233,11 @@ def test_colors_healthz_docs_and_demo_page(server):
     with httpx.Client(base_url=server["url"], timeout=10) as client:
         colors = client.get("/colors").json()
         assert colors["palette"]["green"] == [0, 255, 0] and colors["any_css_name_or_hex"] is True
+        assert colors["lexicons"] == ["palette", "css", "xkcd"] and "very" in colors["modifiers"]
         assert client.get("/healthz").json()["status"] == "ok"
         assert "openapi" in client.get("/docs").text.lower()
         page = client.get("/").text
-        assert "data:image/png;base64," in page and "octagon" in page
+        assert "data:image/png;base64," in page and "octagon" in page and '<option value="navy blue">' in page  # completions
 
 
 def test_listens_on_loopback_only(server):

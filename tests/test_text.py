@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from polycolor import checkpoint, synth, text
+from polycolor.colors import parse_color
 from polycolor.config import preset
 from polycolor.data import REAL_PALETTE
 from polycolor.predict import Colorizer
@@ -71,9 +72,11 @@ def text_checkpoint(ray_session, tmp_path_factory):
 def test_smoke_run_records_the_encoder_and_predict_paints_free_phrases(text_checkpoint):
     loaded = checkpoint.load(text_checkpoint)
     assert loaded.model.cfg.text_encoder == text.DEFAULT_ENCODER and "light sea green" in loaded.model.cfg.vocabulary
-    condition = loaded.model.condition  # a training phrase's colour is solved exactly, not approximated
-    assert (condition.paint(condition.prepare(["light sea green"], loaded.palette)) * 255).round().tolist() == [[32, 178, 170]]
+    condition = loaded.model.condition  # a phrase the lexicons hold paints its colour exactly, trained on or not
+    painted = condition.paint(condition.prepare(["light sea green", "navy blue", "very pale navy blue"], loaded.palette))
+    assert (painted * 255).round().tolist() == [[32, 178, 170], [0, 17, 70], list(parse_color("very pale navy blue"))]
     encoder = text.load(text.DEFAULT_ENCODER)
+    encoder.lexicon()  # the lexicon's names, embedded once per process
     before = encoder.encoded
     colorizer = Colorizer.from_checkpoint(text_checkpoint, device="cpu")
     ink = synth.draw_outline(synth.shape_points("square", np.random.default_rng(0)) * 40 + 64, 2, 128)[None]
