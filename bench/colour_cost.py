@@ -3,7 +3,8 @@
     python bench/colour_cost.py [--requests 300]
 
 For each conditioning mode (``text`` when its extra is installed) it times, in one process, what a replica
-does for one request's colour and image: the colour's condition (``Colorizer.condition``, which refuses an
+does for one request's colour and image: the client's budget of phrases that need the encoder (Serve's
+``PhraseBudget``, at its default rate), the colour's condition (``Colorizer.condition``, which refuses an
 unknown phrase with its three nearest names in the table-based modes, and places it through the encoder in
 ``text`` mode), then, when accepted, one 128x128 outline through the model. Known: one name repeated.
 Unknown: a new made-up phrase every request (no cache helps), as a client sending more than 100 a second
@@ -22,12 +23,15 @@ from polycolor import synth, text
 from polycolor.data import REAL_PALETTE
 from polycolor.model import ConditionalUNet, ModelConfig
 from polycolor.predict import Colorizer
+from polycolor.serve import DEFAULTS, PhraseBudget
 
 
 def per_request_ms(colorizer: Colorizer, colours: list[str]) -> float:
-    outline = synth.generate(1, seed=0).outlines
+    outline, budget = synth.generate(1, seed=0).outlines, PhraseBudget(DEFAULTS.max_new_phrases_per_s)
     start = time.perf_counter()
     for colour in colours:
+        if colorizer.model.condition.costly(colour, colorizer.palette) and not budget.take("one client"):
+            continue  # a 429, before any encoder run
         try:
             cond = colorizer.condition([colour])
         except ValueError:

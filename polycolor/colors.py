@@ -63,6 +63,14 @@ LEXICON: dict[str, tuple[str, RGB]] = {normalize_name(n): (n, rgb) for table in 
 
 def parse_color(text: object, palette: Mapping[str, RGB] | None = None) -> RGB:
     """Return the (r, g, b) that ``text`` names; ValueError quoting it and suggesting names if unknown."""
+    rgb = read_color(text, palette)
+    if rgb is None:
+        raise ValueError(f"unknown colour {text!r}{suggestion(text, palette)}")
+    return rgb
+
+
+def read_color(text: object, palette: Mapping[str, RGB] | None = None) -> RGB | None:
+    """``parse_color`` without the search for suggestions: None for a phrase no lexicon reads."""
     check_phrase(text)
     if (rgb := notation(text)) is not None or (rgb := lookup(text, palette)) is not None:
         return rgb
@@ -73,7 +81,7 @@ def parse_color(text: object, palette: Mapping[str, RGB] | None = None) -> RGB:
             return modified(base, words[:split], palette)
     if len(words) == 1 and (tint := ish(words[0], palette)) is not None:  # "greenish" alone
         return from_oklab(scale_chroma(to_oklab(tint), 0.7))
-    raise ValueError(f"unknown colour {text!r}{suggestion(text, palette)}")
+    return None
 
 
 def lookup(name: str, palette: Mapping[str, RGB] | None = None) -> RGB | None:

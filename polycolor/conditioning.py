@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from polycolor import text as text_encoders
-from polycolor.colors import LEXICONS, RGB, STEPS, check_phrase, normalize_name, parse_color, phrase, suggestion
+from polycolor.colors import LEXICONS, RGB, STEPS, check_phrase, normalize_name, parse_color, phrase, read_color, suggestion
 
 
 def rgb_of(colours: Sequence[str], palette: Mapping[str, RGB]) -> torch.Tensor:
@@ -75,6 +75,10 @@ class Conditioning(nn.Module):
 
     def check_serving(self, load: bool = True) -> None:
         """ValueError when serving would load something from outside this machine; ``load`` it now."""
+
+    def costly(self, colour: str, palette: Mapping[str, RGB]) -> bool:
+        """Whether preparing ``colour`` costs more than a known name's lookup (Serve budgets such phrases per client)."""
+        return False
 
     def tokens(self, colours: Sequence[str]) -> list[int]:
         """The vocabulary index of each colour, -1 where it has none."""
@@ -195,8 +199,12 @@ class Text(Conditioning):
         embeddings = self.phrases.cpu()[tokens.clamp(min=0)]
         if new := [i for i, t in enumerate(tokens.tolist()) if t < 0]:
             embeddings[new] = text_encoders.load(self.cfg.text_encoder).embed([colours[i] for i in new])
-        rgb = [lexicon_colour(c, palette) or text_encoders.load(self.cfg.text_encoder).nearest_colour(e) for c, e in zip(colours, embeddings)]
+        rgb = [read_color(c, palette) or text_encoders.load(self.cfg.text_encoder).nearest_colour(e) for c, e in zip(colours, embeddings)]
         return torch.cat([embeddings, torch.tensor(rgb, dtype=torch.float32) / 255], dim=1)
+
+    def costly(self, colour, palette):
+        """A phrase neither the vocabulary nor the lexicons hold: it takes an encoder run."""
+        return self.tokens([colour]) == [-1] and read_color(colour, palette) is None
 
     def forward(self, outline, cond):
         return outline, self.encode(cond[:, :-3].to(self.phrases.dtype))
@@ -206,14 +214,6 @@ class Text(Conditioning):
 
     def advertise(self, palette):
         return super().advertise(palette) | {"free_text_phrases": True}
-
-
-def lexicon_colour(colour: str, palette: Mapping[str, RGB]) -> RGB | None:
-    """``parse_color``'s answer, or None where the lexicons do not know the phrase."""
-    try:
-        return parse_color(colour, palette)
-    except ValueError:
-        return None
 
 
 MODES: dict[str, type[Conditioning]] = {mode.name: mode for mode in (Concat, FiLMRGB, Embedding, Text)}

@@ -24,6 +24,8 @@ import os
 import signal
 import sys
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
@@ -61,6 +63,7 @@ class ServeConfig(Settings):
     batch_wait_s: float = setting(0.005, "how long a batch waits to fill", lambda v: v >= 0, ">= 0")
     max_ongoing_requests: int = setting(64, "requests a replica takes at once; more are queued", lambda v: v >= 1, ">= 1")
     max_queued_requests: int = setting(256, "queued requests beyond which clients get 503", lambda v: v >= 1, ">= 1")
+    max_new_phrases_per_s: float = setting(20.0, "per client: phrases that need an encoder run (text mode; 429 beyond)", lambda v: v > 0, "> 0")
 
     @classmethod
     def from_args(cls, args: dict) -> "ServeConfig":
@@ -74,6 +77,25 @@ class ServeConfig(Settings):
 
 
 DEFAULTS = ServeConfig()
+
+
+class PhraseBudget:
+    """A token bucket per client for phrases that cost an encoder run: ``rate`` a second, as many at once, so
+    a client sending new phrases faster pays for a refusal, not an encoder run. At most ``clients`` are
+    remembered, the least recently seen forgotten first."""
+
+    def __init__(self, rate: float, clients: int = 10_000, clock=time.monotonic):
+        self.rate, self.clients, self.clock = rate, clients, clock
+        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client -> (tokens, when counted)
+
+    def take(self, client: str) -> bool:
+        now = self.clock()
+        tokens, when = self.buckets.pop(client, (self.rate, now))
+        tokens = min(self.rate, tokens + (now - when) * self.rate)
+        self.buckets[client] = (tokens - (tokens >= 1), now)
+        while len(self.buckets) > self.clients:
+            self.buckets.popitem(last=False)
+        return tokens >= 1
 
 
 class ClientError(Exception):
@@ -227,6 +249,7 @@ class ColorizeService:
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         # One decode thread: the event loop never decodes, and at most one full-size image is held at a time.
         self.decode_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        self.budget = PhraseBudget(self.cfg.max_new_phrases_per_s)  # used on the decode thread only
 
     @serve.batch(max_batch_size=DEFAULTS.max_batch_size, batch_wait_timeout_s=DEFAULTS.batch_wait_s)
     async def colorize_batch(self, items: list[tuple[np.ndarray, torch.Tensor]]) -> list[np.ndarray]:
@@ -237,14 +260,24 @@ class ColorizeService:
         cond = torch.stack([c for _, c in items])
         return list(await asyncio.get_running_loop().run_in_executor(self.model_thread, self.colorizer.colorize_arrays, outlines, cond))
 
-    def prepare(self, data: bytes, colour: object) -> tuple[tuple[int, int], np.ndarray, torch.Tensor]:
+    def prepare(self, data: bytes, colour: object, client: str) -> tuple[tuple[int, int], np.ndarray, torch.Tensor]:
         """(image size, outline at the model's size, the colour's condition): all a request keeps of its image."""
+        if self.over_budget(colour, client):
+            raise ClientError(429, f"more than {self.cfg.max_new_phrases_per_s:g} new phrases a second from this client; "
+                                   "retry in a second, or send names the lexicons know (see /colors)")  # fmt: skip
         image = decode_image(data, self.cfg.max_pixels)
         try:
             cond = self.colorizer.condition([colour])[0]
         except ValueError as err:
             raise ClientError(422, str(err)) from None
         return image.size, outline_array(image, self.colorizer.image_size), cond
+
+    def over_budget(self, colour: object, client: str) -> bool:
+        try:
+            costly = self.colorizer.model.condition.costly(colour, self.colorizer.palette)
+        except ValueError:
+            return False  # refused with the others, after the image is checked
+        return costly and not self.budget.take(client)
 
     async def check_health(self) -> None:
         """A tiny forward pass on the model thread, the path requests take: a wedged thread fails the check
@@ -263,9 +296,10 @@ class ColorizeService:
             return error(401, "missing or wrong API key; send Authorization: Bearer <key>")
         try:
             data, colour, original = await parse_request(request, self.limit)
-            size, outline, cond = await asyncio.get_running_loop().run_in_executor(self.decode_thread, self.prepare, data, colour)
+            client = request.client.host if request.client else "unknown"
+            size, outline, cond = await asyncio.get_running_loop().run_in_executor(self.decode_thread, self.prepare, data, colour, client)
         except ClientError as err:
-            return error(err.status, err.message)
+            return error(err.status, err.message) if err.status != 429 else JSONResponse({"error": err.message}, 429, {"Retry-After": "1"})
         del data  # the body is not needed past decoding
         result = Image.fromarray(await self.colorize_batch((outline, cond)))
         if original:

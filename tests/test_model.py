@@ -125,3 +125,9 @@ def test_a_new_conditioning_mode_is_one_class_and_its_registration(monkeypatch, 
     out = colorizer.colorize_arrays(synth.generate(2, seed=0).outlines, colorizer.condition(["teal", "#ff8800"]))
     assert out.shape == (2, 128, 128, 3)
     assert model.condition.advertise(REAL_PALETTE)["conditioning"] == "grey"
+
+
+def test_only_a_phrase_neither_the_vocabulary_nor_the_lexicons_hold_costs_an_encoder_run():
+    text, concat = tiny_model("text"), tiny_model()
+    assert not any(text.condition.costly(c, REAL_PALETTE) for c in ("red", "navy blue", "very pale teal", "#123"))
+    assert text.condition.costly("zorp flamingo", REAL_PALETTE) and not concat.condition.costly("zorp flamingo", REAL_PALETTE)

@@ -23,7 +23,7 @@ from PIL import Image
 from polycolor import synth
 from polycolor.data import REAL_PALETTE
 from polycolor.predict import Colorizer
-from polycolor.serve import ColorizeService, ServeConfig
+from polycolor.serve import ColorizeService, PhraseBudget, ServeConfig
 
 from conftest import free_port, png_bytes
 
@@ -470,3 +470,14 @@ def test_a_wedged_model_thread_fails_the_health_check_and_the_replica_is_replace
 
     # Wedged, /colorize hangs while a forward pass on the event loop would still succeed: the probe must take the thread.
     wedge_and_see_the_replica_replaced("thread", WedgeableThread, {"health_check_period_s": 1, "health_check_timeout_s": 30}, marker, server, outline, 120)
+
+
+def test_the_phrase_budget_refuses_a_client_past_its_rate_and_no_other():
+    now = [0.0]
+    budget = PhraseBudget(rate=5, clients=2, clock=lambda: now[0])
+    assert [budget.take("a") for _ in range(7)] == [True] * 5 + [False] * 2
+    assert budget.take("b")  # another client has its own budget
+    now[0] += 0.2  # a fifth of a second: one phrase back
+    assert budget.take("a") and not budget.take("a")
+    budget.take("c")  # a third client: the least recently seen ("b") is forgotten, so memory stays bounded
+    assert list(budget.buckets) == ["a", "c"]
