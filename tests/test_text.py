@@ -97,7 +97,7 @@ def test_serve_accepts_free_text_phrases(text_checkpoint, ray_session):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    cfg = ServeConfig(checkpoint=str(text_checkpoint))
+    cfg = ServeConfig(checkpoint=str(text_checkpoint), max_new_phrases_per_s=2)
     serve.run(ColorizeService.options(ray_actor_options={"num_cpus": 0.5}).bind(asdict(cfg)), name="text", route_prefix="/text")
     try:
         url = f"http://127.0.0.1:{port}/text"
@@ -108,6 +108,11 @@ def test_serve_accepts_free_text_phrases(text_checkpoint, ray_session):
         assert described["conditioning"] == "text" and described["free_text_phrases"] is True
         empty = httpx.post(f"{url}/colorize", files={"image": ("o.png", outline)}, data={"color": "  "}, timeout=30)
         assert empty.status_code == 422 and "empty" in empty.json()["error"]
+        flood = [httpx.post(f"{url}/colorize", files={"image": ("o.png", outline)}, data={"color": f"zorp flamingo {i}"}, timeout=30) for i in range(6)]
+        refused = [a for a in flood if a.status_code == 429]  # 2 a second: the rest of 6 new phrases, sent at once, wait
+        assert len(refused) >= 3 and all("new phrases a second" in a.json()["error"] and a.headers["retry-after"] == "1" for a in refused)
+        known = httpx.post(f"{url}/colorize", files={"image": ("o.png", outline)}, data={"color": "navy blue"}, timeout=30)
+        assert known.status_code == 200  # a name the lexicons hold is never limited
     finally:
         serve.shutdown()
 
