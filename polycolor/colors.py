@@ -131,10 +131,11 @@ STEPS = {  # modifier -> (share of the way to white, lightness factor, chroma fa
 }  # fmt: skip
 
 
-def to_oklab(rgb: RGB) -> np.ndarray:
+def to_oklab(rgb) -> np.ndarray:
+    """(..., 3) 8-bit sRGB -> (..., 3) OKLab."""
     c = np.asarray(rgb, dtype=float) / 255
     linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    return _M2 @ np.cbrt(_M1 @ linear)
+    return np.cbrt(linear @ _M1.T) @ _M2.T
 
 
 def from_oklab(lab: np.ndarray) -> RGB:

@@ -17,11 +17,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
 from polycolor import text as text_encoders
-from polycolor.colors import LEXICONS, RGB, STEPS, check_phrase, normalize_name, parse_color, phrase, read_color, suggestion
+from polycolor.colors import LEXICONS, RGB, STEPS, check_phrase, normalize_name, parse_color, phrase, read_color, suggestion, to_oklab
 
 
 def rgb_of(colours: Sequence[str], palette: Mapping[str, RGB]) -> torch.Tensor:
@@ -191,15 +192,22 @@ class Text(Conditioning):
         self.phrases.copy_(text_encoders.load(self.cfg.text_encoder).embed(self.cfg.vocabulary))
 
     def prepare(self, colours, palette):
-        """(B, text_dim + 3): the phrase's embedding (the saved one of a training phrase, the encoder's of any
-        other) and its RGB in [0, 1]. The RGB is read through the lexicons (``parse_color``: the palette, CSS
-        and survey names, modifiers, notations) wherever they can; the encoder only places the rest, at the
-        OKLab mean of their nearest lexicon names (``TextEncoder.nearest_colour``)."""
-        tokens = torch.tensor(self.tokens(colours), dtype=torch.long)
-        embeddings = self.phrases.cpu()[tokens.clamp(min=0)]
-        if new := [i for i, t in enumerate(tokens.tolist()) if t < 0]:
-            embeddings[new] = text_encoders.load(self.cfg.text_encoder).embed([colours[i] for i in new])
-        rgb = [read_color(c, palette) or text_encoders.load(self.cfg.text_encoder).nearest_colour(e) for c, e in zip(colours, embeddings)]
+        """(B, text_dim + 3): an embedding of the phrase and its RGB in [0, 1]. The RGB is read through the
+        lexicons (``read_color``: the palette, CSS and survey names, modifiers, notations) wherever they can,
+        and such a phrase outside the vocabulary borrows the saved embedding of the vocabulary phrase nearest
+        its colour (the mask's shape does not depend on it). Only a phrase the lexicons cannot read goes to the
+        encoder, and is painted at the OKLab mean of its nearest lexicon names (``TextEncoder.nearest_colour``)."""
+        tokens, rgb = self.tokens(colours), [read_color(c, palette) for c in colours]
+        if borrow := [i for i, (t, c) in enumerate(zip(tokens, rgb)) if t < 0 and c is not None]:
+            known = to_oklab(np.array(rgb_of(self.cfg.vocabulary, palette)) * 255)  # (V, 3)
+            for i in borrow:
+                tokens[i] = int(np.linalg.norm(known - to_oklab(rgb[i]), axis=1).argmin())
+        embeddings = self.phrases.cpu()[torch.tensor(tokens, dtype=torch.long).clamp(min=0)]
+        if new := [i for i, t in enumerate(tokens) if t < 0]:
+            encoder = text_encoders.load(self.cfg.text_encoder)
+            embeddings[new] = encoder.embed([colours[i] for i in new])
+            for i in new:
+                rgb[i] = encoder.nearest_colour(embeddings[i])
         return torch.cat([embeddings, torch.tensor(rgb, dtype=torch.float32) / 255], dim=1)
 
     def costly(self, colour, palette):

@@ -81,9 +81,9 @@ def test_smoke_run_records_the_encoder_and_predict_paints_free_phrases(text_chec
     colorizer = Colorizer.from_checkpoint(text_checkpoint, device="cpu")
     ink = synth.draw_outline(synth.shape_points("square", np.random.default_rng(0)) * 40 + 64, 2, 128)[None]
     for _ in range(2):
-        out = colorizer.colorize_arrays(np.repeat(ink, 3, 0), colorizer.condition(["red", "a deep ocean blue", "Light Sea Green"]))
-    assert out.shape == (3, 128, 128, 3)
-    assert encoder.encoded == before + 1  # only the new phrase, once; training phrases come from the checkpoint
+        out = colorizer.colorize_arrays(np.repeat(ink, 4, 0), colorizer.condition(["red", "a stormy sea at dusk", "Light Sea Green", "a deep ocean blue"]))
+    assert out.shape == (4, 128, 128, 3)
+    assert encoder.encoded == before + 1  # only the phrase no lexicon holds, once; the rest need no encoder run
     for image in out:  # the mask head paints one colour: every pixel is white or that image's colour
         assert len(np.unique(image.reshape(-1, 3), axis=0)) <= 2
 
