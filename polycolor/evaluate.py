@@ -18,7 +18,7 @@ from PIL import Image
 from polycolor.metrics import per_image, summarize
 
 
-def evaluate_split(colorizer, split, batch_size: int = 32) -> tuple[dict[str, float], dict[str, np.ndarray], np.ndarray]:
+def evaluate_split(colorizer, split) -> tuple[dict[str, float], dict[str, np.ndarray], np.ndarray]:
     """(metrics, per-image metrics, predictions (N, H, W, 3) uint8) of ``colorizer`` on a ``Split``."""
     predictions = colorizer.colorize_arrays(split.outlines, colorizer.condition(split.colors))
     pred = torch.from_numpy(predictions).permute(0, 3, 1, 2).float() / 255

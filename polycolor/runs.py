@@ -24,7 +24,7 @@ def add_run_flags(parser: argparse.ArgumentParser, noun: str) -> None:
 def check_location(location: str, name: str, resume: bool, noun: str) -> None:
     """ValueError unless ``location`` can be written and holds a ``noun`` called ``name`` exactly when resuming."""
     storage.check_writable(location)
-    if storage.run_exists(location, name) != resume:
+    if storage.exists(storage.join(location, name)) != resume:
         raise ValueError(f"--resume: no {noun} {name!r} under {location}" if resume else
                          f"a {noun} {name!r} already exists under {location}; pass --resume to continue it or pick another --name")  # fmt: skip
 

@@ -101,10 +101,6 @@ def local_copy(location: str):
         yield Path(tmp)
 
 
-def run_exists(location: str, name: str) -> bool:
-    return exists(join(location, name))
-
-
 def checkpoints(location: str, name: str) -> list[str]:
     """The run's checkpoint_* directories (Ray names them by time, so the last is the latest), as locations."""
     fs, root = filesystem(join(location, name))

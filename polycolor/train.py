@@ -28,7 +28,7 @@ from polycolor import checkpoint, storage
 from polycolor.colors import RGB
 from polycolor.conditioning import MODES
 from polycolor.config import FIELDS, PRESETS, SECTIONS, RunSettings, TrainConfig, add_flags, preset
-from polycolor.data import REAL_PALETTE, PolygonDataset, Split
+from polycolor.data import REAL_PALETTE, PolygonDataset
 from polycolor.loop import evaluate, make_optimizer, metrics_from_sums, train_one_epoch
 from polycolor.metrics import SCORE, colour_line
 from polycolor.model import ConditionalUNet
@@ -37,13 +37,6 @@ from polycolor.synth import NAMED_COLORS, SyntheticDataset
 
 # ---------------------------------------------------------------------------------------------------
 # Data and model for one worker.
-
-
-def palette_of(splits: tuple[Split, Split] | None) -> dict[str, RGB]:
-    """The colours the checkpoint records: a dataset's own palette, or the real data's for synthetic."""
-    if splits is None:
-        return dict(REAL_PALETTE)
-    return splits[1].palette | splits[0].palette
 
 
 def build_model(cfg: TrainConfig, palette: dict[str, RGB], vocabulary: Sequence[str]) -> ConditionalUNet:
@@ -88,7 +81,7 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
     torch.set_num_threads(config["threads"])
 
     splits = ray.get(config["splits"]) if config["splits"] is not None else None
-    palette = palette_of(splits)
+    palette = splits[1].palette | splits[0].palette if splits else dict(REAL_PALETTE)  # what the checkpoint records
     vocabulary = MODES[cfg.model.conditioning].vocabulary(palette, NAMED_COLORS if splits is None else ())  # synthetic: CSS names too
     torch.manual_seed(cfg.data.seed)  # identical initialisation on every rank
     model = build_model(cfg, palette, vocabulary).to(device)

@@ -87,7 +87,7 @@ def test_modifiers_move_lightness_and_chroma_and_keep_the_hue(base):
     L, C, h = lch(rgb)
     for words, check in {
         ("dark",): lambda l, c: l < L - 0.05, ("light",): lambda l, c: l > L + 0.05, ("pale",): lambda l, c: l > L and c < C,
-        ("deep",): lambda l, c: l < L, ("very", "dark"): lambda l, c: l < lch(modified(rgb, ["dark"]))[0],
+        ("deep",): lambda l, c: l < L, ("bright",): lambda l, c: l > L, ("very", "dark"): lambda l, c: l < lch(modified(rgb, ["dark"]))[0],
     }.items():  # fmt: skip
         l, c, hue = lch(modified(rgb, list(words)))
         assert check(l, c), (words, base)
