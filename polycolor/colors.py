@@ -202,16 +202,22 @@ def check_phrase(text: object) -> str:
 
 
 def suggestion(text: str, palette: Mapping[str, RGB] | None = None) -> str:
-    """'; did you mean ...?' for the three names nearest ``text``: those sharing most of its words (a phrase's
-    colour words lead to names of that colour), then the closest spellings; or a hint on the accepted forms."""
-    names = {k: n for k, (n, _) in LEXICON.items()} | {normalize_name(n): n for n in (palette or {})}
+    """'; did you mean ...?' for the three names nearest ``text``: a near spelling first (a typo), then, of the
+    names sharing most of its words, those whose colour is nearest (in OKLab) the colour its own colour words
+    name ("zorp red" -> the reds), then the closest spellings. Without any, a hint on the accepted forms."""
+    names = {k: (n, rgb) for k, (n, rgb) in LEXICON.items()} | {normalize_name(n): (n, tuple(rgb)) for n, rgb in (palette or {}).items()}
     words = set(_ARTICLE.sub("", text.strip().lower()).replace("-", " ").split())
-    key = normalize_name(text)
-    ranked = sorted(((len(words & set(n.lower().split())), -len(n.split()), difflib.SequenceMatcher(None, key, k).ratio(), k)
-                     for k, n in names.items() if words & set(n.lower().split())), reverse=True)[:3]  # fmt: skip
-    close = [k for *_, k in ranked] + [k for k in difflib.get_close_matches(key, names, n=3, cutoff=0.6) if k not in {k for *_, k in ranked}]
+    named = [to_oklab(rgb) for w in words if (rgb := lookup(w, palette) or ish(w, palette)) is not None]
+    meaning = np.mean(named, axis=0) if named else None
+    ranked = sorted(
+        (-len(words & set(n.lower().split())), np.linalg.norm(to_oklab(rgb) - meaning) if meaning is not None else 0.0, len(n), k)
+        for k, (n, rgb) in names.items() if words & set(n.lower().split())
+    )  # fmt: skip
+    typo = difflib.get_close_matches(normalize_name(text), names, n=1, cutoff=0.85)  # a near spelling leads: a typo
+    close = list(dict.fromkeys(typo + [k for *_, k in ranked[:3]]))
+    close += [k for k in difflib.get_close_matches(normalize_name(text), names, n=3, cutoff=0.6) if k not in close]
     if close:
-        return "; did you mean " + ", ".join(repr(names[c]) for c in close[:3]) + "?"
+        return "; did you mean " + ", ".join(repr(names[c][0]) for c in close[:3]) + "?"
     return "; expected a colour name (e.g. 'red', 'navy blue', 'light teal'), '#rrggbb', 'rgb(r, g, b)' or 'hsl(h, s%, l%)'"
 
 

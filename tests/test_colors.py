@@ -49,7 +49,8 @@ def test_dataset_palette_wins_over_css():
         ("#12345", "is not a valid #hex"),
         ("rgb(300,0,0)", "0-255"),
         ("hsl(120, 1, 0.5)", "in percent"),
-        ("zorp red", "did you mean 'red'"),  # nearest by meaning first: a phrase's colour word
+        ("zorp red", "did you mean 'red', 'fire engine red', 'bright red'?"),  # by meaning: names with its colour word, nearest it
+        ("blod red", "did you mean 'blood red', 'red'"),  # a near spelling first: a typo
         ("red\x00", "control characters"),
         ("", "empty"),
         pytest.param("x" * 10_000, "at most 64", id="10k-chars"),
