@@ -204,11 +204,13 @@ def load_directory(path: Path, device: str | torch.device = "cpu", shown: str | 
     return Loaded(model.to(device).eval(), palette, config.get("metrics", {}), shown)
 
 
-def load_train_state(path: str | Path) -> dict | None:
-    """The optimiser / schedule / RNG / epoch state saved beside the weights, or None."""
+def load_train_state(path: str | Path, shown: str | None = None) -> dict:
+    """The optimiser / schedule / epoch state saved beside the weights; CheckpointError naming the file
+    (``shown`` in place of ``path``) when it is missing or unsafe."""
     file = Path(path) / TRAIN_STATE
     if not file.is_file():
-        return None
+        raise CheckpointError(f"{storage.join(shown or str(path), TRAIN_STATE)}: missing, so training cannot continue from this "
+                              "checkpoint; restore the file, or start a new run (another --name) from scratch")  # fmt: skip
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or non-tensor pickles

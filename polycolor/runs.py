@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
+from pathlib import Path
 
 from polycolor import storage
 from polycolor.config import PRESETS, TrainConfig
@@ -29,6 +31,20 @@ def check_location(location: str, name: str, resume: bool, noun: str) -> None:
                          f"a {noun} {name!r} already exists under {location}; pass --resume to continue it or pick another --name")  # fmt: skip
 
 
+def check_trusted(location: str, name: str) -> None:
+    """ValueError when a local ``name`` under ``location`` holds a file or folder other users may write: Tune's
+    restore unpickles what is there (a remote location's access is its owner's policy; it cannot be checked here)."""
+    if storage.is_uri(location) and not location.startswith("file://"):
+        return
+    root = Path(location.removeprefix("file://")) / name
+    for folder, _, files in os.walk(root):
+        for path in [Path(folder), *(Path(folder) / f for f in files)]:
+            info = path.lstat()  # writable by anyone, or by a group other than this user's own (a umask of 002 is fine)
+            if info.st_mode & stat.S_IWOTH or (info.st_mode & stat.S_IWGRP and info.st_gid != os.getgid()):
+                raise ValueError(f"--resume: {path} is writable by other users, and restoring a search unpickles its files; "
+                                 f"make it yours alone (chmod -R go-w {root}) or resume from storage you trust")  # fmt: skip
+
+
 def read_dataset(data: str) -> tuple[Split, Split] | None:
     """The checked training and validation splits of a dataset directory or URI (None for "synthetic"), read
     once by the driver and handed to every worker through the object store (no shared disk needed);
@@ -50,12 +66,16 @@ def read_dataset(data: str) -> tuple[Split, Split] | None:
 
 
 def saved_config(location: str, name: str) -> TrainConfig | None:
-    """The TrainConfig the run ``name`` under ``location`` saved with its latest checkpoint; None before its first."""
+    """The TrainConfig the run ``name`` under ``location`` saved with its latest checkpoint; None before its first.
+    ValueError when that checkpoint cannot be resumed (its training state is missing)."""
     for found in reversed(storage.checkpoints(location, name)):
         try:
             saved = json.loads(storage.read_bytes(storage.join(found, "config.json"))).get("train")
         except (OSError, ValueError):  # a checkpoint still being written: an earlier one says the same
             continue
+        if not storage.exists(storage.join(found, "train_state.pt")):
+            raise ValueError(f"--resume: {storage.join(found, 'train_state.pt')} is missing, so training cannot continue from "
+                             "this checkpoint; restore the file, or start a new run under another --name")  # fmt: skip
         return TrainConfig.from_dict(saved) if saved else None
     return None
 

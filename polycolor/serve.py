@@ -7,7 +7,7 @@ HTTP surface (nothing else; other methods get 405, other paths 404):
     POST /colorize   multipart form (image file, color) or JSON {"image": base64, "color": ...} -> image/png
     GET  /colors     palette, conditioning mode, whether any CSS name / hex (or, in text mode, any phrase) works
     GET  /healthz    200 when a tiny forward pass succeeds
-    GET  /docs       OpenAPI page
+    GET  /docs       OpenAPI page (its schema at /openapi.json)
     GET  /           demo page
 Every client error is a 4xx with a JSON body {"error": "..."} that names the problem.
 """
@@ -108,7 +108,7 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-app = FastAPI(title="polycolor", description="Colour polygon outlines by colour name.", redoc_url=None)
+app = FastAPI(title="polycolor", description="Colour polygon outlines by colour name.", redoc_url=None, swagger_ui_oauth2_redirect_url=None)
 
 
 @app.exception_handler(StarletteHTTPException)

@@ -104,7 +104,7 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
     if resumed := ray.train.get_checkpoint():
         with resumed.as_directory() as directory:
             model.load_state_dict(checkpoint.load(directory).model.state_dict())
-            state = checkpoint.load_train_state(directory)
+            state = checkpoint.load_train_state(directory, shown=resumed.path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"] + 1

@@ -63,10 +63,30 @@ def test_the_config_round_trips_through_a_dict_and_refuses_a_typo():
 
 def test_resume_keeps_the_saved_config_refuses_changed_training_settings_and_allows_new_run_settings(tmp_path):
     trained = preset("smoke").replace(name="r", epochs=5, lr=1e-3)
-    checkpoint.write(tmp_path / "r" / "checkpoint_2026-01-01_00-00-00.000000", tiny_model(), REAL_PALETTE, train=trained.to_dict())
+    checkpoint.write(tmp_path / "r" / "checkpoint_2026-01-01_00-00-00.000000", tiny_model(), REAL_PALETTE, {}, {"epoch": 0}, trained.to_dict())
     assert saved_config(str(tmp_path), "r") == trained
     assert resume_config(str(tmp_path), "r", {}, TrainConfig()) == trained  # no flags: as it was trained
     assert resume_config(str(tmp_path), "r", {"workers": 2, "epochs": 5}, TrainConfig()).run.workers == 2
     with pytest.raises(ValueError, match=r"--epochs 5 \(given 8\), --lr 0.001 \(given 0.003\)"):
         resume_config(str(tmp_path), "r", {"epochs": 8, "lr": 3e-3}, TrainConfig())
     assert saved_config(str(tmp_path), "none") is None
+
+
+def test_resuming_from_a_checkpoint_without_its_training_state_is_refused_naming_the_file(tmp_path):
+    saved = checkpoint.write(tmp_path / "r" / "checkpoint_2026-01-01_00-00-00.000000", tiny_model(), REAL_PALETTE, train=TrainConfig().to_dict())
+    with pytest.raises(ValueError, match=f"--resume: {saved / 'train_state.pt'} is missing, so training cannot continue"):
+        resume_config(str(tmp_path), "r", {}, TrainConfig())
+    with pytest.raises(checkpoint.CheckpointError, match="train_state.pt: missing, so training cannot continue"):
+        checkpoint.load_train_state(saved)  # what a worker meets when Ray hands it such a checkpoint
+
+
+def test_a_search_is_not_restored_from_files_other_users_may_write(tmp_path, monkeypatch, capsys):
+    from tune import search
+
+    state = tmp_path / "s" / "searcher-state.pkl"
+    state.parent.mkdir()
+    state.write_bytes(b"anything")
+    monkeypatch.setattr(search, "init_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    state.chmod(0o666)
+    assert search.main(["--smoke-test", "--storage", str(tmp_path), "--name", "s", "--resume"]) == 2
+    assert f"--resume: {state} is writable by other users" in capsys.readouterr().err

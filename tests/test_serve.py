@@ -5,12 +5,14 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import struct
 import time
 import zlib
 from contextlib import contextmanager
 from dataclasses import asdict
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -193,8 +195,10 @@ def bomb_png(width: int, height: int) -> bytes:
 def test_decompression_bomb_is_refused_without_decoding(server, outline):
     with httpx.Client(base_url=server["url"], timeout=10) as client:
         bomb = client.post("/colorize", files={"image": ("b.png", bomb_png(100_000, 100_000))}, data={"color": "red"})
+        ours = client.post("/colorize", files={"image": ("b.png", bomb_png(1000, 1000))}, data={"color": "red"})  # under Pillow's cap
         near = client.post("/colorize", files={"image": ("o.png", png_bytes(Image.new("L", (512, 512), 255)))}, data={"color": "red"})
     assert bomb.status_code == 413 and "limit is 262144" in bomb.json()["error"]
+    assert ours.status_code == 413 and ours.json()["error"] == "image is 1000x1000 = 1000000 pixels; the limit is 262144"
     assert near.status_code == 200  # exactly at the cap
 
 
@@ -481,3 +485,15 @@ def test_the_phrase_budget_refuses_a_client_past_its_rate_and_no_other():
     assert budget.take("a") and not budget.take("a")
     budget.take("c")  # a third client: the least recently seen ("b") is forgotten, so memory stays bounded
     assert list(budget.buckets) == ["a", "c"]
+
+
+def test_the_http_surface_is_exactly_what_the_readme_documents():
+    from starlette.routing import Route
+
+    from polycolor.serve import app
+
+    served = {(m.upper(), path) for path, operations in app.openapi()["paths"].items() for m in operations}
+    served |= {(m, r.path) for r in app.routes if isinstance(r, Route) for m in r.methods - {"HEAD"}}
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## The HTTP endpoint")[1].split("\n## ")[0]
+    assert served == set(re.findall(r"^\| `(GET|POST|PUT|PATCH|DELETE) (/\S*)` \|", section, re.M))

@@ -28,7 +28,7 @@ from polycolor import checkpoint, storage
 from polycolor.conditioning import MODES
 from polycolor.config import FIELDS, LOSSES, PRESETS, SECTIONS, Settings, TrainConfig, add_flags, preset, setting
 from polycolor.metrics import SCORE
-from polycolor.runs import add_run_flags, check_location, init_ray, read_dataset
+from polycolor.runs import add_run_flags, check_location, check_trusted, init_ray, read_dataset
 from polycolor.train import build_trainer, worker_resources
 
 
@@ -278,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = TrainConfig().replace(**SEARCH_DEFAULTS).replace(**PRESETS[args.preset or "recipe"]).replace(**given, wandb=False)
         splits = read_dataset(base.data.data)
         check_location(location, name, args.resume, "search")
+        if args.resume:
+            check_trusted(location, name)
     except ValueError as err:  # StorageError is one
         print(f"error: {err}", file=sys.stderr)
         return 2

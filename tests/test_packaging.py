@@ -1,0 +1,39 @@
+"""What the package declares: minimum safe versions, and that this environment meets them."""
+
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import tomllib
+from packaging.requirements import Requirement
+
+PYPROJECT = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+
+
+def declared() -> dict[str, Requirement]:
+    project = PYPROJECT["project"]
+    requirements = [Requirement(r) for r in project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]]
+    return {r.name.lower(): r for r in requirements}
+
+
+def test_the_safety_minimums_are_declared():
+    requirements = declared()
+    floors = {"torch": "2.6", "pillow": "11.0", "python-multipart": "0.0.18", "starlette": "0.40", "fastapi": "0.115", "safetensors": "0.4"}
+    for name, floor in floors.items():
+        assert name in requirements, f"{name} is not declared"
+        assert not requirements[name].specifier.contains(_below(floor)), f"{name} allows versions below {floor}"
+    assert requirements["ray"].specifier == Requirement("ray==2.60.*").specifier  # token auth on by default
+
+
+def _below(floor: str) -> str:
+    """A version just under ``floor`` (2.6 -> 2.5.999)."""
+    parts = [int(p) for p in floor.split(".")]
+    return ".".join(map(str, parts[:-1] + [parts[-1] - 1, 999])) if parts[-1] else ".".join(map(str, parts[:-2] + [parts[-2] - 1, 999]))
+
+
+def test_the_installed_versions_meet_what_is_declared():
+    for name, requirement in declared().items():
+        try:
+            installed = version(name)
+        except PackageNotFoundError:  # an extra that is not installed here
+            continue
+        assert requirement.specifier.contains(installed, prereleases=True), f"{name} {installed} does not meet {requirement}"
