@@ -8,13 +8,14 @@ A directory::
     train_state.pt      optional, training only: optimiser, LR schedule, RNG state, epoch (tensors and
                         plain containers, loaded with torch.load(weights_only=True))
 
-Written atomically: into a temporary sibling directory, then renamed into place. In object storage (a URI,
-see ``storage``), where nothing renames, config.json is written last: until it is, the weights do not match
-the config's hash and the checkpoint refuses to load, so a half-written one is never used.
+Written atomically: into a temporary sibling directory, fsynced, then swapped into place in one step. In object
+storage (a URI, see ``storage``), where nothing renames, config.json is written last: until it is, the weights
+do not match the config's hash and the checkpoint refuses to load, so a half-written one is never used.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -77,22 +78,48 @@ def unwrap(model: torch.nn.Module) -> ConditionalUNet:
 
 @contextmanager
 def atomic_directory(path: str | Path):
-    """Yield a temporary sibling of ``path`` to fill; on success it replaces ``path`` in one rename."""
+    """Yield a temporary sibling of ``path`` to fill; on success it takes ``path``'s place so that a reader finds
+    the old complete directory or the new one, never neither nor a mix, wherever the writer dies: the files and
+    folders are fsynced first, and an existing ``path`` is swapped out in one atomic exchange. Temporaries that
+    a killed writer left beside ``path`` are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in [*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f".{path.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
+        for file in [*tmp.iterdir(), tmp]:
+            fsync(file)
         if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
+            exchange(tmp, path)  # tmp now holds the old one, removed below
         else:
             os.replace(tmp, path)
+        fsync(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def exchange(a: Path, b: Path) -> None:
+    """Swap two directories in one step (Linux's renameat2 with RENAME_EXCHANGE). Where that is missing, two
+    renames: a writer killed between them leaves no ``b`` (the old one waits at ``a``'s name, cleaned up later)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is not None and renameat2(-100, bytes(a), -100, bytes(b), 2) == 0:  # AT_FDCWD, RENAME_EXCHANGE
+        return
+    old = b.parent / f".{b.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(b, old)
+    os.replace(a, b)
+    os.replace(old, a)
 
 
 def write(path: str | Path, model: torch.nn.Module, palette: dict[str, RGB], metrics: dict | None = None,
@@ -137,9 +164,6 @@ def write_into(directory: Path, model: torch.nn.Module, palette: dict[str, RGB],
     (directory / CONFIG).write_text(json.dumps(config, indent=2))
     if train_state is not None:
         torch.save(train_state, directory / TRAIN_STATE)
-    for name in os.listdir(directory):
-        with open(directory / name, "rb") as f:
-            os.fsync(f.fileno())
 
 
 def read_config(path: str | Path, shown: str | None = None) -> dict:

@@ -1,5 +1,8 @@
 import json
 import pickle
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -94,3 +97,38 @@ def test_train_state_round_trip(tmp_path):
     assert checkpoint.load_train_state(path)["epoch"] == 3
     exported = checkpoint.export(path, tmp_path / "best")
     assert not (tmp_path / "best" / "train_state.pt").exists() and exported.palette
+
+
+KILLER = """
+import os, shutil, signal, sys
+from polycolor import checkpoint
+kill_at, calls = int(sys.argv[3]), [0]
+def dying(real):
+    def call(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    return call
+for owner, name in ((os, "replace"), (os, "fsync"), (shutil, "copyfile"), (checkpoint, "exchange")):
+    setattr(owner, name, dying(getattr(owner, name)))
+checkpoint.export(sys.argv[1], sys.argv[2])
+"""
+
+
+def test_best_is_always_the_old_or_the_new_checkpoint_wherever_its_writer_is_killed(tmp_path):
+    """C3: a writer killed at any step of replacing best/ leaves the previous one usable; the next write cleans up."""
+    old = checkpoint.write(tmp_path / "old", tiny_model(seed=1), REAL_PALETTE)
+    new = checkpoint.write(tmp_path / "new", tiny_model(seed=2), REAL_PALETTE)
+    weights = {name: checkpoint.load(path).model.out.weight for name, path in (("old", old), ("new", new))}
+    best, seen = tmp_path / "runs" / "best", []
+    for kill_at in range(1, 30):  # each file operation of the write in turn, until the write gets through
+        checkpoint.export(old, best)  # the previous best, complete; this also removes what the last kill left
+        done = subprocess.run([sys.executable, "-c", KILLER, str(new), str(best), str(kill_at)], capture_output=True, text=True, timeout=120)
+        [which] = [name for name, w in weights.items() if torch.equal(checkpoint.load(best).model.out.weight, w)]
+        seen.append(which)
+        if done.returncode == 0:
+            break
+        assert done.returncode == -signal.SIGKILL, done.stderr
+    assert done.returncode == 0 and seen[-1] == "new" and seen.count("old") >= 5, seen
+    assert [p.name for p in best.parent.iterdir()] == ["best"]  # no temporaries once a write completes

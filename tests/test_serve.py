@@ -249,6 +249,44 @@ def test_listens_on_loopback_only(server):
     assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+def test_the_serve_command_listens_on_loopback_by_default(tiny_checkpoint):
+    """N1: `python -m polycolor.serve` with no --host, on its own local Ray, answers on 127.0.0.1 and nowhere else."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "polycolor.serve", "--checkpoint", str(tiny_checkpoint), "--port", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+        assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening), listening
+    finally:
+        process.send_signal(signal.SIGINT)
+        output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0 and "[serve] stopped" in output, output[-2000:]
+
+
+def test_a_corrupt_checkpoint_stops_the_serve_command_before_anything_starts(tiny_checkpoint, capsys, monkeypatch):
+    """C2: a truncated checkpoint fails Serve's start-up, naming the file, before Ray or Serve start."""
+    from polycolor import serve as module
+
+    weights = tiny_checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    monkeypatch.setattr(module.serve, "start", lambda *a, **k: pytest.fail("Serve was started"))
+    assert module.main(["--checkpoint", str(tiny_checkpoint)]) == 2
+    assert f"{weights}: sha256 does not match" in capsys.readouterr().err
+
+
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
