@@ -364,13 +364,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", num_cpus=None if os.environ.get("RAY_ADDRESS") else max(2, os.cpu_count() or 2))
-    serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
-    serve.run(application, name="polycolor", route_prefix="/")
-    print(f"[serve] http://{args.host}:{args.port}/  (docs at /docs); Ctrl-C to stop", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
+        serve.run(application, name="polycolor", route_prefix="/")
+        print(f"[serve] http://{args.host}:{args.port}/  (docs at /docs); Ctrl-C to stop", flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+    except KeyboardInterrupt:  # Ctrl-C while it was starting: stop the same way, without a traceback
+        pass
     serve.shutdown()
     ray.shutdown()
     print("[serve] stopped")

@@ -261,13 +261,11 @@ def test_the_serve_command_listens_on_loopback_by_default(tiny_checkpoint):
     command = [sys.executable, "-m", "polycolor.serve", "--checkpoint", str(tiny_checkpoint), "--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
+        for line in process.stdout:  # up when it says where (a healthy replica alone is not: the app may still deploy)
+            if line.startswith("[serve] http://"):
+                break
+        assert line.startswith(f"[serve] http://127.0.0.1:{port}/"), line
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code == 200
         listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
         assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening), listening
     finally:
