@@ -214,15 +214,25 @@ def test_fifty_concurrent_requests_succeed_in_batches(server, outline):
     assert max(sizes) > 1
 
 
-def test_backpressure_answers_the_excess_with_503(server, outline):
+def test_backpressure_answers_the_excess_with_503_before_the_held_requests_finish(server, outline):
+    """L1: past the replica's ongoing and queued limits the excess gets 503 at once; the held requests are right."""
     big = png_bytes(Image.open(io.BytesIO(outline)).resize((512, 512)))
+    expected = png_bytes(Colorizer.from_checkpoint(server["checkpoint"], device="cpu").colorize(Image.open(io.BytesIO(big)), "red"))
+
+    async def timed(client):
+        start = time.perf_counter()
+        answer = await client.post("/tight/colorize", files={"image": ("o.png", big)}, data={"color": "red"})
+        return answer, time.perf_counter() - start
 
     async def fire():
         async with httpx.AsyncClient(base_url=server["url"], timeout=60) as client:
-            return await asyncio.gather(*(client.post("/tight/colorize", files={"image": ("o.png", big)}, data={"color": "red"}) for _ in range(24)))
+            return await asyncio.gather(*(timed(client) for _ in range(24)))
 
-    codes = [a.status_code for a in asyncio.run(fire())]
-    assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) > 0
+    answers = asyncio.run(fire())
+    refused, served = [t for a, t in answers if a.status_code == 503], [(a, t) for a, t in answers if a.status_code == 200]
+    assert len(refused) + len(served) == 24 and refused and served
+    assert all(a.content == expected for a, _ in served)  # the held requests are answered, and right
+    assert max(refused) < max(t for _, t in served)  # the excess is not made to wait for them
 
 
 def test_api_key_is_enforced_when_set(server, outline):
