@@ -66,18 +66,31 @@ def read_dataset(data: str) -> tuple[Split, Split] | None:
 
 
 def saved_config(location: str, name: str) -> TrainConfig | None:
-    """The TrainConfig the run ``name`` under ``location`` saved with its latest checkpoint; None before its first.
-    ValueError when that checkpoint cannot be resumed (its training state is missing)."""
-    for found in reversed(storage.checkpoints(location, name)):
+    """The TrainConfig the run ``name`` under ``location`` saved with the checkpoint Ray will resume it from
+    (the latest its checkpoint manager registered), else with the newest one written; None before any.
+    ValueError when the one Ray will resume from has lost its training state."""
+    registered = registered_checkpoint(location, name)
+    for found in [registered] if registered else reversed(storage.checkpoints(location, name)):
         try:
             saved = json.loads(storage.read_bytes(storage.join(found, "config.json"))).get("train")
-        except (OSError, ValueError):  # a checkpoint still being written: an earlier one says the same
+        except (OSError, ValueError):  # unregistered, still being written when its driver died: an earlier one says the same
             continue
-        if not storage.exists(storage.join(found, "train_state.pt")):
+        if found == registered and not storage.exists(storage.join(found, "train_state.pt")):
             raise ValueError(f"--resume: {storage.join(found, 'train_state.pt')} is missing, so training cannot continue from "
                              "this checkpoint; restore the file, or start a new run under another --name")  # fmt: skip
         return TrainConfig.from_dict(saved) if saved else None
     return None
+
+
+def registered_checkpoint(location: str, name: str) -> str | None:
+    """The checkpoint Ray Train resumes run ``name`` from: the latest in its checkpoint manager's snapshot."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    snapshot = storage.join(location, name, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
+    if not storage.exists(snapshot):
+        return None
+    latest = json.loads(storage.read_bytes(snapshot)).get("latest_checkpoint_result")
+    return storage.join(location, name, latest["checkpoint_dir_name"]) if latest else None
 
 
 def resume_config(location: str, name: str, given: dict, base: TrainConfig) -> TrainConfig:

@@ -72,12 +72,27 @@ def test_resume_keeps_the_saved_config_refuses_changed_training_settings_and_all
     assert saved_config(str(tmp_path), "none") is None
 
 
+def registered(run, checkpoint_dir: str) -> None:
+    """Write Ray Train's checkpoint-manager snapshot naming ``checkpoint_dir`` as the run's latest, as Ray does."""
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": checkpoint_dir}}))
+
+
 def test_resuming_from_a_checkpoint_without_its_training_state_is_refused_naming_the_file(tmp_path):
     saved = checkpoint.write(tmp_path / "r" / "checkpoint_2026-01-01_00-00-00.000000", tiny_model(), REAL_PALETTE, train=TrainConfig().to_dict())
+    registered(tmp_path / "r", saved.name)
     with pytest.raises(ValueError, match=f"--resume: {saved / 'train_state.pt'} is missing, so training cannot continue"):
         resume_config(str(tmp_path), "r", {}, TrainConfig())
     with pytest.raises(checkpoint.CheckpointError, match="train_state.pt: missing, so training cannot continue"):
         checkpoint.load_train_state(saved)  # what a worker meets when Ray hands it such a checkpoint
+
+
+def test_resume_reads_the_checkpoint_ray_registered_not_a_newer_half_written_one(tmp_path):
+    trained = preset("smoke").replace(name="r", epochs=5)
+    run = tmp_path / "r"
+    checkpoint.write(run / "checkpoint_2026-01-01_00-00-00.000000", tiny_model(), REAL_PALETTE, {}, {"epoch": 0}, trained.to_dict())
+    checkpoint.write(run / "checkpoint_2026-01-01_00-00-09.000000", tiny_model(), REAL_PALETTE, train=TrainConfig().to_dict())  # no state
+    registered(run, "checkpoint_2026-01-01_00-00-00.000000")  # the newer one was being uploaded when its driver died
+    assert resume_config(str(tmp_path), "r", {}, TrainConfig()) == trained
 
 
 def test_a_search_is_not_restored_from_files_other_users_may_write(tmp_path, monkeypatch, capsys):

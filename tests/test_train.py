@@ -137,7 +137,8 @@ def test_a_killed_driver_resumes_as_trained_refuses_changed_settings_and_keeps_t
                "--storage", str(tmp_path), "--name", "t4", "--keep", "2"]  # fmt: skip
     driver = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
-    while len(checkpoint_dirs(tmp_path / "t4")) < 2 and time.time() < deadline:  # the first is registered
+    registered = tmp_path / "t4" / "checkpoint_manager_snapshot.json"  # Ray's record of the checkpoints it registered
+    while not (registered.exists() and len(checkpoint_dirs(tmp_path / "t4")) >= 2) and time.time() < deadline:
         time.sleep(0.5)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
