@@ -29,7 +29,7 @@ from __future__ import annotations
 import colorsys
 import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from PIL import ImageColor
@@ -201,23 +201,41 @@ def check_phrase(text: object) -> str:
     return text
 
 
-def suggestion(text: str, palette: Mapping[str, RGB] | None = None) -> str:
-    """'; did you mean ...?' for the three names nearest ``text``: a near spelling first (a typo), then, of the
-    names sharing most of its words, those whose colour is nearest (in OKLab) the colour its own colour words
-    name ("zorp red" -> the reds), then the closest spellings. Without any, a hint on the accepted forms."""
-    names = {k: (n, rgb) for k, (n, rgb) in LEXICON.items()} | {normalize_name(n): (n, tuple(rgb)) for n, rgb in (palette or {}).items()}
+def name_distance(lab: np.ndarray, other: np.ndarray) -> float:
+    """How far apart two OKLab colours are as names go: hue difference in full, chroma at half and lightness at
+    a quarter, since names follow hue first (teal is nearer cyan than purple, though cyan is far lighter)."""
+    chroma, chroma_other = np.hypot(lab[1], lab[2]), np.hypot(other[1], other[2])
+    hue2 = max(0.0, float(np.sum((lab[1:] - other[1:]) ** 2)) - (chroma - chroma_other) ** 2)  # ΔH² = Δa² + Δb² − ΔC²
+    return float(np.sqrt((0.25 * (lab[0] - other[0])) ** 2 + (0.5 * (chroma - chroma_other)) ** 2 + hue2))
+
+
+def suggestion(text: str, palette: Mapping[str, RGB] | None = None, only: Iterable[str] | None = None) -> str:
+    """'; did you mean ...?' for the three names nearest ``text`` among the lexicons and the palette (or ``only``
+    those names: a closed vocabulary): a near spelling first (a typo), then, of the names sharing most of its
+    words (any name, in a closed vocabulary), those whose colour is nearest in OKLab the colour the phrase or
+    its colour words name ("zorp red" -> the reds), then the closest spellings; else a hint on what is accepted."""
+    if only is None:
+        names = dict(LEXICON) | {normalize_name(n): (n, tuple(rgb)) for n, rgb in (palette or {}).items()}
+    else:
+        names = {normalize_name(n): (n, rgb) for n in only if (rgb := lookup(n, palette)) is not None}
     words = set(_ARTICLE.sub("", text.strip().lower()).replace("-", " ").split())
-    named = [to_oklab(rgb) for w in words if (rgb := lookup(w, palette) or ish(w, palette)) is not None]
+    try:
+        whole = read_color(text, palette)  # a colour a closed vocabulary lacks ("teal") is still a colour
+    except ValueError:
+        whole = None
+    named = [to_oklab(whole)] if whole is not None else [to_oklab(rgb) for w in words if (rgb := lookup(w, palette) or ish(w, palette)) is not None]
     meaning = np.mean(named, axis=0) if named else None
     ranked = sorted(
-        (-len(words & set(n.lower().split())), np.linalg.norm(to_oklab(rgb) - meaning) if meaning is not None else 0.0, len(n), k)
-        for k, (n, rgb) in names.items() if words & set(n.lower().split())
+        (-len(words & set(n.lower().split())), name_distance(to_oklab(rgb), meaning) if meaning is not None else 0.0, len(n), k)
+        for k, (n, rgb) in names.items() if words & set(n.lower().split()) or (only is not None and meaning is not None)
     )  # fmt: skip
     typo = difflib.get_close_matches(normalize_name(text), names, n=1, cutoff=0.85)  # a near spelling leads: a typo
     close = list(dict.fromkeys(typo + [k for *_, k in ranked[:3]]))
     close += [k for k in difflib.get_close_matches(normalize_name(text), names, n=3, cutoff=0.6) if k not in close]
     if close:
         return "; did you mean " + ", ".join(repr(names[c][0]) for c in close[:3]) + "?"
+    if only is not None:
+        return "; expected one of " + ", ".join(repr(n) for n, _ in list(names.values())[:12]) + (", ..." if len(names) > 12 else "")
     return "; expected a colour name (e.g. 'red', 'navy blue', 'light teal'), '#rrggbb', 'rgb(r, g, b)' or 'hsl(h, s%, l%)'"
 
 

@@ -145,8 +145,8 @@ class Embedding(Conditioning):
         """(B,) vocabulary indices."""
         tokens = self.tokens(colours)
         if -1 in tokens:
-            colour, names = colours[tokens.index(-1)], {n: palette.get(n, (0, 0, 0)) for n in self.cfg.vocabulary}
-            raise ValueError(f"colour {colour!r} is not in this checkpoint's vocabulary{suggestion(colour, names)}")
+            colour = colours[tokens.index(-1)]
+            raise ValueError(f"colour {colour!r} is not in this checkpoint's vocabulary{suggestion(colour, palette, only=self.cfg.vocabulary)}")
         return torch.tensor(tokens, dtype=torch.long)
 
     def paint(self, cond):

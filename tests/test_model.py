@@ -84,8 +84,8 @@ def test_rgb_modes_accept_any_colour_and_vocabulary_modes_refuse_unknown_names()
     film, embedding = tiny_model("film"), tiny_model("embedding")
     outline = batch(film, 1)[0]
     assert film(outline, film.condition.prepare(["#1f74c9"], REAL_PALETTE)).shape == (1, 3, 128, 128)
-    with pytest.raises(ValueError, match="'teal' is not in this checkpoint's vocabulary"):
-        embedding.condition.prepare(["teal"], REAL_PALETTE)
+    with pytest.raises(ValueError, match="'teal' is not in this checkpoint's vocabulary; did you mean 'cyan', 'green', 'blue'\\?"):
+        embedding.condition.prepare(["teal"], REAL_PALETTE)  # suggestions from its own vocabulary only, nearest in hue
 
 
 def test_tiny_model_overfits_a_handful_of_pairs():
