@@ -70,7 +70,7 @@ def saved_config(location: str, name: str) -> TrainConfig | None:
     (the latest its checkpoint manager registered), else with the newest one written; None before any.
     ValueError when the one Ray will resume from has lost its training state."""
     registered = registered_checkpoint(location, name)
-    for found in [registered] if registered else reversed(storage.checkpoints(location, name)):
+    for found in [registered] if registered else [storage.join(location, name, c) for c in reversed(storage.checkpoints(location, name))]:
         try:
             saved = json.loads(storage.read_bytes(storage.join(found, "config.json"))).get("train")
         except (OSError, ValueError):  # unregistered, still being written when its driver died: an earlier one says the same

@@ -99,13 +99,13 @@ class PhraseBudget:
 
 
 class ClientError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
 
 
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 app = FastAPI(title="polycolor", description="Colour polygon outlines by colour name.", redoc_url=None, swagger_ui_oauth2_redirect_url=None)
@@ -264,7 +264,7 @@ class ColorizeService:
         """(image size, outline at the model's size, the colour's condition): all a request keeps of its image."""
         if self.over_budget(colour, client):
             raise ClientError(429, f"more than {self.cfg.max_new_phrases_per_s:g} new phrases a second from this client; "
-                                   "retry in a second, or send names the lexicons know (see /colors)")  # fmt: skip
+                                   "retry in a second, or send names the lexicons know (see /colors)", {"Retry-After": "1"})  # fmt: skip
         image = decode_image(data, self.cfg.max_pixels)
         try:
             cond = self.colorizer.condition([colour])[0]
@@ -299,7 +299,7 @@ class ColorizeService:
             client = request.client.host if request.client else "unknown"
             size, outline, cond = await asyncio.get_running_loop().run_in_executor(self.decode_thread, self.prepare, data, colour, client)
         except ClientError as err:
-            return error(err.status, err.message) if err.status != 429 else JSONResponse({"error": err.message}, 429, {"Retry-After": "1"})
+            return error(err.status, err.message, err.headers)
         del data  # the body is not needed past decoding
         result = Image.fromarray(await self.colorize_batch((outline, cond)))
         if original:

@@ -102,19 +102,17 @@ def local_copy(location: str):
 
 
 def checkpoints(location: str, name: str) -> list[str]:
-    """The run's checkpoint_* directories (Ray names them by time, so the last is the latest), as locations."""
+    """The names of the run's checkpoint_* directories, oldest first (Ray names them by time)."""
     fs, root = filesystem(join(location, name))
     entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    found = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_"))
-    return [join(location, name, base) for base in found]
+    return sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_"))
 
 
 def prune_orphans(result, location: str, name: str) -> list[str]:
     """Remove checkpoint_* directories that Ray never registered (left by a driver killed mid-upload)."""
     kept = {Path(c.path).name for c, _ in result.best_checkpoints or []}
     fs, root = filesystem(join(location, name))
-    entries = fs.get_file_info(pafs.FileSelector(root))
-    orphans = [e.path for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_") and e.base_name not in kept]
+    orphans = [f"{root}/{base}" for base in checkpoints(location, name) if base not in kept]
     for path in orphans:
         fs.delete_dir(path)
     return orphans
