@@ -130,19 +130,25 @@ class Split:
 def read_rows(split_dir: Path) -> list[dict]:
     path = Path(split_dir) / "data.json"
     try:
-        rows = json.loads(path.read_text())
+        return parse_rows(path.read_bytes(), str(path))
     except FileNotFoundError:
         raise DatasetError(f"{path}: file does not exist (expected a split with data.json, inputs/, outputs/)") from None
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"{path}: not valid JSON ({err})") from None
+
+
+def parse_rows(data: bytes, where: str) -> list[dict]:
+    """The JSON list of rows in ``data`` (read from ``where``); DatasetError when it is not one."""
+    try:
+        rows = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise DatasetError(f"{where}: not valid JSON ({err})") from None
     if not isinstance(rows, list):
-        raise DatasetError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+        raise DatasetError(f"{where}: expected a JSON list of rows, got {type(rows).__name__}")
     # A row names files inside the split, never a path: "../../x.png" or "/etc/passwd" would read or, for
     # predict --data, write outside it.
     paths = [f"row {i} {key} {row[key]!r}" for i, row in enumerate(rows) if isinstance(row, dict)
              for key in ("input_polygon", "output_image") if isinstance(row.get(key), str) and not plain_name(row[key])]  # fmt: skip
     if paths:
-        raise DatasetError(f"{path}: file names must be plain names inside the split, not paths: " + "; ".join(paths))
+        raise DatasetError(f"{where}: file names must be plain names inside the split, not paths: " + "; ".join(paths))
     return rows
 
 

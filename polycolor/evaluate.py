@@ -1,6 +1,8 @@
 """A checkpoint's metrics (``polycolor.metrics``) on a dataset split, and a visual report of its worst and best.
 
-    python -m polycolor.evaluate --checkpoint CKPT --data SPLIT_DIR [--report DIR]
+    python -m polycolor.evaluate --checkpoint CKPT --data SPLIT_DIR [--report DIR] [--ray]
+
+A large split (or any, with ``--ray``) is scored on Ray Data (``polycolor.batch``), its metrics summed the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from PIL import Image
 
 from polycolor.metrics import per_image, summarize
 
+LARGE = 2000  # pairs above which a split is scored on Ray Data, streamed, not read into memory
+
 
 def evaluate_split(colorizer, split) -> tuple[dict[str, float], dict[str, np.ndarray], np.ndarray]:
     """(metrics, per-image metrics, predictions (N, H, W, 3) uint8) of ``colorizer`` on a ``Split``."""
@@ -28,49 +32,78 @@ def evaluate_split(colorizer, split) -> tuple[dict[str, float], dict[str, np.nda
     return metrics, {k: v.numpy() for k, v in values.items()}, predictions
 
 
-def write_report(report: Path, split, per: dict[str, np.ndarray], predictions: np.ndarray, rows: int = 6) -> None:
-    """per_sample.json and a grid (outline | truth | prediction | error) of the worst and best samples."""
+def write_report(report: Path, names: list[str], colours: list[str], per: dict[str, np.ndarray], arrays, rows: int = 6) -> None:
+    """per_sample.json and a grid (outline | truth | prediction | error) of the worst and best samples;
+    ``arrays(indices)`` gives those samples' (outlines, targets, predictions)."""
     report.mkdir(parents=True, exist_ok=True)
-    samples = [
-        {"input": split.inputs[i] if split.inputs else str(i), "colour": split.colors[i]}
-        | {k: round(float(v[i]), 6) for k, v in per.items()}
-        for i in range(len(split))
-    ]
+    samples = [{"input": name, "colour": colour} | {k: round(float(v[i]), 6) for k, v in per.items()} for i, (name, colour) in enumerate(zip(names, colours))]
     (report / "per_sample.json").write_text(json.dumps(samples, indent=2))
     order = np.argsort(per["pixel_exact"], kind="stable")
     picked = list(dict.fromkeys([*order[:rows], *order[::-1][:rows]]))
     tiles = []
-    for i in picked:
-        outline = np.repeat(np.where(split.outlines[i], 0, 255).astype(np.uint8)[..., None], 3, axis=2)
-        error = np.abs(predictions[i].astype(int) - split.targets[i].astype(int)).max(axis=2)
+    for outline, target, prediction in zip(*arrays(picked)):
+        outline = np.repeat(np.where(outline, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+        error = np.abs(prediction.astype(int) - target.astype(int)).max(axis=2)
         heat = np.stack([np.full_like(error, 255), 255 - error, 255 - error], axis=2).astype(np.uint8)  # red = wrong
-        tiles.append(np.concatenate([outline, split.targets[i], predictions[i], heat], axis=1))
+        tiles.append(np.concatenate([outline, target, prediction, heat], axis=1))
     Image.fromarray(np.concatenate(tiles, axis=0)).save(report / "worst_and_best.png")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m polycolor.evaluate", description="Score a checkpoint on a dataset split.")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (model.safetensors + config.json)")
-    parser.add_argument("--data", required=True, help="a split directory holding data.json, inputs/, outputs/")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or URI (model.safetensors + config.json)")
+    parser.add_argument("--data", required=True, help="a split directory or URI holding data.json, inputs/, outputs/")
     parser.add_argument("--report", help="write per-sample metrics and a worst/best PNG grid here")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--ray", action="store_true", help=f"score on Ray Data whatever the size (the default above {LARGE} pairs)")
     args = parser.parse_args(argv)
 
+    from polycolor import batch
     from polycolor.checkpoint import CheckpointError
     from polycolor.data import DatasetError, read_split
     from polycolor.predict import Colorizer
 
+    failed = []
     try:
         colorizer = Colorizer.from_checkpoint(args.checkpoint, device=args.device)
-        split = read_split(args.data, size=colorizer.image_size)
-        metrics, per, predictions = evaluate_split(colorizer, split)
-    except (CheckpointError, DatasetError, ValueError) as err:
+        source = batch.from_split(args.data)
+        names, colours = [Path(n).stem for n in source.rows["image"].to_pylist()], source.rows["colour"].to_pylist()
+        if args.ray or len(source.rows) > LARGE:
+            from polycolor.runs import init_ray
+
+            init_ray()
+            per, scored, failed = batch.score_all(source, args.checkpoint, colorizer.image_size)
+            names, colours = [names[i] for i in scored], [colours[i] for i in scored]
+            arrays = lambda picked: picked_arrays(colorizer, source, [int(scored[i]) for i in picked])  # noqa: E731
+        else:
+            split = read_split(args.data, size=colorizer.image_size)
+            _, per, predictions = evaluate_split(colorizer, split)
+            arrays = lambda picked: (split.outlines[picked], split.targets[picked], predictions[picked])  # noqa: E731
+    except (CheckpointError, DatasetError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for row in failed:
+        print(f"error: {row['error']} (colour {row['colour']!r})", file=sys.stderr)
+    if not len(names):
+        print(f"error: {args.data}: no pair could be scored", file=sys.stderr)
+        return 2
+    metrics = summarize({k: float(v.sum()) for k, v in per.items()}, len(names))
     if args.report:
-        write_report(Path(args.report), split, per, predictions)
-    print(json.dumps({"data": str(args.data), "pairs": len(split)} | {k: round(v, 6) for k, v in metrics.items()}, indent=2))
-    return 0
+        write_report(Path(args.report), names, colours, per, arrays)
+    print(json.dumps({"data": str(args.data), "pairs": len(names)} | ({"failed": len(failed)} if failed else {})
+                     | {k: round(v, 6) for k, v in metrics.items()}, indent=2))  # fmt: skip
+    return 1 if failed else 0
+
+
+def picked_arrays(colorizer, source, rows: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(outlines, targets, predictions) of a few ``source`` rows, read and coloured here."""
+    from polycolor.batch import read_image
+    from polycolor.data import outline_array, target_array
+
+    picked = source.rows.take(rows).to_pylist()
+    outlines = np.stack([outline_array(read_image(source.root, r["image"]), colorizer.image_size) for r in picked])
+    targets = np.stack([target_array(read_image(source.root, r["target"]), colorizer.image_size) for r in picked])
+    return outlines, targets, colorizer.colorize_arrays(outlines, colorizer.condition([r["colour"] for r in picked]))
 
 
 if __name__ == "__main__":

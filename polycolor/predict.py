@@ -17,7 +17,7 @@ from PIL import Image
 
 from polycolor import checkpoint
 from polycolor.colors import RGB
-from polycolor.data import outline_array, read_rows
+from polycolor.data import outline_array
 
 
 class Colorizer:
@@ -70,14 +70,21 @@ class Colorizer:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m polycolor.predict", description="Colour polygon outlines with a checkpoint.")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or URI")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="one outline image (any format Pillow reads)")
-    source.add_argument("--data", help="a split directory: colour every row of its data.json")
-    parser.add_argument("--color", "--colour", dest="color", help="colour name, #hex or rgb(r,g,b) (with --image)")
-    parser.add_argument("--out", required=True, help="output PNG (with --image) or directory (with --data)")
+    source.add_argument("--data", help="many, on Ray Data: a split with data.json, a folder or URI of outlines (with --color), "
+                        "or a CSV/JSON list of image,colour[,output]")  # fmt: skip
+    parser.add_argument("--color", "--colour", dest="color", help="colour name, #hex or rgb(r,g,b) (with --image, or a folder of outlines)")
+    parser.add_argument("--out", required=True, help="output PNG (with --image), or a folder or URI (with --data)")
     parser.add_argument("--original-size", action="store_true", help="return the input's size, not the model's")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    many = parser.add_argument_group("with --data")
+    many.add_argument("--resume", action="store_true", help="colour only the rows that have no output in --out yet")
+    many.add_argument("--concurrency", type=int, help="Colorizer actors (default: one per GPU, else one per two CPUs)")
+    many.add_argument("--batch-size", type=int, default=64, help="rows per actor call (default: 64)")
+    many.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
+    many.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor, and its torch threads (default: 1)")
     args = parser.parse_args(argv)
     if args.image and not args.color:
         parser.error("--image needs --color")
@@ -88,19 +95,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             colorizer.colorize(args.image, args.color, args.original_size).save(args.out)
             print(f"wrote {args.out}")
             return 0
-        split_dir, out = Path(args.data), Path(args.out)
-        rows = read_rows(split_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        for start in range(0, len(rows), colorizer.batch_size):
-            chunk = rows[start : start + colorizer.batch_size]
-            images = [split_dir / "inputs" / r["input_polygon"] for r in chunk]
-            for row, result in zip(chunk, colorizer.colorize_batch(images, [r["colour"] for r in chunk], args.original_size)):
-                result.save(out / row["output_image"])
-        print(f"wrote {len(rows)} images to {out}")
-        return 0
+        from polycolor import batch
+        from polycolor.runs import init_ray
+
+        found = batch.find_source(args.data, args.color)
+        init_ray()
+        plan = batch.Plan(args.concurrency, args.batch_size, args.gpus_per_actor, args.cpus_per_actor)
+        summary = batch.colour_all(found, args.checkpoint, colorizer.image_size, args.out, plan, args.resume, args.original_size)
     except (checkpoint.CheckpointError, ImportError, ValueError, OSError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    print(f"{args.out}: {summary.line()}" + (f"; reasons in {batch.ERRORS}" if summary.failed else ""))
+    return 1 if summary.failed else 0
 
 
 if __name__ == "__main__":
