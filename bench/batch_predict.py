@@ -10,7 +10,7 @@ writing PNGs, four ways:
   2 actors     the same with two actors, half the CPUs each
   2 actors     again on ``--small`` rows, to show that memory does not grow with the input
 It prints images/s, each as a ratio of in-process (goal: 2 actors >= 0.9), and the peak RSS of the
-pipeline's driver and of its largest actor, sampled every 0.2 s (goal: the same at --small and --images).
+pipeline's driver and of its largest actor (private, USS), sampled every 0.2 s (goal: the same at --small and --images).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from polycolor.predict import Colorizer
 
 
 class PeakRSS:
-    """Peak resident memory of the driver process and of Ray's actor workers, sampled while a block runs."""
+    """Peak private memory (USS: resident and not shared, so not the object store's pages a process maps) of
+    the driver process and of Ray's actor workers, sampled while a block runs."""
 
     def __init__(self, driver: int, every: float = 0.2):
         self.pid, self.every, self.driver, self.actor, self.actors_seen = driver, every, 0, 0, set()
@@ -46,9 +47,9 @@ class PeakRSS:
         for p in psutil.process_iter(["cmdline"]):
             try:
                 if p.pid == self.pid:
-                    self.driver = max(self.driver, p.memory_info().rss)
+                    self.driver = max(self.driver, p.memory_full_info().uss)
                 if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::MapWorker"):
-                    self.actor = max(self.actor, p.memory_info().rss)
+                    self.actor = max(self.actor, p.memory_full_info().uss)
                     self.actors_seen.add(p.pid)
             except psutil.Error:
                 continue
@@ -137,7 +138,7 @@ def main() -> int:
         memory = f"{peak.driver / 2**20:>10.0f} {peak.actor / 2**20:>9.0f}" if peak else f"{'':>10} {'':>9}"
         print(f"{name:<12} {n:>7} {rate:>9.1f} {rate / local:>9.2f} {memory}")
     big, small = rows[2][3], rows[3][3]
-    print(f"peak RSS at {args.images} / at {args.small} rows: driver {big.driver / small.driver:.2f}x, actor {big.actor / small.actor:.2f}x (goal: 1.0)")
+    print(f"peak memory at {args.images} / at {args.small} rows: driver {big.driver / small.driver:.2f}x, actor {big.actor / small.actor:.2f}x (goal: 1.0)")
     return 0
 
 

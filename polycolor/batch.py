@@ -1,6 +1,9 @@
 """Colour many outlines on Ray Data: one streaming pipeline from a source of outlines to a folder of PNGs.
 
-    read names -> decode (tasks) -> colour in batches (Colorizer actors, GPUs when asked) -> encode + write (tasks)
+    rows -> decode -> colour in batches (Colorizer actors) -> encode + write PNGs (or score against the truths)
+
+On CPUs each actor decodes, colours and writes its own batches (Ray fuses the stages), so only names and
+outcomes move between processes; with GPUs, CPU tasks decode and write and the GPU actors only colour.
 
 A source (``Source``) is one of
   - a split in our layout: ``data.json`` names each row's outline, colour and output file;
@@ -72,7 +75,7 @@ def find_source(src: str, colour: str | None) -> Source:
     names = sorted(
         e.path[len(path.rstrip("/")) + 1 :]
         for e in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        if e.type == pafs.FileType.File and e.path.lower().endswith(IMAGE_SUFFIXES)
+        if e.type in (pafs.FileType.File, pafs.FileType.Unknown) and e.path.lower().endswith(IMAGE_SUFFIXES)  # Unknown: a FIFO, named when read
     )
     if not names:
         raise DatasetError(f"--data {src}: no images there (expected {', '.join(IMAGE_SUFFIXES)})")
@@ -110,9 +113,7 @@ def from_list(src: str, fs: pafs.FileSystem, path: str) -> Source:
         raise DatasetError(f"{src}: {', '.join(bad[:5])} lack an image or a colour; expected image,colour[,output]")
     images = [relative_name(r["image"], f"{src} row {i} image") for i, r in enumerate(rows)]
     outputs = [r.get("output") or as_png(image) for r, image in zip(rows, images)]
-    base = src.split("?", 1)[0].rsplit("/", 1)[0]
-    root = base + ("?" + src.split("?", 1)[1] if "?" in src else "")
-    return Source(root, table(images, [r.get("colour") or r["color"] for r in rows], outputs, where=src))
+    return Source(storage.parent(src), table(images, [r.get("colour") or r["color"] for r in rows], outputs, where=src))
 
 
 def as_png(name: str) -> str:
@@ -152,8 +153,11 @@ def opened(location: str) -> tuple[pafs.FileSystem, str]:
 
 def read_image(root: str, name: str) -> Image.Image:
     fs, base = opened(root)
+    path = f"{base.rstrip('/')}/{name}"
+    if isinstance(fs, pafs.LocalFileSystem) and os.path.exists(path) and not os.path.isfile(path):
+        raise DatasetError(f"{name}: not a regular file")  # a FIFO or a device would block or never end
     try:
-        with fs.open_input_file(f"{base.rstrip('/')}/{name}") as stream:
+        with fs.open_input_file(path) as stream:
             data = stream.read()
     except FileNotFoundError:
         raise DatasetError(f"{name}: file does not exist") from None
@@ -235,11 +239,11 @@ def write(batch: dict, dst: str, original_size: bool) -> dict:
             fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
             # A local file is written beside its name and renamed into place; an object store publishes an
             # object only when its upload completes.
-            partial = f"{path.rsplit('/', 1)[0]}/.{PurePosixPath(path).name}.tmp-{uuid.uuid4().hex[:8]}" if local else path
-            with fs.open_output_stream(partial) as stream:
+            staging = f"{path.rsplit('/', 1)[0]}/.{PurePosixPath(path).name}.tmp-{uuid.uuid4().hex[:8]}" if local else path
+            with fs.open_output_stream(staging) as stream:
                 stream.write(encoded.getvalue())
             if local:
-                os.replace(partial, path)
+                os.replace(staging, path)
         except OSError as err:
             errors[i] = f"{output}: cannot be written ({' '.join(str(err).split())})"
     return {"image": batch["image"], "colour": batch["colour"], "output": batch["output"], "error": errors}

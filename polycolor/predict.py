@@ -1,7 +1,7 @@
 """Colorizer: load a checkpoint once, colour outlines.
 
     python -m polycolor.predict --checkpoint CKPT --image outline.png --color teal --out teal.png
-    python -m polycolor.predict --checkpoint CKPT --data SPLIT_DIR --out OUT_DIR   # one PNG per data.json row
+    python -m polycolor.predict --checkpoint CKPT --data SRC --out DST [--resume]   # many, on Ray Data (polycolor.batch)
 """
 
 from __future__ import annotations
@@ -78,10 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--color", "--colour", dest="color", help="colour name, #hex or rgb(r,g,b) (with --image, or a folder of outlines)")
     parser.add_argument("--out", required=True, help="output PNG (with --image), or a folder or URI (with --data)")
     parser.add_argument("--original-size", action="store_true", help="return the input's size, not the model's")
-    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--device", help="torch device with --image (default: cuda when available, else cpu)")
     many = parser.add_argument_group("with --data")
     many.add_argument("--resume", action="store_true", help="colour only the rows that have no output in --out yet")
-    many.add_argument("--concurrency", type=int, help="Colorizer actors (default: one per GPU, else one per two CPUs)")
+    many.add_argument("--concurrency", type=int, help="Colorizer actors (default: one per GPU, else as many as the CPUs hold)")
     many.add_argument("--batch-size", type=int, default=64, help="rows per actor call (default: 64)")
     many.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
     many.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor, and its torch threads (default: 1)")
@@ -90,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--image needs --color")
 
     try:
-        colorizer = Colorizer.from_checkpoint(args.checkpoint, device=args.device)
+        # With --data the model runs in the actors; here it is loaded once, on the CPU, to check it before Ray starts.
+        colorizer = Colorizer.from_checkpoint(args.checkpoint, device=args.device if args.image else "cpu")
         if args.image:
             colorizer.colorize(args.image, args.color, args.original_size).save(args.out)
             print(f"wrote {args.out}")

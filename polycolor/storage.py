@@ -43,6 +43,13 @@ def join(location: str, *names: str) -> str:
     return f"{joined}?{query}" if query else joined
 
 
+def parent(location: str) -> str:
+    """The folder holding ``location``, its query kept."""
+    base, query = location.split("?", 1) if "?" in location else (location, "")
+    folder = base.rstrip("/").rsplit("/", 1)[0] if "/" in base else "."
+    return f"{folder}?{query}" if query else folder
+
+
 def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it); StorageError naming the location when pyarrow cannot make one."""
     try:

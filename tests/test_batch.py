@@ -70,6 +70,18 @@ def test_three_broken_rows_are_recorded_with_their_reasons_and_every_good_row_is
     assert written == {r["output_image"] for i, r in enumerate(rows) if i not in (3, 11, 20)}
 
 
+@pytest.mark.timeout(120)
+def test_a_fifo_among_the_outlines_is_a_failed_row_not_a_hang(ray_session, tiny_checkpoint, split, tmp_path, capsys):
+    folder = tmp_path / "outlines"
+    folder.mkdir()
+    shutil.copy(next((split / "inputs").iterdir()), folder / "good.png")
+    os.mkfifo(folder / "pipe.png")
+    assert predict.main(["--checkpoint", str(tiny_checkpoint), "--data", str(folder), "--color", "red", "--out", str(tmp_path / "out")]) == 1
+    assert "done 1, failed 1, skipped 0" in capsys.readouterr().out
+    [error] = map(json.loads, (tmp_path / "out" / "errors.jsonl").read_text().splitlines())
+    assert error["image"] == "pipe.png" and error["error"] == "pipe.png: not a regular file"
+
+
 def test_a_killed_run_resumed_writes_every_output_exactly_once(ray_session, tiny_checkpoint, tmp_path):
     data = tmp_path / "outlines"
     data.mkdir()
