@@ -1,10 +1,11 @@
 """Ray Serve deployment of a checkpoint: an HTTP colorize endpoint with batching, limits and clear errors.
 
-    python -m polycolor.serve --checkpoint runs/first/best [--host 127.0.0.1] [--port 8000] [--replicas 1] [--gpu]
+    python -m polycolor.serve --checkpoint runs/first/best [--host 127.0.0.1] [--port 8000] [--replicas 1|auto|MIN-MAX] [--gpu]
     serve run polycolor.serve:build_app checkpoint=runs/first/best
 
 HTTP surface (nothing else; other methods get 405, other paths 404):
-    POST /colorize   multipart form (image file, color) or JSON {"image": base64, "color": ...} -> image/png
+    POST /colorize   multipart form (image file, color) or JSON {"image": base64, "color": ...} -> image/png;
+                     several images (repeated fields, or a JSON list) -> a JSON list of base64 PNGs or per-item errors
     GET  /colors     palette, conditioning mode, whether any CSS name / hex (or, in text mode, any phrase) works
     GET  /healthz    200 when a tiny forward pass succeeds
     GET  /docs       OpenAPI page (its schema at /openapi.json)
@@ -55,7 +56,11 @@ class ServeConfig(Settings):
     """A deployment's settings: ``serve run`` arguments, a Serve config file's ``args`` and main()'s flags."""
 
     checkpoint: str = setting("", "checkpoint directory or URI (e.g. runs/NAME/best)")
-    replicas: int = setting(1, "replicas of the model", lambda v: v >= 1, ">= 1")
+    replicas: str = setting("1", "replicas of the model: N; auto (Serve's autoscaling); or MIN-MAX, autoscaling between them",
+                            lambda v: replica_range(v) is not None, "a count >= 1, auto, or MIN-MAX with 0 <= MIN <= MAX, MAX >= 1")
+    target_ongoing_requests: float = setting(2.0, "autoscaling: the requests in progress per replica it aims for", lambda v: v > 0, "> 0")
+    upscale_delay_s: float = setting(10.0, "autoscaling: how long load must stay high before a replica is added", lambda v: v >= 0, ">= 0")
+    downscale_delay_s: float = setting(120.0, "autoscaling: how long load must stay low before a replica is removed", lambda v: v >= 0, ">= 0")
     gpu: bool = setting(False, "one GPU per replica")
     max_body_mb: float = setting(10.0, "request body limit in MiB (413 above it)", lambda v: v > 0, "> 0")
     max_pixels: int = setting(4096 * 4096, "largest accepted image, in pixels (413 above it)", lambda v: v >= 1, ">= 1")
@@ -63,6 +68,7 @@ class ServeConfig(Settings):
     batch_wait_s: float = setting(0.005, "how long a batch waits to fill", lambda v: v >= 0, ">= 0")
     max_ongoing_requests: int = setting(64, "requests a replica takes at once; more are queued", lambda v: v >= 1, ">= 1")
     max_queued_requests: int = setting(256, "queued requests beyond which clients get 503", lambda v: v >= 1, ">= 1")
+    max_images_per_request: int = setting(16, "outlines one request may carry (413 above it)", lambda v: v >= 1, ">= 1")
     max_new_phrases_per_s: float = setting(20.0, "per client: phrases that need an encoder run (text mode; 429 beyond)", lambda v: v > 0, "> 0")
 
     @classmethod
@@ -74,6 +80,29 @@ class ServeConfig(Settings):
             raise ValueError(f"unknown argument(s) {sorted(unknown)}; expected some of {sorted(known)}")
         casts = {int: int, float: float, bool: lambda v: str(v).lower() in ("1", "true", "yes"), str: str}
         return cls(**{k: casts[known[k]](v) for k, v in args.items()})
+
+
+def replica_range(replicas: str) -> tuple[int, int] | str | None:
+    """``replicas`` as (MIN, MAX) (N is N-N), or "auto"; None when it is neither."""
+    text = str(replicas).strip()
+    if text == "auto":
+        return text
+    low, _, high = text.partition("-")
+    if not low.isdigit() or not (high or low).isdigit():
+        return None
+    bounds = int(low), int(high or low)
+    return bounds if bounds[0] <= bounds[1] and bounds[1] >= 1 and (high or bounds[0] >= 1) else None
+
+
+def replica_options(cfg: ServeConfig) -> dict:
+    """The deployment options for ``cfg.replicas``: a fixed count, or an autoscaling config."""
+    wanted = replica_range(cfg.replicas)
+    if isinstance(wanted, tuple) and wanted[0] == wanted[1]:
+        return {"num_replicas": wanted[0]}
+    autoscaling = {"target_ongoing_requests": cfg.target_ongoing_requests, "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s}
+    if wanted == "auto":
+        return {"num_replicas": "auto", "autoscaling_config": autoscaling}
+    return {"autoscaling_config": autoscaling | {"min_replicas": wanted[0], "max_replicas": wanted[1], "initial_replicas": max(1, wanted[0])}}
 
 
 DEFAULTS = ServeConfig()
@@ -98,10 +127,33 @@ class PhraseBudget:
         return tokens >= 1
 
 
+REASONS = {400: "malformed", 401: "unauthorized", 408: "timeout", 413: "too_large", 415: "unsupported_type", 422: "invalid", 429: "rate_limited"}
+
+
 class ClientError(Exception):
-    def __init__(self, status: int, message: str, headers: dict | None = None):
+    """A 4xx: its status, the message the client reads, and a short reason for the metrics (from the status
+    unless given, as "unknown_colour" is)."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None, reason: str = ""):
         super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
+        self.status, self.message, self.headers, self.reason = status, message, headers, reason or REASONS.get(status, "other")
+
+
+class Meters:
+    """The replica's metrics, exported by Ray's metrics agent (Prometheus, ``ray_`` prefixed) from every replica."""
+
+    def __init__(self):
+        from ray.serve import metrics
+
+        seconds = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5]
+        self.requests = metrics.Counter("polycolor_requests", "outlines answered, by outcome (2xx/4xx/5xx) and 4xx reason", ("outcome", "reason"))
+        self.batch_size = metrics.Histogram("polycolor_batch_size", "outlines per model batch", [1, 2, 4, 8, 16, 32, 64, 128])
+        self.model_latency = metrics.Histogram("polycolor_model_seconds", "time the model takes for one batch", seconds)
+        self.decode_latency = metrics.Histogram("polycolor_decode_seconds", "time to decode one image to its outline", seconds)
+        self.unknown_colours = metrics.Counter("polycolor_unknown_colours", "colours this checkpoint could not paint (422)")
+
+    def answered(self, status: int, reason: str = "") -> None:
+        self.requests.inc(tags={"outcome": f"{status // 100}xx", "reason": reason if 400 <= status < 500 else ""})
 
 
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -163,8 +215,20 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def parse_request(request: Request, limit: int) -> tuple[bytes, object, bool]:
-    """(image bytes, colour, original size?) from a multipart form or a JSON body."""
+@dataclass
+class Parsed:
+    """A request's outlines (encoded), one colour each, whether the input's size is wanted, and whether the
+    client sent a list (answered with a JSON list) or one image (answered with a PNG)."""
+
+    images: list[bytes | ClientError]  # an item already refused (not base64) is its error
+    colours: list[object]
+    original: bool
+    many: bool
+
+
+async def parse_request(request: Request, limit: int, max_images: int) -> Parsed:
+    """The outlines, colours and size from a multipart form (``image`` repeated for several) or a JSON body
+    (``image``: base64, or a list of them); ``color`` is one for all or, with several images, one each."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await read_body(request, limit)
     if content_type == "application/json":
@@ -175,35 +239,54 @@ async def parse_request(request: Request, limit: int) -> tuple[bytes, object, bo
         except RecursionError:  # json nests in Python's stack: thousands of brackets exhaust it
             raise ClientError(400, "body is JSON nested too deeply") from None
         if not isinstance(payload, dict):
-            raise ClientError(422, 'JSON body must be an object {"image": "<base64>", "color": "..."}')
-        encoded = payload.get("image")
-        if not isinstance(encoded, str):
-            raise ClientError(422, 'field "image" is missing or not a base64 string')
-        try:
-            data = base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError):
-            raise ClientError(400, 'field "image" is not valid base64') from None
+            raise ClientError(422, 'JSON body must be an object {"image": "<base64>" or ["<base64>", ...], "color": "..."}')
+        encoded, many = payload.get("image"), isinstance(payload.get("image"), list)
+        encoded = encoded if many else [encoded]
+        if not encoded or not all(isinstance(e, str) for e in encoded):
+            raise ClientError(422, 'field "image" is missing, or not a base64 string or a list of them')
+        check_count(len(encoded), max_images)
+        images = [base64_image(item) for item in encoded]  # a bad item fails alone when there are several
+        if not many and isinstance(images[0], ClientError):
+            raise images[0]
         colour = payload.get("color", payload.get("colour"))
+        colours = colour if many and isinstance(colour, list) else [colour]
         size = payload.get("size", "model")
     elif content_type == "multipart/form-data":
         request._body = body  # let Starlette parse what was already read under the limit
         try:
-            form = await request.form(max_files=2, max_fields=8)
-        except Exception:  # python-multipart raises several types for malformed bodies
+            form = await request.form(max_files=max_images + 1, max_fields=max_images + 8)
+        except Exception as err:  # python-multipart raises several types for malformed bodies
+            if "Too many files" in str(err):
+                raise ClientError(413, f"more than {max_images} images in one request; the limit is {max_images}") from None
             raise ClientError(400, "body is not a valid multipart form") from None
-        upload = form.get("image")
-        if upload is None or isinstance(upload, str):
+        uploads = form.getlist("image")
+        if not uploads or any(isinstance(u, str) for u in uploads):
             raise ClientError(422, 'form field "image" is missing or not a file')
-        data = await upload.read()
-        colour = form.get("color", form.get("colour"))
+        check_count(len(uploads), max_images)
+        images, many = [await u.read() for u in uploads], len(uploads) > 1
+        colours = form.getlist("color") or form.getlist("colour") or [None]
         size = form.get("size", "model")
     else:
         raise ClientError(415, f"content type {content_type or 'none'!r} is not accepted; send multipart/form-data or application/json")
-    if colour is None:
+    if colours == [None]:
         raise ClientError(422, 'field "color" is missing; expected a name, #hex or rgb(r, g, b)')
+    if len(colours) not in (1, len(images)):
+        raise ClientError(422, f'{len(images)} images and {len(colours)} colours; send one colour for all, or one per image')
     if size not in ("model", "original"):
         raise ClientError(422, f'field "size" must be "model" or "original", got {str(size)[:20]!r}')
-    return data, colour, size == "original"
+    return Parsed(images, colours * len(images) if len(colours) == 1 else colours, size == "original", many)
+
+
+def base64_image(encoded: str) -> bytes | ClientError:
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        return ClientError(400, 'field "image" is not valid base64')
+
+
+def check_count(count: int, max_images: int) -> None:
+    if count > max_images:
+        raise ClientError(413, f"{count} images in one request; the limit is {max_images}")
 
 
 def demo_page(colorizer: Colorizer) -> str:
@@ -232,49 +315,90 @@ def authorized(request: Request) -> bool:
     return not key or hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
 
 
+@dataclass(frozen=True)
+class Served:
+    """One checkpoint as a replica serves it; swapped whole, so a request sees one checkpoint throughout."""
+
+    location: str
+    colorizer: Colorizer
+    page: str  # the demo page, with this checkpoint's names
+    probe: torch.Tensor  # a condition for health probes
+
+    @classmethod
+    def load(cls, location: str, device: str) -> "Served":
+        colorizer = Colorizer.from_checkpoint(location, device=device)
+        colorizer.model.condition.check_serving(load=True)  # a text encoder loads now, not on the first new phrase
+        probe = colorizer.condition([next(iter(colorizer.model.cfg.vocabulary), "red")])
+        return cls(location, colorizer, demo_page(colorizer), probe)
+
+
 @serve.deployment(name="Colorizer", health_check_period_s=10, health_check_timeout_s=30)
 @serve.ingress(app)
 class ColorizeService:
     def __init__(self, config: dict):
         self.cfg = ServeConfig(**config)
-        self.colorizer = Colorizer.from_checkpoint(self.cfg.checkpoint, device="cuda" if self.cfg.gpu else "cpu")
-        self.colorizer.model.condition.check_serving(load=True)  # a text encoder loads now, not on the first new phrase
+        self.device = "cuda" if self.cfg.gpu else "cpu"
+        # The checkpoint comes in config, or in the deployment's user_config (build_app's way: see reconfigure).
+        self.served = Served.load(self.cfg.checkpoint, self.device) if self.cfg.checkpoint else None
         self.limit = int(self.cfg.max_body_mb * 1024 * 1024)
         self.colorize_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.colorize_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
-        self.page = demo_page(self.colorizer)
-        self.probe = self.colorizer.condition([next(iter(self.colorizer.model.cfg.vocabulary), "red")])
         self.batch_sizes: list[int] = []  # recent batch sizes, for /healthz and the tests
         # One model thread: serve.batch runs one batch at a time, and the event loop stays free for HTTP.
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         # One decode thread: the event loop never decodes, and at most one full-size image is held at a time.
         self.decode_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         self.budget = PhraseBudget(self.cfg.max_new_phrases_per_s)  # used on the decode thread only
+        self.meters = Meters()
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """Serve calls this before the replica takes requests and whenever the deployment's ``user_config``
+        changes (a redeploy naming another checkpoint): the new one loads beside the old, off the event loop,
+        and is swapped in whole. Requests already decoded finish on the checkpoint they were decoded for."""
+        location = str(user_config.get("checkpoint", ""))
+        if not location or (self.served and self.served.location == location):
+            return
+        self.served = await asyncio.get_running_loop().run_in_executor(None, Served.load, location, self.device)
 
     @serve.batch(max_batch_size=DEFAULTS.max_batch_size, batch_wait_timeout_s=DEFAULTS.batch_wait_s)
-    async def colorize_batch(self, items: list[tuple[np.ndarray, torch.Tensor]]) -> list[np.ndarray]:
+    async def colorize_batch(self, items: list[tuple[np.ndarray, torch.Tensor, Colorizer]]) -> list[np.ndarray]:
         """The Colorizer runs a batch in chunks of its own batch size (8 on CPU): faster per image than whole
-        large batches, and the allocator sees at most eight tensor sizes, so memory stays flat under load."""
+        large batches, and the allocator sees at most eight tensor sizes, so memory stays flat under load.
+        During a checkpoint swap a batch may hold requests for both: each group runs on its own."""
         self.batch_sizes = (self.batch_sizes + [len(items)])[-100:]
-        outlines = np.stack([outline for outline, _ in items])
-        cond = torch.stack([c for _, c in items])
-        return list(await asyncio.get_running_loop().run_in_executor(self.model_thread, self.colorizer.colorize_arrays, outlines, cond))
+        self.meters.batch_size.observe(len(items))
+        started = time.perf_counter()
+        results: list[np.ndarray | None] = [None] * len(items)
+        for colorizer in {id(c): c for _, _, c in items}.values():
+            mine = [i for i, item in enumerate(items) if item[2] is colorizer]
+            outlines, cond = np.stack([items[i][0] for i in mine]), torch.stack([items[i][1] for i in mine])
+            images = await asyncio.get_running_loop().run_in_executor(self.model_thread, colorizer.colorize_arrays, outlines, cond)
+            for i, image in zip(mine, images):
+                results[i] = image
+        self.meters.model_latency.observe(time.perf_counter() - started)
+        return results
 
-    def prepare(self, data: bytes, colour: object, client: str) -> tuple[tuple[int, int], np.ndarray, torch.Tensor]:
-        """(image size, outline at the model's size, the colour's condition): all a request keeps of its image."""
-        if self.over_budget(colour, client):
+    def prepare(self, data: bytes, colour: object, client: str) -> tuple[tuple[int, int], np.ndarray, torch.Tensor, Colorizer]:
+        """(image size, outline at the model's size, the colour's condition, the Colorizer they are for): all a
+        request keeps of its image."""
+        colorizer = self.served.colorizer
+        if self.over_budget(colorizer, colour, client):
             raise ClientError(429, f"more than {self.cfg.max_new_phrases_per_s:g} new phrases a second from this client; "
                                    "retry in a second, or send names the lexicons know (see /colors)", {"Retry-After": "1"})  # fmt: skip
+        started = time.perf_counter()
         image = decode_image(data, self.cfg.max_pixels)
         try:
-            cond = self.colorizer.condition([colour])[0]
+            cond = colorizer.condition([colour])[0]
         except ValueError as err:
-            raise ClientError(422, str(err)) from None
-        return image.size, outline_array(image, self.colorizer.image_size), cond
+            self.meters.unknown_colours.inc()
+            raise ClientError(422, str(err), reason="unknown_colour") from None
+        outline = outline_array(image, colorizer.image_size)
+        self.meters.decode_latency.observe(time.perf_counter() - started)
+        return image.size, outline, cond, colorizer
 
-    def over_budget(self, colour: object, client: str) -> bool:
+    def over_budget(self, colorizer: Colorizer, colour: object, client: str) -> bool:
         try:
-            costly = self.colorizer.model.condition.costly(colour, self.colorizer.palette)
+            costly = colorizer.model.condition.costly(colour, colorizer.palette)
         except ValueError:
             return False  # refused with the others, after the image is checked
         return costly and not self.budget.take(client)
@@ -282,37 +406,67 @@ class ColorizeService:
     async def check_health(self) -> None:
         """A tiny forward pass on the model thread, the path requests take: a wedged thread fails the check
         (Serve then replaces the replica), where a pass on the event loop would have passed and blocked HTTP."""
-        blank = np.zeros((1, self.colorizer.image_size, self.colorizer.image_size), bool)
-        probe = self.model_thread.submit(self.colorizer.colorize_arrays, blank, self.probe)
+        served = self.served
+        if served is None:
+            raise RuntimeError("no checkpoint: give checkpoint= in the app's args or in its Colorizer deployment's user_config")
+        blank = np.zeros((1, served.colorizer.image_size, served.colorizer.image_size), bool)
+        probe = self.model_thread.submit(served.colorizer.colorize_arrays, blank, served.probe)
         try:
             await asyncio.wait_for(asyncio.wrap_future(probe), HEALTH_TIMEOUT_S)
         except TimeoutError:
             raise RuntimeError(f"the model thread did not answer a health probe within {HEALTH_TIMEOUT_S} s") from None
 
-    @app.post("/colorize", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    @app.post("/colorize", response_class=Response, responses={200: {"content": {"image/png": {}, "application/json": {}}}})
     async def colorize(self, request: Request) -> Response:
-        """Multipart `image` (PNG/JPEG) + `color`, or JSON {"image": base64, "color": ...}; optional `size=original`."""
+        """Multipart `image` (PNG/JPEG) + `color`, or JSON {"image": base64, "color": ...}; optional `size=original`.
+        Several images (repeated `image` fields, or a JSON list) get a JSON list, in order, of {"image": base64 PNG}
+        or, for an item that cannot be done, {"error": ..., "status": ...}."""
         if not authorized(request):
+            self.meters.answered(401, REASONS[401])
             return error(401, "missing or wrong API key; send Authorization: Bearer <key>")
         try:
-            data, colour, original = await parse_request(request, self.limit)
-            client = request.client.host if request.client else "unknown"
-            size, outline, cond = await asyncio.get_running_loop().run_in_executor(self.decode_thread, self.prepare, data, colour, client)
+            parsed = await parse_request(request, self.limit, self.cfg.max_images_per_request)
         except ClientError as err:
+            self.meters.answered(err.status, err.reason)
             return error(err.status, err.message, err.headers)
+        client = request.client.host if request.client else "unknown"
+        jobs = [self.colorize_one(data, colour, parsed.original, client) for data, colour in zip(parsed.images, parsed.colours)]
+        parsed.images.clear()  # each job holds its own image's bytes, and drops them once decoded
+        try:
+            answers = await asyncio.gather(*jobs)  # decoded one at a time, coloured together in the model's batches
+        except Exception:
+            self.meters.answered(500)  # then the app's handler answers a generic 500
+            raise
+        for answer in answers:
+            ok = isinstance(answer, bytes)
+            self.meters.answered(200 if ok else answer.status, "" if ok else answer.reason)
+        if not parsed.many:
+            answer = answers[0]
+            return Response(answer, media_type="image/png") if isinstance(answer, bytes) else error(answer.status, answer.message, answer.headers)
+        return JSONResponse([{"image": base64.b64encode(a).decode()} if isinstance(a, bytes) else {"error": a.message, "status": a.status} for a in answers])
+
+    async def colorize_one(self, data: bytes | ClientError, colour: object, original: bool, client: str) -> bytes | ClientError:
+        """One outline as PNG bytes, or the ClientError that refuses it (the others in its request go on)."""
+        if isinstance(data, ClientError):
+            return data
+        try:
+            size, outline, cond, colorizer = await asyncio.get_running_loop().run_in_executor(self.decode_thread, self.prepare, data, colour, client)
+        except ClientError as err:
+            return err
         del data  # the body is not needed past decoding
-        result = Image.fromarray(await self.colorize_batch((outline, cond)))
+        result = Image.fromarray(await self.colorize_batch((outline, cond, colorizer)))
         if original:
             result = result.resize(size, Image.Resampling.NEAREST)
         buffer = io.BytesIO()
         result.save(buffer, format="PNG")
-        return Response(buffer.getvalue(), media_type="image/png")
+        return buffer.getvalue()
 
     @app.get("/colors")
     async def colors(self, request: Request) -> JSONResponse:
         if not authorized(request):
             return error(401, "missing or wrong API key; send Authorization: Bearer <key>")
-        return JSONResponse(self.colorizer.model.condition.advertise(self.colorizer.palette))
+        colorizer = self.served.colorizer
+        return JSONResponse(colorizer.model.condition.advertise(colorizer.palette))
 
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
@@ -324,24 +478,31 @@ class ColorizeService:
 
     @app.get("/", response_class=HTMLResponse)
     async def index(self) -> HTMLResponse:
-        return HTMLResponse(self.page)
+        return HTMLResponse(self.served.page)
 
 
 
 def build_app(args: dict):
-    """The one application builder: `serve run polycolor.serve:build_app checkpoint=...`, config files, main()."""
+    """The one application builder: `serve run polycolor.serve:build_app checkpoint=...`, config files, main().
+
+    The checkpoint reaches the replicas as the deployment's ``user_config`` (``reconfigure``), never as their
+    arguments. In a Serve config file put it there (``deployments: [{name: Colorizer, user_config:
+    {checkpoint: ...}}]``): a changed ``args`` rebuilds the app and replaces its replicas, a changed
+    ``user_config`` swaps the checkpoint into the running ones."""
     cfg = ServeConfig.from_args(dict(args))
-    if not cfg.checkpoint:
-        raise ValueError("build_app needs checkpoint=PATH")
-    # Fail start-up here, naming the file (or the missing extra), not in every replica; a half-written
-    # checkpoint in a bucket fails its hash check here too.
-    checkpoint.load(cfg.checkpoint).model.condition.check_serving(load=False)
+    options = {}
+    if cfg.checkpoint:
+        # Fail start-up here, naming the file (or the missing extra), not in every replica; a half-written
+        # checkpoint in a bucket fails its hash check here too.
+        checkpoint.load(cfg.checkpoint).model.condition.check_serving(load=False)
+        options["user_config"] = {"checkpoint": cfg.checkpoint}
     return ColorizeService.options(
-        num_replicas=cfg.replicas,
+        **replica_options(cfg),
+        **options,
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
         ray_actor_options={"num_cpus": 1, "num_gpus": 1 if cfg.gpu else 0},
-    ).bind(asdict(cfg))
+    ).bind(asdict(cfg) | {"checkpoint": ""})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from polycolor.model import ConditionalUNet, ModelConfig
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")  # metrics reach Prometheus within seconds, not 10
 # The loopback S3 server takes any credentials; set before any Ray starts, so that its workers have them too.
 for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
     os.environ.setdefault(key, value)
@@ -98,11 +99,18 @@ def tiny_checkpoint(tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def metrics_port() -> int:
+    """Where the session's Ray exports Prometheus metrics (``ray start --metrics-export-port``)."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def ray_session(metrics_port):
     """One local Ray for every Ray-level test of the session, shut down at the end."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+             _metrics_export_port=metrics_port)  # fmt: skip
     yield ray
     ray.shutdown()
 

@@ -112,6 +112,8 @@ def test_serve_configs_validate_and_import():
             from polycolor.serve import ServeConfig
 
             ServeConfig.from_args({k: v for k, v in application.args.items()})  # every arg is known
+            (colorizer,) = application.deployments  # the checkpoint: in user_config, so a new one swaps in place
+            assert colorizer.name == "Colorizer" and colorizer.user_config["checkpoint"] and "checkpoint" not in application.args
     assert yaml.safe_load((ROOT / "cluster" / "serve.yaml").read_text())["http_options"]["host"] == "127.0.0.1"
 
 

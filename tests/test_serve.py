@@ -25,7 +25,7 @@ from PIL import Image
 from polycolor import synth
 from polycolor.data import REAL_PALETTE
 from polycolor.predict import Colorizer
-from polycolor.serve import ColorizeService, PhraseBudget, ServeConfig
+from polycolor.serve import ColorizeService, PhraseBudget, ServeConfig, replica_options
 
 from conftest import free_port, png_bytes
 
@@ -404,14 +404,14 @@ def test_an_internal_error_gives_a_generic_500_and_the_next_request_works(server
     class Faulty(ColorizeService.func_or_class):  # a local class: pickled by value into the replica
         async def __init__(self, config):  # the model raises on one colour (not the health check's red)
             await super().__init__(config)
-            colorize = self.colorizer.colorize_arrays
+            colorize = self.served.colorizer.colorize_arrays
 
             def faulty(outlines, cond):
                 if [0x12, 0x34, 0x56] in (cond * 255).round().int().tolist():  # the colour "#123456"
                     raise RuntimeError("forced failure in /secret/path/model.py")
                 return colorize(outlines, cond)
 
-            self.colorizer.colorize_arrays = faulty
+            self.served.colorizer.colorize_arrays = faulty
 
     with deployed("faulty", Faulty, checkpoint=str(server["checkpoint"])) as path, httpx.Client(base_url=server["url"], timeout=30) as client:
         broken = client.post(f"{path}/colorize", files={"image": ("o.png", outline)}, data={"color": "#123456"})
@@ -473,14 +473,14 @@ def test_the_health_check_catches_a_wedged_model_and_the_replica_is_replaced(ser
     class Wedgeable(ColorizeService.func_or_class):  # while ``marker`` exists, the model's forward hangs
         async def __init__(self, config):
             await super().__init__(config)
-            forward = self.colorizer.model.forward
+            forward = self.served.colorizer.model.forward
 
             def maybe_wedged(*args, **kwargs):
                 while marker.exists():
                     time.sleep(0.1)
                 return forward(*args, **kwargs)
 
-            self.colorizer.model.forward = maybe_wedged
+            self.served.colorizer.model.forward = maybe_wedged
 
     wedge_and_see_the_replica_replaced("wedge", Wedgeable, {"health_check_period_s": 1, "health_check_timeout_s": 3}, marker, server, outline, 90)
 
@@ -543,3 +543,167 @@ def test_the_http_surface_is_exactly_what_the_readme_documents():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## The HTTP endpoint")[1].split("\n## ")[0]
     assert served == set(re.findall(r"^\| `(GET|POST|PUT|PATCH|DELETE) (/\S*)` \|", section, re.M))
+
+
+def test_several_outlines_in_one_request_come_back_in_order_with_an_error_for_each_bad_one(server, outline):
+    other = png_bytes(Image.open(io.BytesIO(outline)).transpose(Image.Transpose.FLIP_TOP_BOTTOM).resize((90, 70)))
+    colorizer = Colorizer.from_checkpoint(server["checkpoint"], device="cpu")
+    expected = [np.asarray(colorizer.colorize(Image.open(io.BytesIO(data)), colour)) for data, colour in ((outline, "teal"), (other, "red"))]
+    b64 = [base64.b64encode(data).decode() for data in (outline, other)]
+    with httpx.Client(base_url=server["url"], timeout=30) as client:
+        files = [("image", (f"{i}.png", data, "image/png")) for i, data in enumerate((outline, other, b"junk"))]
+        form = client.post("/colorize", files=files, data={"color": ["teal", "red", "blue"]})
+        as_json = client.post("/colorize", json={"image": [*b64, "%%%"], "color": ["teal", "red", "blue"]})
+        unknown = client.post("/colorize", json={"image": b64, "color": "no such colour"})
+        too_many = client.post("/colorize", json={"image": b64[:1] * 17, "color": "red"})
+        too_many_files = client.post("/colorize", files=[("image", ("o.png", outline, "image/png"))] * 40, data={"color": "red"})
+        mismatched = client.post("/colorize", json={"image": b64, "color": ["red", "blue", "green"]})
+        single = client.post("/colorize", json={"image": b64[0], "color": "teal"})
+    assert form.status_code == 200 and form.headers["content-type"] == "application/json", form.text
+    items = form.json()
+    for item, want in zip(items, expected):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(item["image"])))), want)
+    assert items[2] == {"error": "image is not a PNG or JPEG that can be read", "status": 422}
+    assert as_json.json()[:2] == items[:2] and as_json.json()[2] == {"error": 'field "image" is not valid base64', "status": 400}
+    assert [i["status"] for i in unknown.json()] == [422, 422] and "unknown colour 'no such colour'" in unknown.json()[0]["error"]
+    assert too_many.status_code == 413 and too_many.json() == {"error": "17 images in one request; the limit is 16"}
+    assert too_many_files.status_code == 413 and "the limit is 16" in too_many_files.json()["error"]
+    assert mismatched.status_code == 422 and "2 images and 3 colours" in mismatched.json()["error"]
+    assert single.headers["content-type"] == "image/png"  # one image: a PNG, as before
+
+
+def running_replicas(app_name: str) -> int:
+    from ray import serve
+
+    return serve.status().applications[app_name].deployments["Colorizer"].replica_states.get("RUNNING", 0)
+
+
+@pytest.mark.slow
+def test_autoscaling_grows_to_two_replicas_under_load_and_shrinks_back_after(server, outline):
+    import threading
+
+    cfg = {"replicas": "1-2", "target_ongoing_requests": 1.0, "upscale_delay_s": 1.0, "downscale_delay_s": 3.0, "batch_wait_s": 0.05}
+    options = replica_options(ServeConfig(checkpoint="x", **cfg))
+    with deployed("elastic", options=options, checkpoint=str(server["checkpoint"]), **cfg) as path:
+        assert running_replicas("elastic") == 1
+        stop, statuses = threading.Event(), []
+
+        def client() -> None:  # a bounded load: eight clients, one request in flight each
+            with httpx.Client(base_url=server["url"], timeout=30) as http:
+                while not stop.is_set():
+                    statuses.append(http.post(f"{path}/colorize", files={"image": ("o.png", outline)}, data={"color": "red"}).status_code)
+
+        clients = [threading.Thread(target=client) for _ in range(8)]
+        for thread in clients:
+            thread.start()
+        try:
+            deadline = time.time() + 90
+            while running_replicas("elastic") < 2 and time.time() < deadline:
+                time.sleep(0.5)
+            grew = running_replicas("elastic")
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join()
+        assert grew == 2, "the load did not add a replica within 90 s"
+        deadline = time.time() + 90
+        while running_replicas("elastic") > 1 and time.time() < deadline:
+            time.sleep(0.5)
+        assert running_replicas("elastic") == 1, "the idle deployment did not shrink back within 90 s"
+    assert statuses and set(statuses) == {200}
+
+
+def serve_deploy(ray_session, config: dict, where: Path) -> None:
+    """``serve deploy`` of ``config`` to the session's Ray, as a user or the KubeRay operator does (the REST API, token auth)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    where.write_text(yaml.safe_dump(config))
+    address = f"http://{ray_session._private.worker._global_node.webui_url}"
+    done = subprocess.run([Path(sys.executable).with_name("serve"), "deploy", str(where), "--address", address],
+                          env=os.environ | {"RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_new_checkpoint_is_swapped_in_under_load_with_no_failed_request_and_no_restart(ray_session, server, outline, tmp_path):
+    import threading
+
+    from ray import serve
+
+    from polycolor import checkpoint
+
+    from conftest import tiny_model
+
+    old = server["checkpoint"]
+    new = checkpoint.write(tmp_path / "new", tiny_model(), REAL_PALETTE | {"red": (0, 128, 0)})  # "red" now paints green
+    image = Image.open(io.BytesIO(outline))
+    painted = {name: np.asarray(Colorizer.from_checkpoint(path, "cpu").colorize(image, "red")) for name, path in (("old", old), ("new", new))}
+    assert not np.array_equal(painted["old"], painted["new"])
+
+    def config(path: Path) -> dict:  # cluster/serve.yaml's shape: the checkpoint in the deployment's user_config
+        colorizer = {"name": "Colorizer", "user_config": {"checkpoint": str(path)}, "ray_actor_options": {"num_cpus": 0.5}}
+        return {"applications": [{"name": "swap", "route_prefix": "/swap", "import_path": "polycolor.serve:build_app",
+                                  "deployments": [colorizer], "args": {"replicas": "1"}}]}  # fmt: skip
+
+    serve_deploy(ray_session, config(old), tmp_path / "old.yaml")
+    deadline = time.time() + 120
+    while httpx.get(f"{server['url']}/swap/healthz", timeout=10).status_code != 200 and time.time() < deadline:
+        time.sleep(0.5)
+    (pid,) = alive_replica_pids("swap")
+    stop, seen = threading.Event(), {i: [] for i in range(4)}
+
+    def client(i: int) -> None:
+        with httpx.Client(base_url=server["url"], timeout=30) as http:
+            while not stop.is_set():
+                answer = http.post("/swap/colorize", files={"image": ("o.png", outline)}, data={"color": "red"})
+                got = np.asarray(Image.open(io.BytesIO(answer.content))) if answer.status_code == 200 else None
+                seen[i].append(next((name for name, want in painted.items() if got is not None and np.array_equal(got, want)), answer.status_code))
+
+    clients = [threading.Thread(target=client, args=(i,)) for i in seen]
+    try:
+        for thread in clients:
+            thread.start()
+        time.sleep(3)
+        serve_deploy(ray_session, config(new), tmp_path / "new.yaml")  # the redeploy: only user_config changed
+        deadline = time.time() + 60
+        while not all(answers and answers[-1] == "new" for answers in seen.values()) and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(2)
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join()
+        swapped_in_place = alive_replica_pids("swap") == {pid}
+        serve.delete("swap")
+    for answers in seen.values():  # every answer is the old model's, then the new one's: none failed, none went back
+        assert answers and set(answers) <= {"old", "new"}, answers
+        assert answers == sorted(answers, key=["old", "new"].index) and answers[0] == "old" and answers[-1] == "new"
+    assert swapped_in_place, "the replica was restarted, not reconfigured"
+
+
+def test_the_metrics_reach_rays_prometheus_endpoint(server, outline, metrics_port):
+    with httpx.Client(base_url=server["url"], timeout=30) as client:
+        assert client.post("/colorize", files={"image": ("o.png", outline)}, data={"color": "teal"}).status_code == 200
+        assert client.post("/colorize", files={"image": ("o.png", outline)}, data={"color": "no such colour"}).status_code == 422
+        assert client.post("/colorize", files={"image": ("o.png", b"junk")}, data={"color": "red"}).status_code == 422
+    wanted = [
+        r'ray_polycolor_requests_total\{[^}]*outcome="2xx"[^}]*\} [1-9]',
+        r'ray_polycolor_requests_total\{(?=[^}]*outcome="4xx")(?=[^}]*reason="unknown_colour")[^}]*\} [1-9]',
+        r'ray_polycolor_requests_total\{(?=[^}]*outcome="4xx")(?=[^}]*reason="invalid")[^}]*\} [1-9]',
+        r"ray_polycolor_unknown_colours_total\{[^}]*\} [1-9]",
+        r'ray_polycolor_batch_size_bucket\{[^}]*le="1(\.0)?"[^}]*\} [1-9]',
+        r"ray_polycolor_model_seconds_count\{[^}]*\} [1-9]",
+        r"ray_polycolor_decode_seconds_count\{[^}]*\} [1-9]",
+    ]
+    deadline, missing = time.time() + 60, wanted
+    while missing and time.time() < deadline:
+        time.sleep(1)
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        missing = [pattern for pattern in wanted if not re.search(pattern, text)]
+    assert not missing, f"not exported within 60 s: {missing}"
+    dashboard = json.loads((Path(__file__).parents[1] / "cluster" / "grafana-polycolor.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"] for name in re.findall(r"ray_polycolor_\w+", target["expr"])}
+    assert len(dashboard["panels"]) == 6 and queried and all(re.search(rf"^{name}\{{", text, re.M) for name in queried), queried
