@@ -300,9 +300,10 @@ def demo_page(colorizer: Colorizer) -> str:
         buffer = io.BytesIO()
         Image.fromarray(np.where(ink, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
         options.append(f'<option value="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">{name}</option>')
-    described = colorizer.model.condition.advertise(colorizer.palette)  # completions: every name it accepts
-    accepted = set(described["palette"]) | {name for name, _ in LEXICON.values()} if described["lexicons"] else set(described["vocabulary"])
-    names = "".join(f'<option value="{html.escape(n)}">' for n in sorted(accepted))  # a checkpoint's names: escaped
+    # Completions: the public lexicons' names, when this checkpoint reads them. Its own palette or vocabulary is
+    # what /colors (behind the API key) tells; the page adds those once it may ask.
+    public = sorted({name for name, _ in LEXICON.values()}) if colorizer.model.condition.advertise(colorizer.palette)["lexicons"] else []
+    names = "".join(f'<option value="{html.escape(n)}">' for n in public)
     return DEMO_HTML.read_text().replace("{{SHAPES}}", "".join(options)).replace("{{NAMES}}", names)
 
 

@@ -339,9 +339,31 @@ def test_demo_page_in_a_real_browser(server, tmp_path):
         assert pixel[:3] == [0, 0, 255]
         assert browser.find_element(By.ID, "error").text == ""
         browser.save_screenshot(str(tmp_path / "demo.png"))
+
+        # With a key: the page works once it is entered, and a checkpoint's own names are never HTML.
+        crafted = '<img src=x onerror="document.title=1">'
+        secret = checkpoint.write(tmp_path / "secret", model, REAL_PALETTE | {crafted: (0, 0, 255), "house-teal": (0, 128, 128)})
+        options = {"num_cpus": 0.5, "runtime_env": {"env_vars": {"POLYCOLOR_API_KEY": "k3y"}}}
+        serve.run(ColorizeService.options(ray_actor_options=options).bind(asdict(ServeConfig(checkpoint=str(secret)))), name="kd", route_prefix="/kd")
+        assert "house-teal" not in httpx.get(f"{server['url']}/kd/").text  # the palette /colors protects
+        browser.get(f"{server['url']}/kd/")
+        WebDriverWait(browser, 30).until(lambda b: "API key" in b.find_element(By.ID, "key-error").text)
+        browser.find_element(By.ID, "go").click()
+        WebDriverWait(browser, 30).until(lambda b: "API key" in b.find_element(By.ID, "error").text)
+        browser.find_element(By.ID, "key").send_keys("k3y\t")  # typed, then focus moves on: the page asks /colors
+        names = "return Array.from(document.getElementById('names').options, o => o.value)"
+        WebDriverWait(browser, 30).until(lambda b: "house-teal" in b.execute_script(names))
+        assert crafted in browser.execute_script(names) and browser.title == "polycolor"  # a value, not markup
+        colour = browser.find_element(By.ID, "color")
+        colour.clear()
+        colour.send_keys("house-teal")
+        browser.find_element(By.ID, "go").click()
+        WebDriverWait(browser, 30).until(lambda b: b.execute_script("const i = document.getElementById('result'); return i.complete && i.naturalWidth > 0;"))
+        assert browser.find_element(By.ID, "error").text == "" and browser.find_element(By.ID, "key-error").text == ""
     finally:
         browser.quit()
         serve.delete("demo")
+        serve.delete("kd")
 
 
 # ---------------------------------------------------------------------------------------------------
