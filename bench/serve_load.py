@@ -2,10 +2,11 @@
 
     python bench/serve_load.py --checkpoint runs/first/best [--requests 200] [--seconds 30] [--rounds 4]
 
-For batching on and off: concurrency 1, 8 and 32 on loopback (a fixed number of requests, capped in time):
-requests/s, p50/p95/p99 latency, errors; the CPU each request cost the load client, Serve's HTTP proxy and
-the replica; the replica's memory after a warm-up pass at every level and after each measured level of
-four rounds. Next to it, the in-process Colorizer's batch throughput on the same checkpoint with one thread (the
+For batching on and off: concurrency 1, 8 and 32 of single-outline requests and concurrency 32 of 16-outline
+requests on loopback (a fixed number of requests, capped in time): images/s, p50/p95/p99 latency, errors; the
+CPU each request cost the load client, Serve's HTTP proxy and the replica (each found through Ray's state
+API; a figure that is not a measurement stops the bench); the replica's memory after a warm-up pass at every
+level and after each measured level of four rounds. Goal: 16-outline requests >= 0.7 of in-process. Next to it, the in-process Colorizer's batch throughput on the same checkpoint with one thread (the
 replica's share: Ray gives a 1-CPU actor one torch thread) and with all threads; the ratio to the first is
 the serving overhead.
 Writes bench/results/serve_load.json.
@@ -55,7 +56,10 @@ def in_process(colorizer: Colorizer, threads: int, images: int = 128, repeats: i
     return max(rates)
 
 
-async def load(url: str, body: bytes, concurrency: int, requests: int, seconds: float) -> dict:
+async def load(url: str, body: bytes, concurrency: int, requests: int, seconds: float, images: int = 1) -> dict:
+    """``requests`` POSTs of ``images`` outlines each (repeated ``image`` fields when more than one) from
+    ``concurrency`` clients, capped at ``seconds``."""
+    files = [("image", (f"{i}.png", body, "image/png")) for i in range(images)]
     latencies, errors, queue = [], 0, asyncio.Queue()
     for _ in range(requests):
         queue.put_nowait(None)
@@ -66,21 +70,36 @@ async def load(url: str, body: bytes, concurrency: int, requests: int, seconds: 
         while not queue.empty() and time.perf_counter() < deadline:
             queue.get_nowait()
             start = time.perf_counter()
-            answer = await client.post(url, files={"image": ("o.png", body, "image/png")}, data={"color": "red"})
+            answer = await client.post(url, files=files, data={"color": "red"})
             latencies.append(time.perf_counter() - start)
-            errors += answer.status_code != 200
+            errors += answer.status_code != 200 or (images > 1 and any("error" in item for item in answer.json()))
 
     start = time.perf_counter()
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
         await asyncio.gather(*(user(client) for _ in range(concurrency)))
     wall = time.perf_counter() - start
     p = np.percentile(latencies, [50, 95, 99]) * 1000
-    return {"concurrency": concurrency, "requests": len(latencies), "rps": len(latencies) / wall, "p50_ms": p[0], "p95_ms": p[1], "p99_ms": p[2], "errors": errors}
+    return {"concurrency": concurrency, "images_per_request": images, "requests": len(latencies), "rps": len(latencies) / wall,
+            "images_per_s": images * len(latencies) / wall, "p50_ms": p[0], "p95_ms": p[1], "p99_ms": p[2], "errors": errors}  # fmt: skip
 
 
-def serve_process(role: str) -> psutil.Process:
-    """The one local process whose command line names ``role`` (ServeReplica, ProxyActor)."""
-    return next(p for p in psutil.process_iter() if role in " ".join(p.cmdline() or []))
+def actor_process(class_name: str) -> psutil.Process:
+    """The live Ray actor process of ``class_name`` (e.g. ServeReplica:load:Colorizer, ProxyActor), found through
+    Ray's state API; exits when there is not exactly one, rather than measure some other process."""
+    import ray
+    from ray.util.state import list_actors
+
+    found = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE"), ("class_name", "=", class_name)])
+    if len(found) != 1:
+        raise SystemExit(f"error: found {len(found)} live {class_name} actors, expected one; no figure printed")
+    return psutil.Process(found[0].pid)
+
+
+def measured(name: str, value: float) -> float:
+    """``value``, or exit: a zero CPU time or a tiny memory means the wrong process was watched."""
+    if value <= 0 or (name.endswith("rss_mb") and value < 50):
+        raise SystemExit(f"error: {name} = {value}, which is not a measurement of a working process; no figure printed")
+    return value
 
 
 def cpu_seconds(process: psutil.Process) -> float:
@@ -111,26 +130,27 @@ def main() -> int:
     print(f"in-process Colorizer batch throughput: {baseline:.1f} images/s with 1 thread (a replica's share), {whole:.1f} with {threads}; "
           f"{1000 / baseline:.1f} ms of CPU per image")  # fmt: skip
     report = {"in_process_images_per_s": baseline, f"in_process_images_per_s_{threads}_threads": whole, "runs": []}
-    levels = (1, 8, 32)
+    levels = ((1, 1), (8, 1), (32, 1), (32, 16))  # (concurrency, outlines per request)
     for batching, batch_size in (("on", 32), ("off", 1)):
         cfg = ServeConfig(checkpoint=args.checkpoint, max_batch_size=batch_size, batch_wait_s=0.01)
         serve.run(ColorizeService.options(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1}).bind(asdict(cfg)), name="load", route_prefix="/")
         url = f"http://127.0.0.1:{port}/colorize"
-        replica, proxy, client = serve_process("ServeReplica"), serve_process("ProxyActor"), psutil.Process()
-        for concurrency in levels:  # warm-up: a pass at every level, so the allocator has seen every batch size
-            asyncio.run(load(url, body, concurrency, args.requests, args.seconds))
-        memory = [replica.memory_info().rss / 2**20]
+        replica, proxy, client = actor_process("ServeReplica:load:Colorizer"), actor_process("ProxyActor"), psutil.Process()
+        for concurrency, images in levels:  # warm-up: a pass at every level, so the allocator has seen every batch size
+            asyncio.run(load(url, body, concurrency, args.requests, args.seconds, images))
+        memory = [measured("replica_rss_mb", replica.memory_info().rss / 2**20)]
         for round_ in range(1, args.rounds + 1):
-            for concurrency in levels:
+            for concurrency, images in levels:
                 cpu = [cpu_seconds(p) for p in (client, proxy, replica)]
-                row = asyncio.run(load(url, body, concurrency, args.requests, args.seconds))
-                cpu_ms = [(cpu_seconds(p) - c) * 1000 / row["requests"] for p, c in zip((client, proxy, replica), cpu)]
-                memory.append(replica.memory_info().rss / 2**20)
-                row |= {"batching": batching, "round": round_, "ratio_to_in_process": row["rps"] / baseline, f"ratio_to_{threads}_threads": row["rps"] / whole,
+                row = asyncio.run(load(url, body, concurrency, args.requests, args.seconds, images))
+                cpu_ms = [measured(f"{name} CPU", (cpu_seconds(p) - c) * 1000 / row["requests"]) for name, p, c in zip(("client", "proxy", "replica"), (client, proxy, replica), cpu)]
+                memory.append(measured("replica_rss_mb", replica.memory_info().rss / 2**20))
+                row |= {"batching": batching, "round": round_, "ratio_to_in_process": row["images_per_s"] / baseline,
+                        f"ratio_to_{threads}_threads": row["images_per_s"] / whole,
                         "cpu_ms_per_request": dict(zip(("client", "proxy", "replica"), cpu_ms)), "replica_rss_mb": memory[-1]}  # fmt: skip
                 report["runs"].append(row)
-                print(f"batching {batching:>3}  round {round_}  c={concurrency:<3} {row['rps']:6.1f} req/s  p50 {row['p50_ms']:5.0f} ms  "
-                      f"p95 {row['p95_ms']:5.0f} ms  p99 {row['p99_ms']:5.0f} ms  errors {row['errors']}  "
+                print(f"batching {batching:>3}  round {round_}  c={concurrency:<3} x{images:<2} {row['images_per_s']:6.1f} images/s  "
+                      f"p50 {row['p50_ms']:5.0f} ms  p95 {row['p95_ms']:5.0f} ms  p99 {row['p99_ms']:5.0f} ms  errors {row['errors']}  "
                       f"ratio {row['ratio_to_in_process']:.2f} (to {threads} threads {row[f'ratio_to_{threads}_threads']:.2f})  "
                       f"CPU ms/request: client {cpu_ms[0]:.1f}, proxy {cpu_ms[1]:.1f}, replica {cpu_ms[2]:.1f}", flush=True)  # fmt: skip
         report[f"replica_rss_mb_batching_{batching}"] = memory

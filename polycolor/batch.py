@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from polycolor import storage
 from polycolor.data import DatasetError, outline_array, parse_rows, target_array
@@ -167,6 +167,8 @@ def read_image(root: str, name: str) -> Image.Image:
         image = Image.open(io.BytesIO(data))
         image.load()
         return image
+    except UnidentifiedImageError:
+        raise DatasetError(f"{name}: not a readable image (no format Pillow reads)") from None
     except Exception as err:  # Pillow raises many kinds (OSError, SyntaxError, DecompressionBombError, ...) for bad files
         raise DatasetError(f"{name}: not a readable image ({type(err).__name__}: {err})") from None
 
@@ -341,7 +343,8 @@ def colour_all(source: Source, checkpoint: str, image_size: int, dst: str, plan:
         written = pipeline(todo, checkpoint, image_size, plan.resolved(), write, dst=dst, original_size=original_size)
         for batch in written.iter_batches(batch_size=None, batch_format="numpy"):
             bad = failed_rows(batch)
-            summary.done, summary.failed, errors = summary.done + len(batch["error"]) - len(bad), summary.failed + len(bad), errors + bad
+            summary.done, summary.failed = summary.done + len(batch["error"]) - len(bad), summary.failed + len(bad)
+            errors.extend(bad)
     fs, path = storage.filesystem(dst)
     with fs.open_output_stream(f"{path.rstrip('/')}/{ERRORS}") as out:
         out.write("".join(json.dumps(r) + "\n" for r in errors).encode())
