@@ -2,7 +2,7 @@
 
     python -m polycolor.evaluate --checkpoint CKPT --data SPLIT_DIR [--report DIR] [--ray]
 
-A large split (or any, with ``--ray``) is scored on Ray Data (``polycolor.batch``), its metrics summed the same way.
+A large split, one in object storage, or any with ``--ray`` is scored on Ray Data (``polycolor.batch``), its metrics summed the same way.
 """
 
 from __future__ import annotations
@@ -55,10 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="a split directory or URI holding data.json, inputs/, outputs/")
     parser.add_argument("--report", help="write per-sample metrics and a worst/best PNG grid here")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--ray", action="store_true", help=f"score on Ray Data whatever the size (the default above {LARGE} pairs)")
+    parser.add_argument("--ray", action="store_true", help=f"score on Ray Data whatever the size (the default above {LARGE} pairs, and for a URI)")
     args = parser.parse_args(argv)
 
-    from polycolor import batch
+    from polycolor import batch, storage
     from polycolor.checkpoint import CheckpointError
     from polycolor.data import DatasetError, read_split
     from polycolor.predict import Colorizer
@@ -68,17 +68,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         colorizer = Colorizer.from_checkpoint(args.checkpoint, device=args.device)
         source = batch.from_split(args.data)
         names, colours = [Path(n).stem for n in source.rows["image"].to_pylist()], source.rows["colour"].to_pylist()
-        if args.ray or len(source.rows) > LARGE:
+        if args.ray or len(source.rows) > LARGE or storage.is_uri(args.data):
             from polycolor.runs import init_ray
 
             init_ray()
             per, scored, failed = batch.score_all(source, args.checkpoint, colorizer.image_size)
             names, colours = [names[i] for i in scored], [colours[i] for i in scored]
-            arrays = lambda picked: picked_arrays(colorizer, source, [int(scored[i]) for i in picked])  # noqa: E731
+
+            def arrays(picked: list[int]):
+                return picked_arrays(colorizer, source, [int(scored[i]) for i in picked])
         else:
             split = read_split(args.data, size=colorizer.image_size)
             _, per, predictions = evaluate_split(colorizer, split)
-            arrays = lambda picked: (split.outlines[picked], split.targets[picked], predictions[picked])  # noqa: E731
+
+            def arrays(picked: list[int]):
+                return split.outlines[picked], split.targets[picked], predictions[picked]
     except (CheckpointError, DatasetError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -322,7 +322,7 @@ class Served:
 
     location: str
     colorizer: Colorizer
-    page: str  # the demo page, with this checkpoint's names
+    page: str  # the demo page (its completions: the public lexicons this checkpoint reads)
     probe: torch.Tensor  # a condition for health probes
 
     @classmethod
