@@ -6,7 +6,8 @@ For batching on and off: concurrency 1, 8 and 32 of single-outline requests and 
 requests on loopback (a fixed number of requests, capped in time): images/s, p50/p95/p99 latency, errors; the
 CPU each request cost the load client, Serve's HTTP proxy and the replica (each found through Ray's state
 API; a figure that is not a measurement stops the bench); the replica's memory after a warm-up pass at every
-level and after each measured level of four rounds. Goal: 16-outline requests >= 0.7 of in-process. Next to it, the in-process Colorizer's batch throughput on the same checkpoint with one thread (the
+level and after each measured level of four rounds; then its peak memory with every slot taken at once by the
+largest image it accepts. Goal: 16-outline requests >= 0.7 of in-process. Next to it, the in-process Colorizer's batch throughput on the same checkpoint with one thread (the
 replica's share: Ray gives a 1-CPU actor one torch thread) and with all threads; the ratio to the first is
 the serving overhead.
 Writes bench/results/serve_load.json.
@@ -27,7 +28,7 @@ import httpx
 import numpy as np
 import psutil
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from polycolor import synth
 from polycolor.predict import Colorizer
@@ -81,6 +82,33 @@ async def load(url: str, body: bytes, concurrency: int, requests: int, seconds: 
     p = np.percentile(latencies, [50, 95, 99]) * 1000
     return {"concurrency": concurrency, "images_per_request": images, "requests": len(latencies), "rps": len(latencies) / wall,
             "images_per_s": images * len(latencies) / wall, "p50_ms": p[0], "p95_ms": p[1], "p99_ms": p[2], "errors": errors}  # fmt: skip
+
+
+async def full_queue(url: str, replica: psutil.Process, cfg: ServeConfig) -> dict:
+    """Every slot of the replica (``max_ongoing_requests``) taken at once by the largest image it accepts (an
+    outline at ``max_pixels``): the replica's peak RSS over its idle RSS, sampled every 20 ms."""
+    side = int(cfg.max_pixels**0.5)
+    image = Image.new("L", (side, side), 255)
+    ImageDraw.Draw(image).rectangle((side // 8, side // 8, side * 7 // 8, side * 7 // 8), outline=0, width=max(1, side // 128))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    body, idle, peak = buffer.getvalue(), replica.memory_info().rss, 0
+    done = asyncio.Event()
+
+    async def watch():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, replica.memory_info().rss)
+            await asyncio.sleep(0.02)
+
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=cfg.max_ongoing_requests)) as client:
+        watcher = asyncio.create_task(watch())
+        answers = await asyncio.gather(*(client.post(url, files={"image": ("big.png", body, "image/png")}, data={"color": "red"})
+                                         for _ in range(cfg.max_ongoing_requests)))  # fmt: skip
+        done.set()
+        await watcher
+    return {"image": f"{side}x{side}", "png_bytes": len(body), "requests": len(answers), "ok": sum(a.status_code == 200 for a in answers),
+            "idle_rss_mb": measured("idle_rss_mb", idle / 2**20), "peak_rss_mb": measured("peak_rss_mb", peak / 2**20)}  # fmt: skip
 
 
 def actor_process(class_name: str) -> psutil.Process:
@@ -154,6 +182,11 @@ def main() -> int:
                       f"ratio {row['ratio_to_in_process']:.2f} (to {threads} threads {row[f'ratio_to_{threads}_threads']:.2f})  "
                       f"CPU ms/request: client {cpu_ms[0]:.1f}, proxy {cpu_ms[1]:.1f}, replica {cpu_ms[2]:.1f}", flush=True)  # fmt: skip
         report[f"replica_rss_mb_batching_{batching}"] = memory
+        if batching == "on":
+            full = report["full_queue"] = asyncio.run(full_queue(url, replica, cfg))
+            print(f"every slot taken: {full['requests']} requests at once, each a {full['image']} outline ({full['png_bytes']} bytes of PNG), "
+                  f"{full['ok']} answered 200; replica RSS {full['idle_rss_mb']:.0f} MB idle, {full['peak_rss_mb']:.0f} MB at its peak "
+                  f"(+{full['peak_rss_mb'] - full['idle_rss_mb']:.0f} MB)", flush=True)  # fmt: skip
         per_round = memory[:: len(levels)]
         print(f"replica memory after warm-up, then after each level: {' -> '.join(f'{m:.0f}' for m in memory)} MB; "
               f"end of each round vs warm-up: {', '.join(f'{m - memory[0]:+.0f}' for m in per_round[1:])} MB")  # fmt: skip
