@@ -209,12 +209,12 @@ class Painter:
             return str(err)
 
     def __call__(self, batch: dict) -> dict:
-        errors = batch["error"].copy()
-        conditions = [self.condition(c) if not e else "" for c, e in zip(batch["colour"], errors)]
-        for i, cond in enumerate(conditions):
-            if isinstance(cond, str) and cond:
-                errors[i] = cond
-        good = [i for i, e in enumerate(errors) if not e]
+        errors, conditions = batch["error"].copy(), {}  # row -> its condition, for the rows still good
+        for i, colour in enumerate(batch["colour"]):
+            if not errors[i]:
+                cond = self.condition(colour)
+                errors[i], conditions[i] = (cond, None) if isinstance(cond, str) else ("", cond)
+        good = [i for i, cond in conditions.items() if cond is not None]
         size = batch["outline"].shape[1]
         rgb = np.full((len(errors), size, size, 3), 255, np.uint8)
         if good:
