@@ -1,15 +1,15 @@
-"""Bounded HTTP load on a local Serve deployment vs the in-process Colorizer, measured side by side.
+"""Bounded HTTP load on a local Serve application vs the in-process Colorizer, measured side by side.
 
     python bench/serve_load.py --checkpoint runs/first/best [--requests 200] [--seconds 30] [--rounds 4]
 
 For batching on and off: concurrency 1, 8 and 32 of single-outline requests and concurrency 32 of 16-outline
 requests on loopback (a fixed number of requests, capped in time): images/s, p50/p95/p99 latency, errors; the
-CPU each request cost the load client, Serve's HTTP proxy and the replica (each found through Ray's state
-API; a figure that is not a measurement stops the bench); the replica's memory after a warm-up pass at every
-level and after each measured level of four rounds; then its peak memory with every slot taken at once by the
-largest image it accepts. Goal: 16-outline requests >= 0.7 of in-process. Next to it, the in-process Colorizer's batch throughput on the same checkpoint with one thread (the
-replica's share: Ray gives a 1-CPU actor one torch thread) and with all threads; the ratio to the first is
-the serving overhead.
+CPU each request cost the load client, Serve's HTTP proxy, the ingress replica and the model replica (each
+found through Ray's state API; a figure that is not a measurement stops the bench); both replicas' memory
+after a warm-up pass at every level and after each measured level of four rounds; then their peak memory with
+every slot taken at once by the largest image accepted. Goal: 16-outline requests >= 0.7 of in-process. Next
+to it, the in-process Colorizer's batch throughput on the same checkpoint with one thread (the model
+replica's share: Ray gives a 1-CPU actor one torch thread) and with all threads.
 Writes bench/results/serve_load.json.
 """
 
@@ -21,7 +21,6 @@ import io
 import json
 import socket
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import httpx
@@ -32,7 +31,7 @@ from PIL import Image, ImageDraw
 
 from polycolor import synth
 from polycolor.predict import Colorizer
-from polycolor.serve import ColorizeService, ServeConfig
+from polycolor.serve import ServeConfig, application
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,21 +83,22 @@ async def load(url: str, body: bytes, concurrency: int, requests: int, seconds: 
             "images_per_s": images * len(latencies) / wall, "p50_ms": p[0], "p95_ms": p[1], "p99_ms": p[2], "errors": errors}  # fmt: skip
 
 
-async def full_queue(url: str, replica: psutil.Process, cfg: ServeConfig) -> dict:
-    """Every slot of the replica (``max_ongoing_requests``) taken at once by the largest image it accepts (an
-    outline at ``max_pixels``): the replica's peak RSS over its idle RSS, sampled every 20 ms."""
+async def full_queue(url: str, replicas: dict[str, psutil.Process], cfg: ServeConfig) -> dict:
+    """Every slot of the ingress (``max_ongoing_requests``) taken at once by the largest image it accepts (an
+    outline at ``max_pixels``): each replica's peak RSS over its idle RSS, sampled every 20 ms."""
     side = int(cfg.max_pixels**0.5)
     image = Image.new("L", (side, side), 255)
     ImageDraw.Draw(image).rectangle((side // 8, side // 8, side * 7 // 8, side * 7 // 8), outline=0, width=max(1, side // 128))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    body, idle, peak = buffer.getvalue(), replica.memory_info().rss, 0
-    done = asyncio.Event()
+    body, done = buffer.getvalue(), asyncio.Event()
+    idle = {name: process.memory_info().rss for name, process in replicas.items()}
+    peak = dict(idle)
 
     async def watch():
-        nonlocal peak
         while not done.is_set():
-            peak = max(peak, replica.memory_info().rss)
+            for name, process in replicas.items():
+                peak[name] = max(peak[name], process.memory_info().rss)
             await asyncio.sleep(0.02)
 
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=cfg.max_ongoing_requests)) as client:
@@ -108,11 +108,11 @@ async def full_queue(url: str, replica: psutil.Process, cfg: ServeConfig) -> dic
         done.set()
         await watcher
     return {"image": f"{side}x{side}", "png_bytes": len(body), "requests": len(answers), "ok": sum(a.status_code == 200 for a in answers),
-            "idle_rss_mb": measured("idle_rss_mb", idle / 2**20), "peak_rss_mb": measured("peak_rss_mb", peak / 2**20)}  # fmt: skip
+            **{f"{name}_{when}_rss_mb": measured(f"{name}_{when}_rss_mb", rss[name] / 2**20) for name in replicas for when, rss in (("idle", idle), ("peak", peak))}}  # fmt: skip
 
 
 def actor_process(class_name: str) -> psutil.Process:
-    """The live Ray actor process of ``class_name`` (e.g. ServeReplica:load:Colorizer, ProxyActor), found through
+    """The live Ray actor process of ``class_name`` (e.g. ServeReplica:load:Ingress, ProxyActor), found through
     Ray's state API; exits when there is not exactly one, rather than measure some other process."""
     import ray
     from ray.util.state import list_actors
@@ -141,6 +141,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
     parser.add_argument("--seconds", type=float, default=30, help="time cap per concurrency level")
     parser.add_argument("--rounds", type=int, default=4, help="passes over the levels after the warm-up (memory must not grow between them)")
+    parser.add_argument("--model-cpus", type=float, default=1, help="CPUs of the model replica (Ray gives it as many torch threads); the ingress reserves none")
     args = parser.parse_args()
 
     import ray
@@ -155,41 +156,43 @@ def main() -> int:
     colorizer = Colorizer.from_checkpoint(args.checkpoint, device="cpu")
     body, whole = outline_png(), in_process(colorizer, threads)
     baseline = in_process(colorizer, 1)
-    print(f"in-process Colorizer batch throughput: {baseline:.1f} images/s with 1 thread (a replica's share), {whole:.1f} with {threads}; "
+    print(f"in-process Colorizer batch throughput: {baseline:.1f} images/s with 1 thread (a 1-CPU model replica's share), {whole:.1f} with {threads}; "
           f"{1000 / baseline:.1f} ms of CPU per image")  # fmt: skip
     report = {"in_process_images_per_s": baseline, f"in_process_images_per_s_{threads}_threads": whole, "runs": []}
     levels = ((1, 1), (8, 1), (32, 1), (32, 16))  # (concurrency, outlines per request)
     for batching, batch_size in (("on", 32), ("off", 1)):
-        cfg = ServeConfig(checkpoint=args.checkpoint, max_batch_size=batch_size, batch_wait_s=0.01)
-        serve.run(ColorizeService.options(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1}).bind(asdict(cfg)), name="load", route_prefix="/")
+        cfg = ServeConfig(checkpoint=args.checkpoint, max_batch_size=batch_size, batch_wait_s=0.01, cpus=args.model_cpus)
+        serve.run(application(cfg), name="load", route_prefix="/")
         url = f"http://127.0.0.1:{port}/colorize"
-        replica, proxy, client = actor_process("ServeReplica:load:Colorizer"), actor_process("ProxyActor"), psutil.Process()
+        replicas = {"ingress": actor_process("ServeReplica:load:Ingress"), "model": actor_process("ServeReplica:load:Colorizer")}
+        processes = {"client": psutil.Process(), "proxy": actor_process("ProxyActor")} | replicas
         for concurrency, images in levels:  # warm-up: a pass at every level, so the allocator has seen every batch size
             asyncio.run(load(url, body, concurrency, args.requests, args.seconds, images))
-        memory = [measured("replica_rss_mb", replica.memory_info().rss / 2**20)]
+        memory = {name: [measured(f"{name}_rss_mb", p.memory_info().rss / 2**20)] for name, p in replicas.items()}
         for round_ in range(1, args.rounds + 1):
             for concurrency, images in levels:
-                cpu = [cpu_seconds(p) for p in (client, proxy, replica)]
+                cpu = {name: cpu_seconds(p) for name, p in processes.items()}
                 row = asyncio.run(load(url, body, concurrency, args.requests, args.seconds, images))
-                cpu_ms = [measured(f"{name} CPU", (cpu_seconds(p) - c) * 1000 / row["requests"]) for name, p, c in zip(("client", "proxy", "replica"), (client, proxy, replica), cpu)]
-                memory.append(measured("replica_rss_mb", replica.memory_info().rss / 2**20))
+                cpu_ms = {name: measured(f"{name} CPU", (cpu_seconds(p) - cpu[name]) * 1000 / row["requests"]) for name, p in processes.items()}
+                for name, p in replicas.items():
+                    memory[name].append(measured(f"{name}_rss_mb", p.memory_info().rss / 2**20))
                 row |= {"batching": batching, "round": round_, "ratio_to_in_process": row["images_per_s"] / baseline,
-                        f"ratio_to_{threads}_threads": row["images_per_s"] / whole,
-                        "cpu_ms_per_request": dict(zip(("client", "proxy", "replica"), cpu_ms)), "replica_rss_mb": memory[-1]}  # fmt: skip
+                        f"ratio_to_{threads}_threads": row["images_per_s"] / whole, "cpu_ms_per_request": cpu_ms,
+                        "rss_mb": {name: m[-1] for name, m in memory.items()}}  # fmt: skip
                 report["runs"].append(row)
                 print(f"batching {batching:>3}  round {round_}  c={concurrency:<3} x{images:<2} {row['images_per_s']:6.1f} images/s  "
                       f"p50 {row['p50_ms']:5.0f} ms  p95 {row['p95_ms']:5.0f} ms  p99 {row['p99_ms']:5.0f} ms  errors {row['errors']}  "
                       f"ratio {row['ratio_to_in_process']:.2f} (to {threads} threads {row[f'ratio_to_{threads}_threads']:.2f})  "
-                      f"CPU ms/request: client {cpu_ms[0]:.1f}, proxy {cpu_ms[1]:.1f}, replica {cpu_ms[2]:.1f}", flush=True)  # fmt: skip
-        report[f"replica_rss_mb_batching_{batching}"] = memory
+                      f"CPU ms/request: {', '.join(f'{name} {ms:.1f}' for name, ms in cpu_ms.items())}", flush=True)  # fmt: skip
+        report[f"rss_mb_batching_{batching}"] = memory
         if batching == "on":
-            full = report["full_queue"] = asyncio.run(full_queue(url, replica, cfg))
+            full = report["full_queue"] = asyncio.run(full_queue(url, replicas, cfg))
             print(f"every slot taken: {full['requests']} requests at once, each a {full['image']} outline ({full['png_bytes']} bytes of PNG), "
-                  f"{full['ok']} answered 200; replica RSS {full['idle_rss_mb']:.0f} MB idle, {full['peak_rss_mb']:.0f} MB at its peak "
-                  f"(+{full['peak_rss_mb'] - full['idle_rss_mb']:.0f} MB)", flush=True)  # fmt: skip
-        per_round = memory[:: len(levels)]
-        print(f"replica memory after warm-up, then after each level: {' -> '.join(f'{m:.0f}' for m in memory)} MB; "
-              f"end of each round vs warm-up: {', '.join(f'{m - memory[0]:+.0f}' for m in per_round[1:])} MB")  # fmt: skip
+                  f"{full['ok']} answered 200; RSS idle -> peak: "
+                  + ", ".join(f"{name} {full[f'{name}_idle_rss_mb']:.0f} -> {full[f'{name}_peak_rss_mb']:.0f} MB" for name in replicas), flush=True)  # fmt: skip
+        for name, m in memory.items():
+            print(f"{name} memory after warm-up, then after each level: {' -> '.join(f'{v:.0f}' for v in m)} MB; "
+                  f"end of each round vs warm-up: {', '.join(f'{v - m[0]:+.0f}' for v in m[:: len(levels)][1:])} MB")  # fmt: skip
         serve.delete("load")
     serve.shutdown()
     ray.shutdown()

@@ -1,6 +1,11 @@
-"""Ray Serve deployment of a checkpoint: an HTTP colorize endpoint with batching, limits and clear errors.
+"""Ray Serve application of a checkpoint: an HTTP colorize endpoint with batching, limits and clear errors.
 
-    python -m polycolor.serve --checkpoint runs/first/best [--host 127.0.0.1] [--port 8000] [--replicas 1|auto|MIN-MAX] [--gpu]
+Two deployments, each scaling on its own: ``Ingress`` (HTTP, key, parsing, image decoding and PNG encoding, on
+CPUs) calls ``Colorizer`` (the checkpoint, colour parsing and batched model passes, on a GPU with --gpu)
+through a DeploymentHandle.
+
+    python -m polycolor.serve --checkpoint runs/first/best [--host 127.0.0.1] [--port 8000] [--replicas 1|auto|MIN-MAX]
+                              [--ingress-replicas 1|auto|MIN-MAX] [--gpu]
     serve run polycolor.serve:build_app checkpoint=runs/first/best
 
 HTTP surface (nothing else; other methods get 405, other paths 404):
@@ -29,7 +34,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +44,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from polycolor import checkpoint
@@ -58,6 +64,11 @@ class ServeConfig(Settings):
     checkpoint: str = setting("", "checkpoint directory or URI (e.g. runs/NAME/best)")
     replicas: str = setting("1", "replicas of the model: N; auto (Serve's autoscaling); or MIN-MAX, autoscaling between them",
                             lambda v: replica_range(v) is not None, "a count >= 1, auto, or MIN-MAX with 0 <= MIN <= MAX, MAX >= 1")
+    ingress_replicas: str = setting("1", "replicas of the HTTP ingress (decoding, encoding), in the same form; they scale apart from the model's",
+                                    lambda v: replica_range(v) is not None, "a count >= 1, auto, or MIN-MAX with 0 <= MIN <= MAX, MAX >= 1")
+    cpus: float = setting(1.0, "CPUs each model replica reserves", lambda v: v >= 0, ">= 0")
+    ingress_cpus: float = setting(0.0, "CPUs each ingress replica reserves (none by default, as Serve's own HTTP proxy: it never keeps a "
+                                       "model replica off a node; a cluster config gives it some)", lambda v: v >= 0, ">= 0")
     target_ongoing_requests: float = setting(2.0, "autoscaling: the requests in progress per replica it aims for", lambda v: v > 0, "> 0")
     upscale_delay_s: float = setting(10.0, "autoscaling: how long load must stay high before a replica is added", lambda v: v >= 0, ">= 0")
     downscale_delay_s: float = setting(120.0, "autoscaling: how long load must stay low before a replica is removed", lambda v: v >= 0, ">= 0")
@@ -94,9 +105,9 @@ def replica_range(replicas: str) -> tuple[int, int] | str | None:
     return bounds if bounds[0] <= bounds[1] and bounds[1] >= 1 and (high or bounds[0] >= 1) else None
 
 
-def replica_options(cfg: ServeConfig) -> dict:
-    """The deployment options for ``cfg.replicas``: a fixed count, or an autoscaling config."""
-    wanted = replica_range(cfg.replicas)
+def replica_options(replicas: str, cfg: ServeConfig) -> dict:
+    """The deployment options for ``replicas``: a fixed count, or an autoscaling config from ``cfg``."""
+    wanted = replica_range(replicas)
     if isinstance(wanted, tuple) and wanted[0] == wanted[1]:
         return {"num_replicas": wanted[0]}
     autoscaling = {"target_ongoing_requests": cfg.target_ongoing_requests, "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s}
@@ -137,6 +148,9 @@ class ClientError(Exception):
     def __init__(self, status: int, message: str, headers: dict | None = None, reason: str = ""):
         super().__init__(message)
         self.status, self.message, self.headers, self.reason = status, message, headers, reason or REASONS.get(status, "other")
+
+    def __reduce__(self):  # crosses from the model deployment to the ingress whole
+        return ClientError, (self.status, self.message, self.headers, self.reason)
 
 
 class Meters:
@@ -289,7 +303,7 @@ def check_count(count: int, max_images: int) -> None:
         raise ClientError(413, f"{count} images in one request; the limit is {max_images}")
 
 
-def demo_page(colorizer: Colorizer) -> str:
+def demo_page(public: bool) -> str:
     """The demo (static/demo.html): pick a real shape (drawn here, no dataset needed) or upload one, pick a colour."""
     from polycolor.synth import REAL_SHAPES, draw_outline, shape_points
 
@@ -300,10 +314,9 @@ def demo_page(colorizer: Colorizer) -> str:
         buffer = io.BytesIO()
         Image.fromarray(np.where(ink, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
         options.append(f'<option value="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">{name}</option>')
-    # Completions: the public lexicons' names, when this checkpoint reads them. Its own palette or vocabulary is
-    # what /colors (behind the API key) tells; the page adds those once it may ask.
-    public = sorted({name for name, _ in LEXICON.values()}) if colorizer.model.condition.advertise(colorizer.palette)["lexicons"] else []
-    names = "".join(f'<option value="{html.escape(n)}">' for n in public)
+    # Completions: the public lexicons' names, when the checkpoint reads them (``public``). Its own palette or
+    # vocabulary is what /colors (behind the API key) tells; the page adds those once it may ask.
+    names = "".join(f'<option value="{html.escape(n)}">' for n in sorted({name for name, _ in LEXICON.values()})) if public else ""
     return DEMO_HTML.read_text().replace("{{SHAPES}}", "".join(options)).replace("{{NAMES}}", names)
 
 
@@ -316,13 +329,27 @@ def authorized(request: Request) -> bool:
     return not key or hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
 
 
+def fitted(outline: np.ndarray, size: int) -> np.ndarray:
+    """``outline`` at ``size`` (already so, unless the ingress decoded it for a checkpoint swapped out since)."""
+    return outline if outline.shape[-1] == size else outline_array(Image.fromarray(np.where(outline, 0, 255).astype(np.uint8)), size)
+
+
+def png(image: np.ndarray, size: tuple[int, int] | None) -> bytes:
+    """An RGB array as PNG bytes, resized (nearest, so no new colours) to ``size`` when given."""
+    result = Image.fromarray(image)
+    if size:
+        result = result.resize(size, Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    result.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 @dataclass(frozen=True)
 class Served:
-    """One checkpoint as a replica serves it; swapped whole, so a request sees one checkpoint throughout."""
+    """One checkpoint as a model replica serves it; swapped whole, so a batch sees one checkpoint throughout."""
 
     location: str
     colorizer: Colorizer
-    page: str  # the demo page (its completions: the public lexicons this checkpoint reads)
     probe: torch.Tensor  # a condition for health probes
 
     @classmethod
@@ -330,92 +357,157 @@ class Served:
         colorizer = Colorizer.from_checkpoint(location, device=device)
         colorizer.model.condition.check_serving(load=True)  # a text encoder loads now, not on the first new phrase
         probe = colorizer.condition([next(iter(colorizer.model.cfg.vocabulary), "red")])
-        return cls(location, colorizer, demo_page(colorizer), probe)
+        return cls(location, colorizer, probe)
+
+    def card(self) -> dict:
+        """What the ingress needs to know of this checkpoint: where it is from, its outlines' size, /colors."""
+        colorizer = self.colorizer
+        return {"location": self.location, "image_size": colorizer.image_size, "colors": colorizer.model.condition.advertise(colorizer.palette)}
+
+
+@dataclass
+class Job:
+    """One request's outlines, at the model's size, with a colour each, and its client (for the phrase budget)."""
+
+    outlines: np.ndarray  # (N, S, S) bool
+    colours: list[object]
+    client: str
+
+
+@dataclass
+class Painted:
+    """The model's answer to a Job: per outline, its RGB image or the ClientError refusing its colour; and the
+    checkpoint that painted them, so the ingress notices a swap."""
+
+    images: list[np.ndarray | ClientError]
+    location: str
 
 
 @serve.deployment(name="Colorizer", health_check_period_s=10, health_check_timeout_s=30)
-@serve.ingress(app)
-class ColorizeService:
+class Model:
+    """The model deployment: holds the checkpoint, turns colours into conditions and colours batches of outlines
+    on one model thread (on a GPU with ``gpu``). It never sees an encoded image: that is the ingress's work."""
+
     def __init__(self, config: dict):
         self.cfg = ServeConfig(**config)
         self.device = "cuda" if self.cfg.gpu else "cpu"
         # The checkpoint comes in config, or in the deployment's user_config (build_app's way: see reconfigure).
         self.served = Served.load(self.cfg.checkpoint, self.device) if self.cfg.checkpoint else None
-        self.limit = int(self.cfg.max_body_mb * 1024 * 1024)
-        self.colorize_batch.set_max_batch_size(self.cfg.max_batch_size)
-        self.colorize_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
-        self.batch_sizes: list[int] = []  # recent batch sizes, for /healthz and the tests
-        # One model thread: serve.batch runs one batch at a time, and the event loop stays free for HTTP.
+        self.paint_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self.paint_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
+        self.batch_sizes: list[int] = []  # outlines in recent batches, for /healthz and the tests
+        # One model thread: serve.batch runs one batch at a time, and the event loop stays free for calls.
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        # One decode thread: the event loop never decodes, and at most one full-size image is held at a time.
-        self.decode_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
-        self.budget = PhraseBudget(self.cfg.max_new_phrases_per_s)  # used on the decode thread only
+        self.budget = PhraseBudget(self.cfg.max_new_phrases_per_s)  # used on the model thread only
         self.meters = Meters()
 
     async def reconfigure(self, user_config: dict) -> None:
         """Serve calls this before the replica takes requests and whenever the deployment's ``user_config``
         changes (a redeploy naming another checkpoint): the new one loads beside the old, off the event loop,
-        and is swapped in whole. Requests already decoded finish on the checkpoint they were decoded for."""
+        and is swapped in whole. A batch already started finishes on the checkpoint it started with."""
         location = str(user_config.get("checkpoint", ""))
         if not location or (self.served and self.served.location == location):
             return
         self.served = await asyncio.get_running_loop().run_in_executor(None, Served.load, location, self.device)
 
-    @serve.batch(max_batch_size=DEFAULTS.max_batch_size, batch_wait_timeout_s=DEFAULTS.batch_wait_s)
-    async def colorize_batch(self, items: list[tuple[np.ndarray, torch.Tensor, Colorizer]]) -> list[np.ndarray]:
-        """The Colorizer runs a batch in chunks of its own batch size (8 on CPU): faster per image than whole
-        large batches, and the allocator sees at most eight tensor sizes, so memory stays flat under load.
-        During a checkpoint swap a batch may hold requests for both: each group runs on its own."""
-        self.batch_sizes = (self.batch_sizes + [len(items)])[-100:]
-        self.meters.batch_size.observe(len(items))
-        started = time.perf_counter()
-        results: list[np.ndarray | None] = [None] * len(items)
-        for colorizer in {id(c): c for _, _, c in items}.values():
-            mine = [i for i, item in enumerate(items) if item[2] is colorizer]
-            outlines, cond = np.stack([items[i][0] for i in mine]), torch.stack([items[i][1] for i in mine])
-            images = await asyncio.get_running_loop().run_in_executor(self.model_thread, colorizer.colorize_arrays, outlines, cond)
-            for i, image in zip(mine, images):
-                results[i] = image
-        self.meters.model_latency.observe(time.perf_counter() - started)
-        return results
+    def current(self) -> Served:
+        if self.served is None:
+            raise RuntimeError("no checkpoint: give checkpoint= in the app's args or in its Colorizer deployment's user_config")
+        return self.served
 
-    def prepare(self, data: bytes, colour: object, client: str) -> tuple[tuple[int, int], np.ndarray, torch.Tensor, Colorizer]:
-        """(image size, outline at the model's size, the colour's condition, the Colorizer they are for): all a
-        request keeps of its image."""
-        colorizer = self.served.colorizer
-        if self.over_budget(colorizer, colour, client):
-            raise ClientError(429, f"more than {self.cfg.max_new_phrases_per_s:g} new phrases a second from this client; "
-                                   "retry in a second, or send names the lexicons know (see /colors)", {"Retry-After": "1"})  # fmt: skip
+    async def card(self) -> dict:
+        return self.current().card()
+
+    async def paint(self, job: Job) -> Painted:
+        return await self.paint_batch(job)
+
+    @serve.batch(max_batch_size=DEFAULTS.max_batch_size, batch_wait_timeout_s=DEFAULTS.batch_wait_s)
+    async def paint_batch(self, jobs: list[Job]) -> list[Painted]:
+        """The requests that arrived together, coloured in one pass on the model thread. The Colorizer runs it in
+        chunks of its own batch size (8 on CPU): faster per image than whole large batches, and the allocator
+        sees at most eight tensor sizes, so memory stays flat under load."""
+        served = self.current()
+        outlines = sum(len(job.colours) for job in jobs)
+        self.batch_sizes = (self.batch_sizes + [outlines])[-100:]
+        self.meters.batch_size.observe(outlines)
         started = time.perf_counter()
-        image = decode_image(data, self.cfg.max_pixels)
+        painted = await asyncio.get_running_loop().run_in_executor(self.model_thread, self.paint_jobs, served, jobs)
+        self.meters.model_latency.observe(time.perf_counter() - started)
+        return painted
+
+    def paint_jobs(self, served: Served, jobs: list[Job]) -> list[Painted]:
+        colorizer, size = served.colorizer, served.colorizer.image_size
+        answers = [[self.condition(colorizer, colour, job.client) for colour in job.colours] for job in jobs]
+        accepted = [(a, i, fitted(job.outlines[i], size)) for job, a in zip(jobs, answers) for i, c in enumerate(a) if not isinstance(c, ClientError)]
+        if accepted:
+            images = colorizer.colorize_arrays(np.stack([o for _, _, o in accepted]), torch.stack([a[i] for a, i, _ in accepted]))
+            for (answer, i, _), image in zip(accepted, images):
+                answer[i] = image
+        return [Painted(answer, served.location) for answer in answers]
+
+    def condition(self, colorizer: Colorizer, colour: object, client: str) -> torch.Tensor | ClientError:
+        """The colour's condition, or the ClientError that refuses it: the colour is parsed here, once."""
+        if self.over_budget(colorizer, colour, client):
+            return ClientError(429, f"more than {self.cfg.max_new_phrases_per_s:g} new phrases a second from this client; "
+                                    "retry in a second, or send names the lexicons know (see /colors)", {"Retry-After": "1"})  # fmt: skip
         try:
-            cond = colorizer.condition([colour])[0]
+            return colorizer.condition([colour])[0]
         except ValueError as err:
             self.meters.unknown_colours.inc()
-            raise ClientError(422, str(err), reason="unknown_colour") from None
-        outline = outline_array(image, colorizer.image_size)
-        self.meters.decode_latency.observe(time.perf_counter() - started)
-        return image.size, outline, cond, colorizer
+            return ClientError(422, str(err), reason="unknown_colour")
 
     def over_budget(self, colorizer: Colorizer, colour: object, client: str) -> bool:
         try:
             costly = colorizer.model.condition.costly(colour, colorizer.palette)
         except ValueError:
-            return False  # refused with the others, after the image is checked
+            return False  # refused with the others
         return costly and not self.budget.take(client)
 
     async def check_health(self) -> None:
         """A tiny forward pass on the model thread, the path requests take: a wedged thread fails the check
-        (Serve then replaces the replica), where a pass on the event loop would have passed and blocked HTTP."""
-        served = self.served
-        if served is None:
-            raise RuntimeError("no checkpoint: give checkpoint= in the app's args or in its Colorizer deployment's user_config")
+        (Serve then replaces the replica), where a pass on the event loop would have passed."""
+        served = self.current()
         blank = np.zeros((1, served.colorizer.image_size, served.colorizer.image_size), bool)
         probe = self.model_thread.submit(served.colorizer.colorize_arrays, blank, served.probe)
         try:
             await asyncio.wait_for(asyncio.wrap_future(probe), HEALTH_TIMEOUT_S)
         except TimeoutError:
             raise RuntimeError(f"the model thread did not answer a health probe within {HEALTH_TIMEOUT_S} s") from None
+
+    async def health(self) -> list[int]:
+        """The health check's probe, then the outlines in recent batches."""
+        await self.check_health()
+        return self.batch_sizes[-20:]
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(app)
+class Ingress:
+    """The HTTP deployment: checks the key, parses and decodes requests, encodes the PNGs, and asks the model
+    deployment (a DeploymentHandle) for the colouring. Its replicas scale apart from the model's, on CPUs."""
+
+    def __init__(self, config: dict, model: DeploymentHandle):
+        self.cfg = ServeConfig(**config)
+        self.model = model
+        self.limit = int(self.cfg.max_body_mb * 1024 * 1024)
+        # One codec thread: the event loop never decodes or encodes, and one full-size image is held at a time.
+        self.codec_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codec")
+        self.meters = Meters()
+        self.known: dict | None = None  # the model's card (see Served.card), fetched again after a swap
+        self.pages: dict[bool, str] = {}  # the demo page, with or without the public lexicons' names
+
+    async def card(self) -> dict:
+        if self.known is None:
+            self.known = await self.model.card.remote()
+        return self.known
+
+    def decode(self, data: bytes, size: int) -> tuple[tuple[int, int], np.ndarray]:
+        """(image size, outline at the model's size): all a request keeps of its image."""
+        started = time.perf_counter()
+        image = decode_image(data, self.cfg.max_pixels)
+        outline = outline_array(image, size)
+        self.meters.decode_latency.observe(time.perf_counter() - started)
+        return image.size, outline
 
     @app.post("/colorize", response_class=Response, responses={200: {"content": {"image/png": {}, "application/json": {}}}})
     async def colorize(self, request: Request) -> Response:
@@ -430,11 +522,8 @@ class ColorizeService:
         except ClientError as err:
             self.meters.answered(err.status, err.reason)
             return error(err.status, err.message, err.headers)
-        client = request.client.host if request.client else "unknown"
-        jobs = [self.colorize_one(data, colour, parsed.original, client) for data, colour in zip(parsed.images, parsed.colours)]
-        parsed.images.clear()  # each job holds its own image's bytes, and drops them once decoded
         try:
-            answers = await asyncio.gather(*jobs)  # decoded one at a time, coloured together in the model's batches
+            answers = await self.colorize_all(parsed, request.client.host if request.client else "unknown")
         except Exception:
             self.meters.answered(500)  # then the app's handler answers a generic 500
             raise
@@ -446,64 +535,82 @@ class ColorizeService:
             return Response(answer, media_type="image/png") if isinstance(answer, bytes) else error(answer.status, answer.message, answer.headers)
         return JSONResponse([{"image": base64.b64encode(a).decode()} if isinstance(a, bytes) else {"error": a.message, "status": a.status} for a in answers])
 
-    async def colorize_one(self, data: bytes | ClientError, colour: object, original: bool, client: str) -> bytes | ClientError:
-        """One outline as PNG bytes, or the ClientError that refuses it (the others in its request go on)."""
-        if isinstance(data, ClientError):
-            return data
-        try:
-            size, outline, cond, colorizer = await asyncio.get_running_loop().run_in_executor(self.decode_thread, self.prepare, data, colour, client)
-        except ClientError as err:
-            return err
-        del data  # the body is not needed past decoding
-        result = Image.fromarray(await self.colorize_batch((outline, cond, colorizer)))
-        if original:
-            result = result.resize(size, Image.Resampling.NEAREST)
-        buffer = io.BytesIO()
-        result.save(buffer, format="PNG")
-        return buffer.getvalue()
+    async def colorize_all(self, parsed: Parsed, client: str) -> list[bytes | ClientError]:
+        """Each outline as PNG bytes, or the ClientError that refuses it (the others go on): decoded one at a
+        time, each body dropped once decoded, then coloured in one call to the model."""
+        loop, card = asyncio.get_running_loop(), await self.card()
+        answers: list = []
+        for i, data in enumerate(parsed.images):
+            parsed.images[i] = None
+            try:
+                answers.append(data if isinstance(data, ClientError) else await loop.run_in_executor(self.codec_thread, self.decode, data, card["image_size"]))
+            except ClientError as err:
+                answers.append(err)
+        todo = [i for i, answer in enumerate(answers) if not isinstance(answer, ClientError)]
+        if todo:
+            job = Job(np.stack([answers[i][1] for i in todo]), [parsed.colours[i] for i in todo], client)
+            painted = await self.model.paint.remote(job)
+            if painted.location != card["location"]:
+                self.known = None  # another checkpoint now: its card is fetched for the next request
+            for i, image in zip(todo, painted.images):
+                size = answers[i][0] if parsed.original else None
+                answers[i] = image if isinstance(image, ClientError) else await loop.run_in_executor(self.codec_thread, png, image, size)
+        return answers
 
     @app.get("/colors")
     async def colors(self, request: Request) -> JSONResponse:
         if not authorized(request):
             return error(401, "missing or wrong API key; send Authorization: Bearer <key>")
-        colorizer = self.served.colorizer
-        return JSONResponse(colorizer.model.condition.advertise(colorizer.palette))
+        self.known = None  # asked each time: /colors describes the checkpoint serving now
+        return JSONResponse((await self.card())["colors"])
 
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
         try:
-            await self.check_health()
-        except RuntimeError as err:
-            return error(503, str(err))
-        return JSONResponse({"status": "ok", "recent_batch_sizes": self.batch_sizes[-20:]})
+            sizes = await asyncio.wait_for(self.model.health.remote(), HEALTH_TIMEOUT_S + 5)
+        except Exception as err:
+            return error(503, f"the model is not healthy: {getattr(err, 'cause', None) or type(err).__name__}")
+        return JSONResponse({"status": "ok", "recent_batch_sizes": sizes})
 
     @app.get("/", response_class=HTMLResponse)
     async def index(self) -> HTMLResponse:
-        return HTMLResponse(self.served.page)
+        public = bool((await self.card())["colors"]["lexicons"])
+        if public not in self.pages:
+            self.pages[public] = demo_page(public)
+        return HTMLResponse(self.pages[public])
 
+
+def application(cfg: ServeConfig, model=Model, model_options: dict | None = None, ingress_options: dict | None = None):
+    """The two deployments bound together: the ingress, and the model deployment it calls. ``*_options`` go
+    over the defaults (``ray_actor_options`` key by key); tests use them for faults and resources."""
+
+    def merged(defaults: dict, given: dict | None) -> dict:
+        given = dict(given or {})
+        return defaults | given | {"ray_actor_options": defaults["ray_actor_options"] | given.get("ray_actor_options", {})}
+
+    model_defaults = {"max_ongoing_requests": cfg.max_ongoing_requests, **replica_options(cfg.replicas, cfg),
+                      "ray_actor_options": {"num_cpus": cfg.cpus, "num_gpus": 1 if cfg.gpu else 0}}
+    ingress_defaults = {"max_ongoing_requests": cfg.max_ongoing_requests, "max_queued_requests": cfg.max_queued_requests,
+                        **replica_options(cfg.ingress_replicas, cfg), "ray_actor_options": {"num_cpus": cfg.ingress_cpus}}
+    config = asdict(cfg)
+    painter = model.options(**merged(model_defaults, model_options)).bind(config)
+    return Ingress.options(**merged(ingress_defaults, ingress_options)).bind(config, painter)
 
 
 def build_app(args: dict):
     """The one application builder: `serve run polycolor.serve:build_app checkpoint=...`, config files, main().
 
-    The checkpoint reaches the replicas as the deployment's ``user_config`` (``reconfigure``), never as their
+    The checkpoint reaches the model's replicas as its deployment's ``user_config`` (``reconfigure``), never as their
     arguments. In a Serve config file put it there (``deployments: [{name: Colorizer, user_config:
     {checkpoint: ...}}]``): a changed ``args`` rebuilds the app and replaces its replicas, a changed
     ``user_config`` swaps the checkpoint into the running ones."""
     cfg = ServeConfig.from_args(dict(args))
-    options = {}
-    if cfg.checkpoint:
-        # Fail start-up here, naming the file (or the missing extra), not in every replica; a half-written
-        # checkpoint in a bucket fails its hash check here too.
-        checkpoint.load(cfg.checkpoint).model.condition.check_serving(load=False)
-        options["user_config"] = {"checkpoint": cfg.checkpoint}
-    return ColorizeService.options(
-        **replica_options(cfg),
-        **options,
-        max_ongoing_requests=cfg.max_ongoing_requests,
-        max_queued_requests=cfg.max_queued_requests,
-        ray_actor_options={"num_cpus": 1, "num_gpus": 1 if cfg.gpu else 0},
-    ).bind(asdict(cfg) | {"checkpoint": ""})
+    if not cfg.checkpoint:
+        return application(cfg)
+    # Fail start-up here, naming the file (or the missing extra), not in every replica; a half-written
+    # checkpoint in a bucket fails its hash check here too.
+    checkpoint.load(cfg.checkpoint).model.condition.check_serving(load=False)
+    return application(replace(cfg, checkpoint=""), model_options={"user_config": {"checkpoint": cfg.checkpoint}})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

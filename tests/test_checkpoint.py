@@ -25,6 +25,7 @@ def test_round_trip_gives_identical_outputs(tmp_path):
 
 
 def test_rewrite_is_atomic_and_leaves_no_temporaries(tmp_path):
+    """C3: rewriting a checkpoint replaces it whole and leaves no temporaries."""
     path = checkpoint.write(tmp_path / "c", tiny_model(seed=1), REAL_PALETTE)
     checkpoint.write(path, tiny_model(seed=2), REAL_PALETTE)
     assert [p.name for p in tmp_path.iterdir()] == ["c"]
@@ -32,6 +33,7 @@ def test_rewrite_is_atomic_and_leaves_no_temporaries(tmp_path):
 
 
 def test_truncated_weights_fail_naming_the_file(tiny_checkpoint):
+    """C2: truncated weights fail at load, naming the file."""
     weights = tiny_checkpoint / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="model.safetensors: sha256 does not match"):
@@ -39,6 +41,7 @@ def test_truncated_weights_fail_naming_the_file(tiny_checkpoint):
 
 
 def test_tampered_weights_fail(tiny_checkpoint):
+    """C4: weights that do not match their recorded hash are refused."""
     weights = tiny_checkpoint / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0xFF
@@ -48,6 +51,7 @@ def test_tampered_weights_fail(tiny_checkpoint):
 
 
 def test_swapped_config_is_refused(tmp_path, tiny_checkpoint):
+    """C4: a config that does not match the weights is refused with the reason."""
     other = checkpoint.write(tmp_path / "other", tiny_model("film"), REAL_PALETTE)
     config = json.loads((other / "config.json").read_text())
     config["weights_sha256"] = json.loads((tiny_checkpoint / "config.json").read_text())["weights_sha256"]
@@ -82,6 +86,7 @@ class Exploit:
 
 
 def test_malicious_pickle_in_train_state_is_refused_without_side_effects(tiny_checkpoint, tmp_path, monkeypatch):
+    """C1: a crafted pickle in train_state.pt is refused without running."""
     monkeypatch.chdir(tmp_path)
     (tiny_checkpoint / "train_state.pt").write_bytes(pickle.dumps(Exploit()))
     with pytest.raises(CheckpointError, match="train_state.pt: cannot be loaded safely"):

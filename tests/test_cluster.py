@@ -162,6 +162,7 @@ def http_status(hosts, url: str, token: str | None) -> int:
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("manifest", sorted(MANIFESTS))
 def test_each_kuberay_head_takes_jobs_and_serve_configs_from_another_pod_with_the_token_only(hosts, manifest):
+    """N2: each KubeRay head takes jobs and Serve configs from another pod with the token, and refuses them without it."""
     document = yaml.safe_load((ROOT / "cluster" / "kuberay" / manifest).read_text())
     cluster = document["spec"].get("rayClusterSpec") or document["spec"].get("rayClusterConfig") or document["spec"]
     assert cluster["authOptions"]["mode"] == "token"  # KubeRay then gives every pod RAY_AUTH_MODE=token and the token

@@ -16,6 +16,7 @@ def declared() -> dict[str, Requirement]:
 
 
 def test_the_safety_minimums_are_declared():
+    """N4: pyproject.toml declares the minimum safe versions."""
     requirements = declared()
     floors = {"torch": "2.6", "pillow": "11.0", "python-multipart": "0.0.18", "starlette": "0.40", "fastapi": "0.115", "safetensors": "0.4"}
     for name, floor in floors.items():
@@ -31,6 +32,7 @@ def _below(floor: str) -> str:
 
 
 def test_the_installed_versions_meet_what_is_declared():
+    """N4: the installed versions meet what pyproject.toml declares."""
     for name, requirement in declared().items():
         try:
             installed = version(name)

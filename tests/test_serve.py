@@ -11,7 +11,6 @@ import struct
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
 import httpx
@@ -25,7 +24,7 @@ from PIL import Image
 from polycolor import synth
 from polycolor.data import REAL_PALETTE
 from polycolor.predict import Colorizer
-from polycolor.serve import ColorizeService, PhraseBudget, ServeConfig, replica_options
+from polycolor.serve import Model, PhraseBudget, ServeConfig, application
 
 from conftest import free_port, png_bytes
 
@@ -45,14 +44,13 @@ def server(ray_session, tmp_path_factory):
     path = checkpoint.write(tmp_path_factory.mktemp("serve") / "ckpt", tiny_model(), REAL_PALETTE)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
-    cfg = ServeConfig(checkpoint=str(path), max_body_mb=LIMIT_MB, max_pixels=512 * 512, max_batch_size=8, batch_wait_s=0.05)
-    serve.run(ColorizeService.options(max_ongoing_requests=64).bind(asdict(cfg)), name="main", route_prefix="/")
-    keyed = ServeConfig(checkpoint=str(path))
-    options = {"runtime_env": {"env_vars": {"POLYCOLOR_API_KEY": "s3cret"}}, "num_cpus": 0.5}
-    serve.run(ColorizeService.options(ray_actor_options=options).bind(asdict(keyed)), name="keyed", route_prefix="/keyed")
-    tight = ServeConfig(checkpoint=str(path), max_batch_size=1)
-    serve.run(ColorizeService.options(max_ongoing_requests=1, max_queued_requests=1, ray_actor_options={"num_cpus": 0.5}).bind(asdict(tight)),
-              name="tight", route_prefix="/tight")  # fmt: skip
+    cfg = ServeConfig(checkpoint=str(path), max_body_mb=LIMIT_MB, max_pixels=512 * 512, max_batch_size=8, batch_wait_s=0.05, ingress_cpus=0.25)
+    serve.run(application(cfg), name="main", route_prefix="/")
+    keyed = ServeConfig(checkpoint=str(path), cpus=0.5, ingress_cpus=0.1)  # the ingress checks the key
+    serve.run(application(keyed, ingress_options={"ray_actor_options": {"runtime_env": {"env_vars": {"POLYCOLOR_API_KEY": "s3cret"}}}}),
+              name="keyed", route_prefix="/keyed")  # fmt: skip
+    tight = ServeConfig(checkpoint=str(path), max_batch_size=1, max_ongoing_requests=1, max_queued_requests=1, cpus=0.5, ingress_cpus=0.1)
+    serve.run(application(tight), name="tight", route_prefix="/tight")
     yield {"url": f"http://127.0.0.1:{port}", "port": port, "checkpoint": path}
     serve.shutdown()
 
@@ -91,6 +89,7 @@ def test_good_request_matches_colorizer_and_json_gives_the_same_png(server, outl
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "I;16", "JPEG", "odd-size"])
 def test_every_accepted_variant_gives_a_valid_png(server, outline, mode):
+    """S5: every accepted image variant gives a valid PNG, the same bytes each time."""
     image = Image.open(io.BytesIO(outline))
     if mode == "JPEG":
         buffer = io.BytesIO()
@@ -144,6 +143,7 @@ def realise(kwargs: dict, outline: bytes) -> dict:
 
 
 def test_malformed_requests_get_named_4xx_and_the_replica_survives(server, outline):
+    """S1: malformed requests get a named 4xx within 2 s, and the replica survives."""
     before = replica_pids()
     with httpx.Client(base_url=server["url"], timeout=10) as client:
         for label, kwargs in MALFORMED.items():
@@ -168,6 +168,7 @@ def padded_png(outline: bytes, total: int) -> bytes:
 
 
 def test_body_size_boundary_and_chunked_overflow(server, outline):
+    """S3: a body just under the limit is served; over it, declared or chunked, gets 413 unread."""
     limit = int(LIMIT_MB * 1024 * 1024)
     with httpx.Client(base_url=server["url"], timeout=30) as client:
         under = client.post("/colorize", files={"image": ("o.png", padded_png(outline, limit - 1024))}, data={"color": "red"})
@@ -193,6 +194,7 @@ def bomb_png(width: int, height: int) -> bytes:
 
 
 def test_decompression_bomb_is_refused_without_decoding(server, outline):
+    """S4: a decompression bomb and an image over our pixel cap get 413 naming the limit, undecoded."""
     with httpx.Client(base_url=server["url"], timeout=10) as client:
         bomb = client.post("/colorize", files={"image": ("b.png", bomb_png(100_000, 100_000))}, data={"color": "red"})
         ours = client.post("/colorize", files={"image": ("b.png", bomb_png(1000, 1000))}, data={"color": "red"})  # under Pillow's cap
@@ -203,6 +205,7 @@ def test_decompression_bomb_is_refused_without_decoding(server, outline):
 
 
 def test_fifty_concurrent_requests_succeed_in_batches(server, outline):
+    """L4: a bounded burst of concurrent valid requests all succeed, batched (the p95 and memory budgets are in bench/serve_load.py)."""
     async def fire():
         async with httpx.AsyncClient(base_url=server["url"], timeout=60) as client:
             return await asyncio.gather(*(client.post("/colorize", files={"image": ("o.png", outline)}, data={"color": "red"}) for _ in range(50)))
@@ -255,6 +258,7 @@ def test_colors_healthz_docs_and_demo_page(server):
 
 
 def test_listens_on_loopback_only(server):
+    """N1: the test server listens on 127.0.0.1 only."""
     listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == server["port"]]
     assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening)
 
@@ -316,8 +320,7 @@ def test_demo_page_in_a_real_browser(server, tmp_path):
     with torch.no_grad():
         model.out.bias.fill_(10.0)  # paints every pixel: the colour the user picked must come back
     path = checkpoint.write(tmp_path / "paint", model, REAL_PALETTE)
-    serve.run(ColorizeService.options(ray_actor_options={"num_cpus": 0.5}).bind(asdict(ServeConfig(checkpoint=str(path)))),
-              name="demo", route_prefix="/demo")  # fmt: skip
+    serve.run(application(ServeConfig(checkpoint=str(path), cpus=0.5, ingress_cpus=0.1)), name="demo", route_prefix="/demo")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -343,8 +346,8 @@ def test_demo_page_in_a_real_browser(server, tmp_path):
         # With a key: the page works once it is entered, and a checkpoint's own names are never HTML.
         crafted = '<img src=x onerror="document.title=1">'
         secret = checkpoint.write(tmp_path / "secret", model, REAL_PALETTE | {crafted: (0, 0, 255), "house-teal": (0, 128, 128)})
-        options = {"num_cpus": 0.5, "runtime_env": {"env_vars": {"POLYCOLOR_API_KEY": "k3y"}}}
-        serve.run(ColorizeService.options(ray_actor_options=options).bind(asdict(ServeConfig(checkpoint=str(secret)))), name="kd", route_prefix="/kd")
+        keyed = {"ray_actor_options": {"runtime_env": {"env_vars": {"POLYCOLOR_API_KEY": "k3y"}}}}
+        serve.run(application(ServeConfig(checkpoint=str(secret), cpus=0.5, ingress_cpus=0.1), ingress_options=keyed), name="kd", route_prefix="/kd")
         assert "house-teal" not in httpx.get(f"{server['url']}/kd/").text  # the palette /colors protects
         browser.get(f"{server['url']}/kd/")
         WebDriverWait(browser, 30).until(lambda b: "API key" in b.find_element(By.ID, "key-error").text)
@@ -372,13 +375,14 @@ def test_demo_page_in_a_real_browser(server, tmp_path):
 
 
 @contextmanager
-def deployed(name: str, cls=ColorizeService, options: dict | None = None, **config):
-    """``cls`` deployed as application ``name`` at /name for the duration of the block; yields that path."""
+def deployed(name: str, cls=Model, options: dict | None = None, **config):
+    """The application with ``cls`` as its model deployment, as ``name`` at /name for the duration of the
+    block (``options``: the model deployment's); yields that path."""
     from ray import serve
 
-    deployment = cls if cls is ColorizeService else serve.deployment(name="Colorizer")(cls)
-    options = {"ray_actor_options": {"num_cpus": 0.25}} | (options or {})
-    serve.run(deployment.options(**options).bind(asdict(ServeConfig(**config))), name=name, route_prefix=f"/{name}")
+    deployment = cls if cls is Model else serve.deployment(name="Colorizer")(cls)
+    cfg = ServeConfig(**{"cpus": 0.25, "ingress_cpus": 0.1} | config)
+    serve.run(application(cfg, deployment, options), name=name, route_prefix=f"/{name}")
     try:
         yield f"/{name}"
     finally:
@@ -410,6 +414,7 @@ def post_with_retries(client: httpx.Client, path: str, outline: bytes, tries: in
     content_type=st.sampled_from(["", "application/json", "text/plain", "multipart/form-data", "multipart/form-data; boundary=zz", "image/png"]),
 )
 def test_fuzzed_requests_never_get_a_5xx(server, image, colour, form, content_type):
+    """S2: fuzzed requests never get a 5xx."""
     if form == "multipart":
         kwargs = {"files": {"image": ("f.png", image)}, "data": {"color": colour}}
     elif form == "json":
@@ -423,9 +428,10 @@ def test_fuzzed_requests_never_get_a_5xx(server, image, colour, form, content_ty
 
 
 def test_an_internal_error_gives_a_generic_500_and_the_next_request_works(server, outline):
-    class Faulty(ColorizeService.func_or_class):  # a local class: pickled by value into the replica
+    """S6: an internal error is a generic 500 JSON, and the next request works."""
+    class Faulty(Model.func_or_class):  # a local class: pickled by value into the replica
         async def __init__(self, config):  # the model raises on one colour (not the health check's red)
-            await super().__init__(config)
+            super().__init__(config)
             colorize = self.served.colorizer.colorize_arrays
 
             def faulty(outlines, cond):
@@ -443,6 +449,7 @@ def test_an_internal_error_gives_a_generic_500_and_the_next_request_works(server
 
 
 def test_a_request_over_the_timeout_gets_408_and_leaves_nothing_behind(server, outline):
+    """L2: a request over the timeout gets 408, and its work never runs."""
     slow = {"max_batch_size": 64, "batch_wait_s": REQUEST_TIMEOUT_S + 4}  # a lone request waits past the timeout
     with deployed("slow", checkpoint=str(server["checkpoint"]), **slow) as path, httpx.Client(base_url=server["url"], timeout=60) as client:
         pids = alive_replica_pids("slow")
@@ -456,6 +463,7 @@ def test_a_request_over_the_timeout_gets_408_and_leaves_nothing_behind(server, o
 
 
 def test_clients_that_disconnect_early_leave_no_stuck_slots(server, outline):
+    """L3: clients that disconnect early leave no stuck slots."""
     big = png_bytes(Image.open(io.BytesIO(outline)).resize((512, 512)))
 
     async def abandon(after_s: float):
@@ -476,6 +484,7 @@ def test_clients_that_disconnect_early_leave_no_stuck_slots(server, outline):
 
 @pytest.mark.slow
 def test_a_replica_killed_under_load_is_replaced_and_a_retrying_client_always_succeeds(server, outline):
+    """L5: a replica killed under load is replaced; a retrying client always succeeds."""
     with deployed("victim", checkpoint=str(server["checkpoint"])) as path, httpx.Client(base_url=server["url"], timeout=30) as client:
         (victim,) = alive_replica_pids("victim")
         answers = []
@@ -490,11 +499,12 @@ def test_a_replica_killed_under_load_is_replaced_and_a_retrying_client_always_su
 
 @pytest.mark.slow
 def test_the_health_check_catches_a_wedged_model_and_the_replica_is_replaced(server, outline, tmp_path):
+    """L6: the health check catches a wedged model and Serve replaces the replica."""
     marker = tmp_path / "wedged"
 
-    class Wedgeable(ColorizeService.func_or_class):  # while ``marker`` exists, the model's forward hangs
+    class Wedgeable(Model.func_or_class):  # while ``marker`` exists, the model's forward hangs
         async def __init__(self, config):
-            await super().__init__(config)
+            super().__init__(config)
             forward = self.served.colorizer.model.forward
 
             def maybe_wedged(*args, **kwargs):
@@ -523,11 +533,12 @@ def wedge_and_see_the_replica_replaced(name: str, cls, checks: dict, marker, ser
 
 @pytest.mark.slow
 def test_a_wedged_model_thread_fails_the_health_check_and_the_replica_is_replaced(server, outline, tmp_path):
+    """L6: a wedged model thread fails the health check and Serve replaces the replica."""
     marker = tmp_path / "wedged"
 
-    class WedgeableThread(ColorizeService.func_or_class):  # once ``marker`` exists, the model thread blocks while it does
+    class WedgeableThread(Model.func_or_class):  # once ``marker`` exists, the model thread blocks while it does
         async def __init__(self, config):
-            await super().__init__(config)
+            super().__init__(config)
 
             def block():
                 while marker.exists():
@@ -556,6 +567,7 @@ def test_the_phrase_budget_refuses_a_client_past_its_rate_and_no_other():
 
 
 def test_the_http_surface_is_exactly_what_the_readme_documents():
+    """N3: the HTTP surface is exactly the README's table."""
     from starlette.routing import Route
 
     from polycolor.serve import app
@@ -594,19 +606,18 @@ def test_several_outlines_in_one_request_come_back_in_order_with_an_error_for_ea
     assert single.headers["content-type"] == "image/png"  # one image: a PNG, as before
 
 
-def running_replicas(app_name: str) -> int:
+def running_replicas(app_name: str, deployment: str = "Colorizer") -> int:
     from ray import serve
 
-    return serve.status().applications[app_name].deployments["Colorizer"].replica_states.get("RUNNING", 0)
+    return serve.status().applications[app_name].deployments[deployment].replica_states.get("RUNNING", 0)
 
 
 @pytest.mark.slow
 def test_autoscaling_grows_to_two_replicas_under_load_and_shrinks_back_after(server, outline):
     import threading
 
-    cfg = {"replicas": "1-2", "target_ongoing_requests": 1.0, "upscale_delay_s": 1.0, "downscale_delay_s": 3.0, "batch_wait_s": 0.05}
-    options = replica_options(ServeConfig(checkpoint="x", **cfg))
-    with deployed("elastic", options=options, checkpoint=str(server["checkpoint"]), **cfg) as path:
+    cfg = {"replicas": "1-2", "ingress_replicas": "2", "target_ongoing_requests": 1.0, "upscale_delay_s": 1.0, "downscale_delay_s": 3.0, "batch_wait_s": 0.05}
+    with deployed("elastic", checkpoint=str(server["checkpoint"]), **cfg) as path:
         assert running_replicas("elastic") == 1
         stop, statuses = threading.Event(), []
 
@@ -622,12 +633,13 @@ def test_autoscaling_grows_to_two_replicas_under_load_and_shrinks_back_after(ser
             deadline = time.time() + 90
             while running_replicas("elastic") < 2 and time.time() < deadline:
                 time.sleep(0.5)
-            grew = running_replicas("elastic")
+            grew, ingress = running_replicas("elastic"), running_replicas("elastic", "Ingress")
         finally:
             stop.set()
             for thread in clients:
                 thread.join()
         assert grew == 2, "the load did not add a replica within 90 s"
+        assert ingress == 2  # the ingress keeps its own count: each deployment scales apart
         deadline = time.time() + 90
         while running_replicas("elastic") > 1 and time.time() < deadline:
             time.sleep(0.5)
@@ -666,9 +678,9 @@ def test_a_new_checkpoint_is_swapped_in_under_load_with_no_failed_request_and_no
     assert not np.array_equal(painted["old"], painted["new"])
 
     def config(path: Path) -> dict:  # cluster/serve.yaml's shape: the checkpoint in the deployment's user_config
-        colorizer = {"name": "Colorizer", "user_config": {"checkpoint": str(path)}, "ray_actor_options": {"num_cpus": 0.5}}
+        colorizer = {"name": "Colorizer", "user_config": {"checkpoint": str(path)}}
         return {"applications": [{"name": "swap", "route_prefix": "/swap", "import_path": "polycolor.serve:build_app",
-                                  "deployments": [colorizer], "args": {"replicas": "1"}}]}  # fmt: skip
+                                  "deployments": [colorizer], "args": {"replicas": "1", "cpus": 0.5, "ingress_cpus": 0.1}}]}  # fmt: skip
 
     serve_deploy(ray_session, config(old), tmp_path / "old.yaml")
     deadline = time.time() + 120
@@ -717,8 +729,8 @@ def test_the_metrics_reach_rays_prometheus_endpoint(server, outline, metrics_por
         r'ray_polycolor_requests_total\{(?=[^}]*outcome="4xx")(?=[^}]*reason="invalid")[^}]*\} [1-9]',
         r"ray_polycolor_unknown_colours_total\{[^}]*\} [1-9]",
         r'ray_polycolor_batch_size_bucket\{[^}]*le="1(\.0)?"[^}]*\} [1-9]',
-        r"ray_polycolor_model_seconds_count\{[^}]*\} [1-9]",
-        r"ray_polycolor_decode_seconds_count\{[^}]*\} [1-9]",
+        r'ray_polycolor_model_seconds_count\{[^}]*deployment="Colorizer"[^}]*\} [1-9]',  # the model runs in its deployment,
+        r'ray_polycolor_decode_seconds_count\{[^}]*deployment="Ingress"[^}]*\} [1-9]',  # the codecs in the ingress
     ]
     deadline, missing = time.time() + 60, wanted
     while missing and time.time() < deadline:

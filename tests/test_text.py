@@ -93,12 +93,12 @@ def test_smoke_run_records_the_encoder_and_predict_paints_free_phrases(text_chec
 def test_serve_accepts_free_text_phrases(text_checkpoint, ray_session):
     from ray import serve
 
-    from polycolor.serve import ColorizeService, ServeConfig
+    from polycolor.serve import ServeConfig, application
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    cfg = ServeConfig(checkpoint=str(text_checkpoint), max_new_phrases_per_s=2)
-    serve.run(ColorizeService.options(ray_actor_options={"num_cpus": 0.5}).bind(asdict(cfg)), name="text", route_prefix="/text")
+    cfg = ServeConfig(checkpoint=str(text_checkpoint), max_new_phrases_per_s=2, cpus=0.5)
+    serve.run(application(cfg), name="text", route_prefix="/text")
     try:
         url = f"http://127.0.0.1:{port}/text"
         outline = png_bytes(Image.fromarray(np.where(synth.generate(1, seed=3).outlines[0], 0, 255).astype(np.uint8)))

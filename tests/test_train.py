@@ -90,6 +90,7 @@ def test_two_worker_run_completes_saves_its_config_and_logs_to_wandb(ray_session
 
 
 def test_a_worker_that_raises_once_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(ray_session, tmp_path):
+    """T1, T5: a worker raising once resumes at the last checkpoint's epoch + 1, and ends with the weights of an uninterrupted run."""
     log = tmp_path / "flaky.log"
     cfg = smoke("flaky", epochs=4)
     loop = partial(train_loop_per_worker, after_epoch=epoch_logger(log, crash_at=1))
@@ -112,6 +113,7 @@ def test_a_worker_that_raises_once_resumes_from_its_checkpoint_and_matches_an_un
 
 
 def test_a_sigkilled_worker_process_resumes(ray_session, tmp_path):
+    """T2: a SIGKILLed worker process: the run resumes and completes, without a hang."""
     log = tmp_path / "killed.log"
     loop = partial(train_loop_per_worker, after_epoch=epoch_logger(log, crash_at=0, kill=True))
     result = build_trainer(smoke("killed", epochs=3, max_failures=1), str(tmp_path), loop=loop).fit()
@@ -121,6 +123,7 @@ def test_a_sigkilled_worker_process_resumes(ray_session, tmp_path):
 
 
 def test_failing_every_attempt_stops_after_max_failures_plus_one(ray_session, tmp_path):
+    """T3: a worker failing every attempt stops the run after max_failures + 1 attempts, naming the error."""
     from ray.train import TrainingFailedError
 
     log = tmp_path / "doomed.log"
@@ -132,6 +135,7 @@ def test_failing_every_attempt_stops_after_max_failures_plus_one(ray_session, tm
 
 
 def test_a_killed_driver_resumes_as_trained_refuses_changed_settings_and_keeps_the_right_checkpoints(ray_session, tmp_path):
+    """T4: a SIGKILLed driver resumes from its last persisted epoch, keeping exactly the newest checkpoints."""
     env = os.environ | {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "polycolor.train", "--smoke-test", "--epochs", "8", "--threads", "1",
                "--storage", str(tmp_path), "--name", "t4", "--keep", "2"]  # fmt: skip

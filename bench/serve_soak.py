@@ -1,0 +1,160 @@
+"""A soak of the Serve application: mixed good and bad requests at the replicas' capacity for ten minutes.
+
+    python bench/serve_soak.py --checkpoint runs/first/best [--minutes 10] [--concurrency 8]
+
+``concurrency`` clients send, without pause, a fixed mix: single outlines in several colours and sizes,
+16-outline requests, and bad requests (unknown colours, corrupt images, malformed JSON, oversized bodies,
+wrong content types). It reports, per minute, requests answered, good requests that failed, bad requests
+that got anything but their 4xx, the p95 latency of good single-outline requests, and the RSS, open file
+descriptors and threads of the ingress and model replicas (found through Ray's state API). The verdict:
+0 failed good requests, 0 bad requests answered other than 4xx, RSS after the first minute within 5% of that
+minute's, and file descriptors and threads back to the first minute's count or below.
+Writes bench/results/serve_soak.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import itertools
+import json
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+from PIL import Image
+
+from polycolor import synth
+from polycolor.serve import ServeConfig, application
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def png_of(outline: np.ndarray, size: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.where(outline, 0, 255).astype(np.uint8)).resize((size, size)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def request_mix(limit_bytes: int) -> list[tuple[str, dict, bool]]:
+    """(label, httpx.post keyword arguments, whether it is good) for each kind of request in the mix."""
+    outlines = synth.generate(4, seed=11).outlines
+    good = [png_of(o, size) for o, size in zip(outlines, (128, 96, 256, 200))]
+    b64 = base64.b64encode(good[0]).decode()
+    return [
+        *((f"single {i}", {"files": {"image": ("o.png", g)}, "data": {"color": colour}}, True) for i, (g, colour) in enumerate(zip(good, ("red", "teal", "#ff8800", "navy blue")))),
+        ("json original size", {"json": {"image": b64, "color": "green", "size": "original"}}, True),
+        ("16 outlines", {"files": [("image", (f"{i}.png", good[i % 4])) for i in range(16)], "data": {"color": "purple"}}, True),
+        ("unknown colour", {"files": {"image": ("o.png", good[0])}, "data": {"color": "no such colour"}}, False),
+        ("corrupt image", {"files": {"image": ("o.png", good[0][:60])}, "data": {"color": "red"}}, False),
+        ("malformed JSON", {"content": b'{"image": ', "headers": {"content-type": "application/json"}}, False),
+        ("oversized body", {"content": b"0" * (limit_bytes + 1), "headers": {"content-type": "application/json"}}, False),
+        ("wrong content type", {"content": b"image=1", "headers": {"content-type": "text/plain"}}, False),
+    ]  # fmt: skip
+
+
+def replica_process(class_name: str) -> psutil.Process:
+    import ray
+    from ray.util.state import list_actors
+
+    found = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE"), ("class_name", "=", class_name)])
+    if len(found) != 1:
+        raise SystemExit(f"error: found {len(found)} live {class_name} actors, expected one; no figure printed")
+    return psutil.Process(found[0].pid)
+
+
+def sample(processes: dict[str, psutil.Process]) -> dict:
+    return {name: {"rss_mb": p.memory_info().rss / 2**20, "fds": p.num_fds(), "threads": p.num_threads()} for name, p in processes.items()}
+
+
+async def soak(url: str, mix: list, minutes: float, concurrency: int, processes: dict[str, psutil.Process]) -> list[dict]:
+    """Per minute: requests answered, good requests failed, bad requests not answered 4xx, good p95, and a sample
+    of each replica taken at the minute's end."""
+    minutes_done: list[dict] = []
+    kinds = itertools.cycle(mix)
+    window = {"answered": 0, "good_failed": 0, "bad_not_4xx": 0, "latencies": []}
+    deadline = time.perf_counter() + minutes * 60
+
+    async def user(client: httpx.AsyncClient):
+        while time.perf_counter() < deadline:
+            label, kwargs, good = next(kinds)
+            start = time.perf_counter()
+            try:
+                answer = await client.post(url, **kwargs)
+                status = answer.status_code
+            except httpx.TransportError:
+                status = 0
+            window["answered"] += 1
+            if good:
+                window["good_failed"] += status != 200 or (label == "16 outlines" and any("error" in item for item in answer.json()))
+                if label.startswith("single"):
+                    window["latencies"].append(time.perf_counter() - start)
+            else:
+                window["bad_not_4xx"] += not 400 <= status < 500
+
+    async def clock():
+        while time.perf_counter() < deadline:
+            await asyncio.sleep(min(60, max(0.0, deadline - time.perf_counter())))
+            row = {k: window[k] for k in ("answered", "good_failed", "bad_not_4xx")}
+            row["good_single_p95_ms"] = float(np.percentile(window["latencies"], 95) * 1000) if window["latencies"] else None
+            row |= sample(processes)
+            minutes_done.append(row)
+            window.update(answered=0, good_failed=0, bad_not_4xx=0, latencies=[])
+            replicas = ", ".join(f"{n} {row[n]['rss_mb']:.0f} MB {row[n]['fds']} fds {row[n]['threads']} threads" for n in processes)
+            print(f"minute {len(minutes_done):>2}: {row['answered']} answered, good failed {row['good_failed']}, bad not 4xx {row['bad_not_4xx']}, "
+                  f"good p95 {row['good_single_p95_ms'] or 0:.0f} ms; {replicas}", flush=True)  # fmt: skip
+
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
+        await asyncio.gather(clock(), *(user(client) for _ in range(concurrency)))
+    return minutes_done
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--minutes", type=float, default=10)
+    parser.add_argument("--concurrency", type=int, default=8, help="clients sending without pause (the replica's capacity here: see serve_load)")
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cfg = ServeConfig(checkpoint=args.checkpoint)
+    serve.run(application(cfg), name="soak", route_prefix="/")
+    processes = {"ingress": replica_process("ServeReplica:soak:Ingress"), "model": replica_process("ServeReplica:soak:Colorizer")}
+    try:
+        rows = asyncio.run(soak(f"http://127.0.0.1:{port}/colorize", request_mix(int(cfg.max_body_mb * 2**20)), args.minutes, args.concurrency, processes))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    first, later = rows[0], rows[1:]
+    verdict = {
+        "good_failed": sum(r["good_failed"] for r in rows),
+        "bad_not_4xx": sum(r["bad_not_4xx"] for r in rows),
+        "rss_drift": {n: max(abs(r[n]["rss_mb"] / first[n]["rss_mb"] - 1) for r in later) if later else None for n in processes},
+        "fds_growth": {n: later[-1][n]["fds"] - first[n]["fds"] if later else None for n in processes},
+        "threads_growth": {n: later[-1][n]["threads"] - first[n]["threads"] if later else None for n in processes},
+    }
+    held = (verdict["good_failed"] == 0 and verdict["bad_not_4xx"] == 0 and bool(later)
+            and all(d <= 0.05 for d in verdict["rss_drift"].values()) and all(g <= 0 for g in (*verdict["fds_growth"].values(), *verdict["threads_growth"].values())))  # fmt: skip
+    print(f"{sum(r['answered'] for r in rows)} requests in {args.minutes:g} min; good failed {verdict['good_failed']}, bad not 4xx {verdict['bad_not_4xx']}; "
+          f"RSS drift after minute 1: {', '.join(f'{n} {d:.1%}' for n, d in verdict['rss_drift'].items() if d is not None)}; "
+          f"fds {verdict['fds_growth']}, threads {verdict['threads_growth']} (last minute vs first): {'held' if held else 'NOT held'}")  # fmt: skip
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve_soak.json").write_text(json.dumps({"minutes": rows, "verdict": verdict, "held": held}, indent=2))
+    return 0 if held else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
