@@ -9,7 +9,7 @@ import os
 import stat
 from pathlib import Path
 
-from polycolor import storage
+from polycolor import checkpoint, storage
 from polycolor.config import PRESETS, TrainConfig
 from polycolor.data import Split, check, read_split
 
@@ -83,14 +83,45 @@ def saved_config(location: str, name: str) -> TrainConfig | None:
 
 
 def registered_checkpoint(location: str, name: str) -> str | None:
-    """The checkpoint Ray Train resumes run ``name`` from: the latest in its checkpoint manager's snapshot."""
+    """The checkpoint Ray Train resumes run ``name`` from: the latest in its checkpoint manager's snapshot
+    (None without one, or with one a kill cut off: see ``recover_cut_off``)."""
+    snapshot = snapshot_path(location, name)
+    try:
+        latest = json.loads(storage.read_bytes(snapshot)).get("latest_checkpoint_result") if storage.exists(snapshot) else None
+    except ValueError:
+        return None
+    return storage.join(location, name, latest["checkpoint_dir_name"]) if latest else None
+
+
+def snapshot_path(location: str, name: str) -> str:
     from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
-    snapshot = storage.join(location, name, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
+    return storage.join(location, name, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
+
+
+def recover_cut_off(location: str, name: str) -> str | None:
+    """Ray Train rewrites its checkpoint list (the snapshot) in place, so a kill mid-write leaves it empty or cut
+    off, and Ray then fails to read it at every resume. When run ``name``'s is so, delete it and return the
+    newest checkpoint that loads whole, to resume from; None when the snapshot is sound (or absent)."""
+    snapshot = snapshot_path(location, name)
     if not storage.exists(snapshot):
         return None
-    latest = json.loads(storage.read_bytes(snapshot)).get("latest_checkpoint_result")
-    return storage.join(location, name, latest["checkpoint_dir_name"]) if latest else None
+    try:
+        json.loads(storage.read_bytes(snapshot))
+        return None
+    except ValueError:  # empty or cut off
+        pass
+    fs, path = storage.filesystem(snapshot)
+    fs.delete_file(path)
+    for found in (storage.join(location, name, c) for c in reversed(storage.checkpoints(location, name))):
+        try:
+            checkpoint.load(found)
+        except ValueError:  # half-written (CheckpointError) or unreadable (StorageError)
+            continue
+        if storage.exists(storage.join(found, "train_state.pt")):
+            print(f"[polycolor] run {name}: its checkpoint list was cut off by a kill; resuming from {found}", flush=True)
+            return found
+    return None
 
 
 def resume_config(location: str, name: str, given: dict, base: TrainConfig) -> TrainConfig:

@@ -32,7 +32,7 @@ from polycolor.data import REAL_PALETTE, PolygonDataset
 from polycolor.loop import evaluate, make_optimizer, metrics_from_sums, train_one_epoch
 from polycolor.metrics import SCORE, colour_line
 from polycolor.model import ConditionalUNet
-from polycolor.runs import add_run_flags, check_location, init_ray, read_dataset, resume_config
+from polycolor.runs import add_run_flags, check_location, init_ray, read_dataset, recover_cut_off, resume_config
 from polycolor.synth import NAMED_COLORS, SyntheticDataset
 
 # ---------------------------------------------------------------------------------------------------
@@ -99,9 +99,11 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
         model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.optim.epochs * len(train_loader))
 
-    # 3. Resume from the latest checkpoint Ray hands back (after a worker failure or --resume).
+    # 3. Resume from the latest checkpoint Ray hands back (after a worker failure or --resume), or the one
+    # build_trainer recovered when a kill had cut Ray's checkpoint list off.
     start_epoch = 0
-    if resumed := ray.train.get_checkpoint():
+    recovered = config.get("recovered")
+    if resumed := ray.train.get_checkpoint() or (recovered and ray.train.Checkpoint(recovered)):
         with resumed.as_directory() as directory:
             model.load_state_dict(checkpoint.load(directory).model.state_dict())
             state = checkpoint.load_train_state(directory, shown=resumed.path)
@@ -204,7 +206,8 @@ def build_trainer(cfg: TrainConfig, location: str, callbacks: Sequence = (), loo
     wandb_dir = None if storage.is_uri(location) else str(Path(location) / run.name)
     return (trainer_cls or TorchTrainer)(
         loop,
-        train_loop_config={"config": cfg.to_dict(), "threads": int(resources["CPU"]), "splits": splits, "wandb_dir": wandb_dir},
+        train_loop_config={"config": cfg.to_dict(), "threads": int(resources["CPU"]), "splits": splits, "wandb_dir": wandb_dir,
+                           "recovered": recover_cut_off(location, run.name)},
         scaling_config=ScalingConfig(num_workers=run.workers, use_gpu="GPU" in resources, resources_per_worker=resources),
         run_config=RunConfig(
             name=run.name, storage_path=location, callbacks=list(callbacks),

@@ -167,3 +167,21 @@ def test_a_killed_driver_resumes_as_trained_refuses_changed_settings_and_keeps_t
     assert len(kept) == 2
     best = checkpoint.load(tmp_path / "t4" / "best")
     assert best.metrics["pixel_exact"] == max(item.metrics["pixel_exact"] for item in loaded)
+
+
+def test_a_checkpoint_list_cut_off_by_a_kill_resumes_from_the_newest_complete_checkpoint(ray_session, tmp_path):
+    """C3, T4: Ray rewrites its checkpoint list in place, so a kill mid-write leaves it cut off; with the newest
+    checkpoint half-written too, the run resumes from the newest complete one: not from scratch, not an error."""
+    build_trainer(smoke("cut", epochs=2), str(tmp_path)).fit()
+    run = tmp_path / "cut"
+    first, second = checkpoint_dirs(run)
+    weights = second / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # the kill interrupted its upload
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    snapshot.write_text(snapshot.read_text()[:100])  # and Ray's list, rewritten in place
+
+    log = tmp_path / "epochs.log"
+    loop = partial(train_loop_per_worker, after_epoch=epoch_logger(log))
+    result = build_trainer(smoke("cut", epochs=2), str(tmp_path), loop=loop).fit()
+    assert epochs(log) == [1]  # epoch 0 came from the first checkpoint, the only complete one
+    assert json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"] == 1 and result.checkpoint is not None
