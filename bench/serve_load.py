@@ -7,7 +7,8 @@ requests on loopback (a fixed number of requests, capped in time): images/s, p50
 CPU each request cost the load client, Serve's HTTP proxy, the ingress replica and the model replica (each
 found through Ray's state API; a figure that is not a measurement stops the bench); both replicas' memory
 after a warm-up pass at every level and after each measured level of four rounds; then their peak memory with
-every slot taken at once by the largest image accepted. Goal: 16-outline requests >= 0.7 of in-process. Next
+every slot taken at once by the largest image accepted. L4's budget: a single outline's p95 at concurrency c
+within c times its p50 alone, in the same run. Goal: 16-outline requests >= 0.7 of in-process. Next
 to it, the in-process Colorizer's batch throughput on the same checkpoint with one thread (the model
 replica's share: Ray gives a 1-CPU actor one torch thread) and with all threads.
 Writes bench/results/serve_load.json.
@@ -185,6 +186,15 @@ def main() -> int:
                       f"ratio {row['ratio_to_in_process']:.2f} (to {threads} threads {row[f'ratio_to_{threads}_threads']:.2f})  "
                       f"CPU ms/request: {', '.join(f'{name} {ms:.1f}' for name, ms in cpu_ms.items())}", flush=True)  # fmt: skip
         report[f"rss_mb_batching_{batching}"] = memory
+        # L4's budget, from the same run: at concurrency c a single outline's p95 is within c times its p50 alone
+        # (no request waits longer than every other client's served before it, one by one).
+        mine = [r for r in report["runs"] if r["batching"] == batching and r["images_per_request"] == 1]
+        alone = np.median([r["p50_ms"] for r in mine if r["concurrency"] == 1])
+        mine = [r for r in mine if r["concurrency"] > 1]
+        for r in mine:
+            r["p95_budget_ms"] = r["concurrency"] * alone
+        print(f"p95 budget (concurrency x {alone:.0f} ms alone): " + ", ".join(f"c={r['concurrency']} {r['p95_ms']:.0f} of {r['p95_budget_ms']:.0f} ms"
+              for r in mine) + f": {'within' if all(r['p95_ms'] <= r['p95_budget_ms'] for r in mine) else 'NOT within'}")  # fmt: skip
         if batching == "on":
             full = report["full_queue"] = asyncio.run(full_queue(url, replicas, cfg))
             print(f"every slot taken: {full['requests']} requests at once, each a {full['image']} outline ({full['png_bytes']} bytes of PNG), "

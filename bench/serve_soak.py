@@ -6,9 +6,12 @@
 16-outline requests, and bad requests (unknown colours, corrupt images, malformed JSON, oversized bodies,
 wrong content types). It reports, per minute, requests answered, good requests that failed, bad requests
 that got anything but their 4xx, the p95 latency of good single-outline requests, and the RSS, open file
-descriptors and threads of the ingress and model replicas (found through Ray's state API). The verdict:
-0 failed good requests, 0 bad requests answered other than 4xx, RSS after the first minute within 5% of that
-minute's, and file descriptors and threads back to the first minute's count or below.
+descriptors and threads of the ingress and model replicas (found through Ray's state API). Before the soak,
+one client alone measures a single outline's latency; the p95 budget is ``concurrency`` times that (no
+request waits longer than it would if every other client's request were served before it, one by one). The
+verdict: 0 failed good requests, 0 bad requests answered other than 4xx, every minute's p95 within the budget,
+RSS after the first minute within 5% of that minute's, and file descriptors and threads back to the first
+minute's count or below.
 Writes bench/results/serve_soak.json.
 """
 
@@ -56,6 +59,18 @@ def request_mix(limit_bytes: int) -> list[tuple[str, dict, bool]]:
         ("oversized body", {"content": b"0" * (limit_bytes + 1), "headers": {"content-type": "application/json"}}, False),
         ("wrong content type", {"content": b"image=1", "headers": {"content-type": "text/plain"}}, False),
     ]  # fmt: skip
+
+
+async def alone(url: str, mix: list, requests: int = 30) -> float:
+    """The median latency of a single-outline request from one client with nothing else in flight."""
+    _, kwargs, _ = mix[0]
+    latencies = []
+    async with httpx.AsyncClient(timeout=60) as client:
+        for _ in range(requests):
+            start = time.perf_counter()
+            (await client.post(url, **kwargs)).raise_for_status()
+            latencies.append(time.perf_counter() - start)
+    return float(np.median(latencies))
 
 
 def replica_process(class_name: str) -> psutil.Process:
@@ -132,22 +147,30 @@ def main() -> int:
     cfg = ServeConfig(checkpoint=args.checkpoint)
     serve.run(application(cfg), name="soak", route_prefix="/")
     processes = {"ingress": replica_process("ServeReplica:soak:Ingress"), "model": replica_process("ServeReplica:soak:Colorizer")}
+    url, mix = f"http://127.0.0.1:{port}/colorize", request_mix(int(cfg.max_body_mb * 2**20))
     try:
-        rows = asyncio.run(soak(f"http://127.0.0.1:{port}/colorize", request_mix(int(cfg.max_body_mb * 2**20)), args.minutes, args.concurrency, processes))
+        single = asyncio.run(alone(url, mix))
+        budget_ms = args.concurrency * single * 1000
+        print(f"one client alone: {single * 1000:.0f} ms a single outline; p95 budget at concurrency {args.concurrency}: {budget_ms:.0f} ms", flush=True)
+        rows = asyncio.run(soak(url, mix, args.minutes, args.concurrency, processes))
     finally:
         serve.shutdown()
         ray.shutdown()
     first, later = rows[0], rows[1:]
     verdict = {
+        "single_alone_ms": single * 1000,
+        "p95_budget_ms": budget_ms,
+        "worst_p95_ms": max(r["good_single_p95_ms"] or 0 for r in rows),
         "good_failed": sum(r["good_failed"] for r in rows),
         "bad_not_4xx": sum(r["bad_not_4xx"] for r in rows),
         "rss_drift": {n: max(abs(r[n]["rss_mb"] / first[n]["rss_mb"] - 1) for r in later) if later else None for n in processes},
         "fds_growth": {n: later[-1][n]["fds"] - first[n]["fds"] if later else None for n in processes},
         "threads_growth": {n: later[-1][n]["threads"] - first[n]["threads"] if later else None for n in processes},
     }
-    held = (verdict["good_failed"] == 0 and verdict["bad_not_4xx"] == 0 and bool(later)
+    held = (verdict["good_failed"] == 0 and verdict["bad_not_4xx"] == 0 and bool(later) and verdict["worst_p95_ms"] <= budget_ms
             and all(d <= 0.05 for d in verdict["rss_drift"].values()) and all(g <= 0 for g in (*verdict["fds_growth"].values(), *verdict["threads_growth"].values())))  # fmt: skip
     print(f"{sum(r['answered'] for r in rows)} requests in {args.minutes:g} min; good failed {verdict['good_failed']}, bad not 4xx {verdict['bad_not_4xx']}; "
+          f"worst p95 {verdict['worst_p95_ms']:.0f} ms (budget {budget_ms:.0f}); "
           f"RSS drift after minute 1: {', '.join(f'{n} {d:.1%}' for n, d in verdict['rss_drift'].items() if d is not None)}; "
           f"fds {verdict['fds_growth']}, threads {verdict['threads_growth']} (last minute vs first): {'held' if held else 'NOT held'}")  # fmt: skip
     out = ROOT / "bench" / "results"
