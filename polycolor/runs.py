@@ -86,8 +86,10 @@ def registered_checkpoint(location: str, name: str) -> str | None:
     """The checkpoint Ray Train resumes run ``name`` from: the latest in its checkpoint manager's snapshot
     (None without one, or with one a kill cut off: see ``recover_cut_off``)."""
     snapshot = snapshot_path(location, name)
+    if not storage.exists(snapshot):
+        return None
     try:
-        latest = json.loads(storage.read_bytes(snapshot)).get("latest_checkpoint_result") if storage.exists(snapshot) else None
+        latest = json.loads(storage.read_bytes(snapshot)).get("latest_checkpoint_result")
     except ValueError:
         return None
     return storage.join(location, name, latest["checkpoint_dir_name"]) if latest else None

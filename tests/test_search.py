@@ -233,6 +233,38 @@ def test_a_search_interrupted_then_sigkilled_twice_resumes_to_exactly_its_trials
 
 
 @pytest.mark.slow
+def test_a_trial_errored_by_a_killed_worker_resumes_from_its_checkpoint_when_the_search_is_resumed(ray_session, tmp_path):
+    """U2 (errored trials): a trial whose worker is SIGKILLed with no retries left errors; `--resume` (which
+    passes resume_errored) continues it from the checkpoint its run registered, to the end, never training a
+    registered epoch again."""
+    import psutil
+    import ray
+    from ray.util.state import list_actors
+
+    command = [sys.executable, "-m", "tune.search", "--smoke-test", "--num-samples", "1", "--max-failures", "0", "--train-pairs", "256",
+               "--storage", str(tmp_path), "--name", "e"]  # fmt: skip
+    env = search_env(ray_session)
+    driver = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while driver.poll() is None and time.time() < deadline and not any(registered(tmp_path, "e").values()):
+        time.sleep(0.2)
+    ((trial, before),) = registered(tmp_path, "e").items()
+    assert list(before) == [0], before  # epoch 0 registered, epoch 1 under way
+    (worker,) = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    psutil.Process(worker.pid).kill()
+    driver.wait(timeout=300)
+    (errored,) = json.loads((tmp_path / "e" / "results.json").read_text())["trials"]
+    assert errored["status"] == "error", errored
+
+    resumed = subprocess.run([*command, "--resume"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=500)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (trial_row,) = json.loads((tmp_path / "e" / "results.json").read_text())["trials"]
+    assert trial_row["status"] == "finished" and trial_row["epochs"] == 2, trial_row
+    after = registered(tmp_path, "e")[trial]
+    assert after[0] == before[0] and 1 in after, (before, after)  # continued from epoch 0's checkpoint, not from scratch
+
+
+@pytest.mark.slow
 @pytest.mark.ray
 def test_job_submission_with_token_auth_against_a_local_head(tmp_path):
     """N2: jobs reach a head only with Ray's token; the head's dashboard binds what it is told."""

@@ -174,7 +174,7 @@ def test_a_checkpoint_list_cut_off_by_a_kill_resumes_from_the_newest_complete_ch
     checkpoint half-written too, the run resumes from the newest complete one: not from scratch, not an error."""
     build_trainer(smoke("cut", epochs=2), str(tmp_path)).fit()
     run = tmp_path / "cut"
-    first, second = checkpoint_dirs(run)
+    _, second = checkpoint_dirs(run)
     weights = second / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # the kill interrupted its upload
     snapshot = run / "checkpoint_manager_snapshot.json"
