@@ -436,12 +436,15 @@ class Model:
         return painted
 
     def paint_jobs(self, served: Served, jobs: list[Job]) -> list[Painted]:
-        colorizer, size = served.colorizer, served.colorizer.image_size
+        """On the model thread: each colour's condition or the error refusing it, then one pass over every outline
+        whose colour was accepted; each condition in ``answers`` is replaced by its image."""
+        colorizer = served.colorizer
         answers = [[self.condition(colorizer, colour, job.client) for colour in job.colours] for job in jobs]
-        accepted = [(a, i, fitted(job.outlines[i], size)) for job, a in zip(jobs, answers) for i, c in enumerate(a) if not isinstance(c, ClientError)]
+        accepted = [(answer, i, fitted(outline, colorizer.image_size))
+                    for job, answer in zip(jobs, answers) for i, outline in enumerate(job.outlines) if not isinstance(answer[i], ClientError)]  # fmt: skip
         if accepted:
-            images = colorizer.colorize_arrays(np.stack([o for _, _, o in accepted]), torch.stack([a[i] for a, i, _ in accepted]))
-            for (answer, i, _), image in zip(accepted, images):
+            outlines, conds = np.stack([o for _, _, o in accepted]), torch.stack([answer[i] for answer, i, _ in accepted])
+            for (answer, i, _), image in zip(accepted, colorizer.colorize_arrays(outlines, conds)):
                 answer[i] = image
         return [Painted(answer, served.location) for answer in answers]
 
