@@ -124,6 +124,19 @@ def actor_process(class_name: str) -> psutil.Process:
     return psutil.Process(found[0].pid)
 
 
+def start_serve() -> int:
+    """A local Ray on two CPUs with Serve's proxy on a free loopback port; returns the port."""
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
 def measured(name: str, value: float) -> float:
     """``value``, or exit: a zero CPU time or a tiny memory means the wrong process was watched."""
     if value <= 0 or (name.endswith("rss_mb") and value < 50):
@@ -148,11 +161,7 @@ def main() -> int:
     import ray
     from ray import serve
 
-    ray.init(address="local", num_cpus=2)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_serve()
     threads = torch.get_num_threads()
     colorizer = Colorizer.from_checkpoint(args.checkpoint, device="cpu")
     body, whole = outline_png(), in_process(colorizer, threads)

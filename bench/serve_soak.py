@@ -23,7 +23,6 @@ import base64
 import io
 import itertools
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from PIL import Image
 
 from polycolor import synth
 from polycolor.serve import ServeConfig, application
+from serve_load import actor_process, start_serve  # bench/ is on the path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,16 +71,6 @@ async def alone(url: str, mix: list, requests: int = 30) -> float:
             (await client.post(url, **kwargs)).raise_for_status()
             latencies.append(time.perf_counter() - start)
     return float(np.median(latencies))
-
-
-def replica_process(class_name: str) -> psutil.Process:
-    import ray
-    from ray.util.state import list_actors
-
-    found = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE"), ("class_name", "=", class_name)])
-    if len(found) != 1:
-        raise SystemExit(f"error: found {len(found)} live {class_name} actors, expected one; no figure printed")
-    return psutil.Process(found[0].pid)
 
 
 def sample(processes: dict[str, psutil.Process]) -> dict:
@@ -139,14 +129,10 @@ def main() -> int:
     import ray
     from ray import serve
 
-    ray.init(address="local", num_cpus=2)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_serve()
     cfg = ServeConfig(checkpoint=args.checkpoint)
     serve.run(application(cfg), name="soak", route_prefix="/")
-    processes = {"ingress": replica_process("ServeReplica:soak:Ingress"), "model": replica_process("ServeReplica:soak:Colorizer")}
+    processes = {"ingress": actor_process("ServeReplica:soak:Ingress"), "model": actor_process("ServeReplica:soak:Colorizer")}
     url, mix = f"http://127.0.0.1:{port}/colorize", request_mix(int(cfg.max_body_mb * 2**20))
     try:
         single = asyncio.run(alone(url, mix))
