@@ -34,6 +34,7 @@ from PIL import Image, UnidentifiedImageError
 
 from polycolor import storage
 from polycolor.data import DatasetError, outline_array, parse_rows, target_array
+from polycolor.predict import encode_png
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 ERRORS = "errors.jsonl"
@@ -231,11 +232,7 @@ def write(batch: dict, dst: str, original_size: bool) -> dict:
     for i, output in enumerate(batch["output"]):
         if errors[i]:
             continue
-        image = Image.fromarray(batch["rgb"][i])
-        if original_size:
-            image = image.resize(tuple(batch["size"][i]), Image.Resampling.NEAREST)
-        encoded = io.BytesIO()
-        image.save(encoded, format="PNG")
+        encoded = encode_png(batch["rgb"][i], batch["size"][i] if original_size else None)
         path = f"{base.rstrip('/')}/{output}"
         try:
             fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
@@ -243,7 +240,7 @@ def write(batch: dict, dst: str, original_size: bool) -> dict:
             # object only when its upload completes.
             staging = f"{path.rsplit('/', 1)[0]}/.{PurePosixPath(path).name}.tmp-{uuid.uuid4().hex[:8]}" if local else path
             with fs.open_output_stream(staging) as stream:
-                stream.write(encoded.getvalue())
+                stream.write(encoded)
             if local:
                 os.replace(staging, path)
         except OSError as err:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,16 @@ from PIL import Image
 from polycolor import checkpoint
 from polycolor.colors import RGB
 from polycolor.data import outline_array
+
+
+def encode_png(rgb: np.ndarray, size: tuple[int, int] | None = None) -> bytes:
+    """An (H, W, 3) uint8 image as PNG bytes, resized to ``size`` (nearest: no new colours) when given."""
+    image = Image.fromarray(rgb)
+    if size is not None:
+        image = image.resize(tuple(size), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 class Colorizer:

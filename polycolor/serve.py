@@ -51,7 +51,7 @@ from polycolor import checkpoint
 from polycolor.colors import LEXICON
 from polycolor.config import Settings, add_flags, setting
 from polycolor.data import outline_array
-from polycolor.predict import Colorizer
+from polycolor.predict import Colorizer, encode_png
 
 ACCEPTED_FORMATS = ("PNG", "JPEG")
 HEALTH_TIMEOUT_S = 10  # a probe queues behind at most the batch in progress (well under a second on CPU)
@@ -280,6 +280,8 @@ async def parse_request(request: Request, limit: int, max_images: int) -> Parsed
         images, many = [await u.read() for u in uploads], len(uploads) > 1
         colours = form.getlist("color") or form.getlist("colour") or [None]
         size = form.get("size", "model")
+        await form.close()  # the images are in ``images`` now: the uploads' files and the raw body are let go
+        request._body = b""
     else:
         raise ClientError(415, f"content type {content_type or 'none'!r} is not accepted; send multipart/form-data or application/json")
     if colours == [None]:
@@ -332,16 +334,6 @@ def authorized(request: Request) -> bool:
 def fitted(outline: np.ndarray, size: int) -> np.ndarray:
     """``outline`` at ``size`` (already so, unless the ingress decoded it for a checkpoint swapped out since)."""
     return outline if outline.shape[-1] == size else outline_array(Image.fromarray(np.where(outline, 0, 255).astype(np.uint8)), size)
-
-
-def png(image: np.ndarray, size: tuple[int, int] | None) -> bytes:
-    """An RGB array as PNG bytes, resized (nearest, so no new colours) to ``size`` when given."""
-    result = Image.fromarray(image)
-    if size:
-        result = result.resize(size, Image.Resampling.NEAREST)
-    buffer = io.BytesIO()
-    result.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @dataclass(frozen=True)
@@ -557,7 +549,7 @@ class Ingress:
                 self.known = None  # another checkpoint now: its card is fetched for the next request
             for i, image in zip(todo, painted.images):
                 size = answers[i][0] if parsed.original else None
-                answers[i] = image if isinstance(image, ClientError) else await loop.run_in_executor(self.codec_thread, png, image, size)
+                answers[i] = image if isinstance(image, ClientError) else await loop.run_in_executor(self.codec_thread, encode_png, image, size)
         return answers
 
     @app.get("/colors")
