@@ -66,33 +66,50 @@ def read_dataset(data: str) -> tuple[Split, Split] | None:
 
 
 def saved_config(location: str, name: str) -> TrainConfig | None:
-    """The TrainConfig the run ``name`` under ``location`` saved with the checkpoint Ray will resume it from
-    (the latest its checkpoint manager registered), else with the newest one written; None before any.
-    ValueError when the one Ray will resume from has lost its training state."""
-    registered = registered_checkpoint(location, name)
-    for found in [registered] if registered else [storage.join(location, name, c) for c in reversed(storage.checkpoints(location, name))]:
-        try:
-            saved = json.loads(storage.read_bytes(storage.join(found, "config.json"))).get("train")
-        except (OSError, ValueError):  # unregistered, still being written when its driver died: an earlier one says the same
-            continue
-        if found == registered and not storage.exists(storage.join(found, "train_state.pt")):
-            raise ValueError(f"--resume: {storage.join(found, 'train_state.pt')} is missing, so training cannot continue from "
-                             "this checkpoint; restore the file, or start a new run under another --name")  # fmt: skip
-        return TrainConfig.from_dict(saved) if saved else None
-    return None
+    """The TrainConfig the run ``name`` under ``location`` saved with the checkpoint it will resume from (see
+    ``resume_point``); None before any. ValueError when that checkpoint has lost its training state."""
+    found = resume_point(location, name)[0] or newest_complete(location, name)
+    if found is None:
+        return None
+    if not storage.exists(storage.join(found, "train_state.pt")):
+        raise ValueError(f"--resume: {storage.join(found, 'train_state.pt')} is missing, so training cannot continue from "
+                         "this checkpoint; restore the file, or start a new run under another --name")  # fmt: skip
+    saved = json.loads(storage.read_bytes(storage.join(found, "config.json"))).get("train")
+    return TrainConfig.from_dict(saved) if saved else None
 
 
-def registered_checkpoint(location: str, name: str) -> str | None:
-    """The checkpoint Ray Train resumes run ``name`` from: the latest in its checkpoint manager's snapshot
-    (None without one, or with one a kill cut off: see ``recover_cut_off``)."""
+def resume_point(location: str, name: str) -> tuple[str | None, str | None]:
+    """(checkpoint, None): the one Ray Train resumes run ``name`` from, the latest its checkpoint list (the
+    snapshot) registered, or None before any; or (None, why) when Ray cannot use its list: a kill cut it off
+    while Ray rewrote it in place, or the latest checkpoint it names is gone (deleted, or no longer loads)."""
     snapshot = snapshot_path(location, name)
     if not storage.exists(snapshot):
-        return None
+        return None, None
     try:
         latest = json.loads(storage.read_bytes(snapshot)).get("latest_checkpoint_result")
     except ValueError:
-        return None
-    return storage.join(location, name, latest["checkpoint_dir_name"]) if latest else None
+        return None, "its checkpoint list was cut off by a kill"
+    if not latest:
+        return None, None
+    found = storage.join(location, name, latest["checkpoint_dir_name"])
+    try:
+        checkpoint.load(found)
+    except ValueError as err:  # CheckpointError
+        return None, f"its latest checkpoint is gone ({err})"
+    return found, None
+
+
+def newest_complete(location: str, name: str) -> str | None:
+    """The newest of run ``name``'s checkpoints that loads whole, with its training state."""
+    for found in (storage.join(location, name, c) for c in reversed(storage.checkpoints(location, name))):
+        try:
+            with storage.local_copy(found) as local:
+                checkpoint.load_directory(local, shown=found)
+                checkpoint.load_train_state(local, shown=found)
+            return found
+        except ValueError:  # half-written or deleted in part (CheckpointError, StorageError)
+            continue
+    return None
 
 
 def snapshot_path(location: str, name: str) -> str:
@@ -101,29 +118,17 @@ def snapshot_path(location: str, name: str) -> str:
     return storage.join(location, name, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
 
 
-def recover_cut_off(location: str, name: str) -> str | None:
-    """Ray Train rewrites its checkpoint list (the snapshot) in place, so a kill mid-write leaves it empty or cut
-    off, and Ray then fails to read it at every resume. When run ``name``'s is so, delete it and return the
-    newest checkpoint that loads whole, to resume from; None when the snapshot is sound (or absent)."""
-    snapshot = snapshot_path(location, name)
-    if not storage.exists(snapshot):
+def recover(location: str, name: str) -> str | None:
+    """When Ray Train cannot resume run ``name`` from its checkpoint list (see ``resume_point``), delete the
+    list and return the newest complete checkpoint to resume from (None: from scratch); None when it can."""
+    _, why = resume_point(location, name)
+    if why is None:
         return None
-    try:
-        json.loads(storage.read_bytes(snapshot))
-        return None
-    except ValueError:  # empty or cut off
-        pass
-    fs, path = storage.filesystem(snapshot)
+    fs, path = storage.filesystem(snapshot_path(location, name))
     fs.delete_file(path)
-    for found in (storage.join(location, name, c) for c in reversed(storage.checkpoints(location, name))):
-        try:
-            checkpoint.load(found)
-        except ValueError:  # half-written (CheckpointError) or unreadable (StorageError)
-            continue
-        if storage.exists(storage.join(found, "train_state.pt")):
-            print(f"[polycolor] run {name}: its checkpoint list was cut off by a kill; resuming from {found}", flush=True)
-            return found
-    return None
+    found = newest_complete(location, name)
+    print(f"[polycolor] run {name}: {why}; resuming from {found or 'scratch, as no complete checkpoint is left'}", flush=True)
+    return found
 
 
 def resume_config(location: str, name: str, given: dict, base: TrainConfig) -> TrainConfig:

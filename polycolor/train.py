@@ -32,7 +32,7 @@ from polycolor.data import REAL_PALETTE, PolygonDataset
 from polycolor.loop import evaluate, make_optimizer, metrics_from_sums, train_one_epoch
 from polycolor.metrics import SCORE, colour_line
 from polycolor.model import ConditionalUNet
-from polycolor.runs import add_run_flags, check_location, init_ray, read_dataset, recover_cut_off, resume_config
+from polycolor.runs import add_run_flags, check_location, init_ray, read_dataset, recover, resume_config
 from polycolor.synth import NAMED_COLORS, SyntheticDataset
 
 # ---------------------------------------------------------------------------------------------------
@@ -100,7 +100,7 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
     optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.optim.epochs * len(train_loader))
 
     # 3. Resume from the latest checkpoint Ray hands back (after a worker failure or --resume), or the one
-    # build_trainer recovered when a kill had cut Ray's checkpoint list off.
+    # build_trainer recovered when Ray could not use its checkpoint list (cut off by a kill, or its latest gone).
     start_epoch = 0
     recovered = config.get("recovered")
     if resumed := ray.train.get_checkpoint() or (recovered and ray.train.Checkpoint(recovered)):
@@ -207,7 +207,7 @@ def build_trainer(cfg: TrainConfig, location: str, callbacks: Sequence = (), loo
     return (trainer_cls or TorchTrainer)(
         loop,
         train_loop_config={"config": cfg.to_dict(), "threads": int(resources["CPU"]), "splits": splits, "wandb_dir": wandb_dir,
-                           "recovered": recover_cut_off(location, run.name)},
+                           "recovered": recover(location, run.name)},
         scaling_config=ScalingConfig(num_workers=run.workers, use_gpu="GPU" in resources, resources_per_worker=resources),
         run_config=RunConfig(
             name=run.name, storage_path=location, callbacks=list(callbacks),

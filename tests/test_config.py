@@ -8,7 +8,7 @@ import pytest
 from polycolor import checkpoint
 from polycolor.config import FIELDS, PRESETS, SECTIONS, TrainConfig, add_flags, preset
 from polycolor.data import REAL_PALETTE
-from polycolor.runs import resume_config, saved_config
+from polycolor.runs import recover, resume_config, saved_config
 
 from conftest import tiny_model
 
@@ -93,6 +93,47 @@ def test_resume_reads_the_checkpoint_ray_registered_not_a_newer_half_written_one
     checkpoint.write(run / "checkpoint_2026-01-01_00-00-09.000000", tiny_model(), REAL_PALETTE, train=TrainConfig().to_dict())  # no state
     registered(run, "checkpoint_2026-01-01_00-00-00.000000")  # the newer one was being uploaded when its driver died
     assert resume_config(str(tmp_path), "r", {}, TrainConfig()) == trained
+
+
+def three_epochs(run) -> list:
+    """A run with checkpoints of epochs 0, 1 and 2 (each trained with its own --epochs, to tell them apart),
+    the last one registered as Ray registers it."""
+    saved = [checkpoint.write(run / f"checkpoint_2026-01-01_00-00-0{e}.000000", tiny_model(), REAL_PALETTE, {"epoch": e}, {"epoch": e},
+                              preset("smoke").replace(name="r", epochs=10 + e).to_dict()) for e in range(3)]  # fmt: skip
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps({
+        "checkpoint_results": [{"checkpoint_dir_name": c.name, "metrics": {"epoch": e}} for e, c in enumerate(saved)],
+        "latest_checkpoint_result": {"checkpoint_dir_name": saved[-1].name, "metrics": {"epoch": 2}},
+    }))  # fmt: skip
+    return saved
+
+
+def test_a_run_whose_newest_checkpoint_was_deleted_resumes_from_the_newest_remaining_one(tmp_path, capsys):
+    """U5: Ray's list still names the deleted checkpoint; the run resumes from the newest one left, as it was saved."""
+    import shutil
+
+    saved = three_epochs(tmp_path / "r")
+    shutil.rmtree(saved[2])
+    assert saved_config(str(tmp_path), "r").optim.epochs == 11  # --resume compares the flags with the one it resumes from
+    assert recover(str(tmp_path), "r") == str(saved[1])
+    assert "its latest checkpoint is gone" in capsys.readouterr().out
+    assert not (tmp_path / "r" / "checkpoint_manager_snapshot.json").exists()  # so Ray starts its list again from there
+    assert recover(str(tmp_path), "r") is None and saved_config(str(tmp_path), "r").optim.epochs == 11  # a second resume: the same
+
+
+def test_a_checkpoint_list_cut_at_any_byte_by_a_kill_resumes_from_the_newest_complete_checkpoint(tmp_path):
+    """C3, T4: Ray rewrites its list in place; a kill at any byte of that rewrite leaves the newest complete
+    checkpoint to resume from: the newest, or the one before when the kill also cut the newest's weights short."""
+    saved = three_epochs(tmp_path / "r")
+    snapshot = tmp_path / "r" / "checkpoint_manager_snapshot.json"
+    whole = snapshot.read_bytes()
+    assert recover(str(tmp_path), "r") is None  # a sound list: Ray's own resume
+    weights = saved[2] / "model.safetensors"
+    for cut in range(len(whole)):
+        if cut == len(whole) // 2:
+            weights.write_bytes(weights.read_bytes()[:1000])
+        snapshot.write_bytes(whole[:cut])
+        assert recover(str(tmp_path), "r") == str(saved[2] if cut < len(whole) // 2 else saved[1]), cut
+        assert not snapshot.exists()
 
 
 def test_a_search_is_not_restored_from_files_other_users_may_write(tmp_path, monkeypatch, capsys):

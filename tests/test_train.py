@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import ray.cloudpickle
 import torch
 from PIL import Image
 
@@ -20,14 +21,33 @@ from polycolor.train import best_of, build_trainer, train_loop_per_worker
 
 pytestmark = pytest.mark.timeout(300)
 ROOT = Path(__file__).resolve().parents[1]
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hooks below run in Ray's workers, which cannot import this file
 
 
 def smoke(name: str, **overrides) -> TrainConfig:
     return preset("smoke").replace(name=name, threads=1, **overrides)
 
 
-def epoch_logger(log: Path, crash_at: int | None = None, kill: bool = False, always: bool = False):
-    """after_epoch hook: append the epoch to ``log``; fail the first attempt at ``crash_at`` (``always``: every epoch)."""
+def registered_epoch(run: Path) -> int | None:
+    """The epoch of the latest checkpoint Ray Train's list (its snapshot) registered for ``run``, if any."""
+    try:
+        return json.loads((run / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]["metrics"]["epoch"]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or being rewritten
+        return None
+
+
+def wait_registered(run: Path, epoch: int, seconds: float = 60) -> None:
+    """Wait until Ray has registered ``run``'s checkpoint of ``epoch``: a kill after that must never lose it."""
+    deadline = time.time() + seconds
+    while (latest := registered_epoch(run)) is None or latest < epoch:
+        if time.time() > deadline:
+            raise TimeoutError(f"epoch {epoch} of {run} was not registered within {seconds} s")
+        time.sleep(0.1)
+
+
+def epoch_logger(log: Path, crash_at: int | None = None, kill: Path | None = None, always: bool = False):
+    """after_epoch hook: append the epoch to ``log``; fail the first attempt at ``crash_at`` (``always``: every
+    epoch). ``kill``: a run's directory; the failure is then a SIGKILL of the worker, once Ray registered the epoch."""
 
     def after_epoch(epoch: int) -> None:
         import ray.train
@@ -42,6 +62,8 @@ def epoch_logger(log: Path, crash_at: int | None = None, kill: bool = False, alw
             with open(log.with_suffix(".attempts"), "a") as f:
                 f.write("x")
             if kill:
+                wait_registered(kill, epoch)
+                log.with_suffix(".pid").write_text(str(os.getpid()))
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError("boom-original: injected failure")
 
@@ -112,13 +134,82 @@ def test_a_worker_that_raises_once_resumes_from_its_checkpoint_and_matches_an_un
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
-def test_a_sigkilled_worker_process_resumes(ray_session, tmp_path):
-    """T2: a SIGKILLed worker process: the run resumes and completes, without a hang."""
+def test_a_sigkilled_worker_process_resumes_at_the_next_epoch_and_leaves_no_process_behind(ray_session, tmp_path):
+    """T2: a worker process SIGKILLed after its first checkpoint: the run resumes at that checkpoint's epoch + 1,
+    recomputes nothing, completes without a hang, and no worker process is left."""
+    import psutil
+    from ray.util.state import list_actors
+
     log = tmp_path / "killed.log"
-    loop = partial(train_loop_per_worker, after_epoch=epoch_logger(log, crash_at=0, kill=True))
+    loop = partial(train_loop_per_worker, after_epoch=epoch_logger(log, crash_at=0, kill=tmp_path / "killed"))
     result = build_trainer(smoke("killed", epochs=3, max_failures=1), str(tmp_path), loop=loop).fit()
-    seen = epochs(log)
-    assert seen[0] == 0 and seen[-1] == 2 and seen[1] in (0, 1) and len(seen) <= 4
+    assert epochs(log) == [0, 1, 2] and log.with_suffix(".attempts").read_text() == "x"
+    assert result.checkpoint is not None and registered_epoch(tmp_path / "killed") == 2
+    killed = int(log.with_suffix(".pid").read_text())
+    assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE
+    alive = list_actors(address=ray_session.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert not alive, alive
+
+
+# Where a kill may land in the upload of a checkpoint's files (config.json, model.safetensors, train_state.pt,
+# in that order): (files copied whole, fraction of the next one copied).
+KILL_POINTS = [(0, 0.0), (0, 0.5), (1, 0.5), (2, 0.5), (3, 0.0)]
+
+
+def loop_killed_mid_upload(config: dict, plan: Path, log: Path, run: Path) -> None:
+    """``train_loop_per_worker`` with Ray's upload of each attempt's second checkpoint cut at the next point of
+    ``plan`` (a JSON list of KILL_POINTS), once Ray has registered the previous one, by a SIGKILL of the worker.
+    ``log`` gets "upload E" for each checkpoint uploaded whole and "killed E" for each cut."""
+    import shutil
+
+    import ray.train.v2._internal.execution.storage as ray_storage
+
+    copy, uploads = ray_storage._pyarrow_fs_copy_files, []
+
+    def upload(source, destination, destination_filesystem=None, **kwargs):
+        points = json.loads(plan.read_text())
+        if destination_filesystem is None or not Path(destination).name.startswith("checkpoint_"):
+            return copy(source, destination, destination_filesystem=destination_filesystem, **kwargs)
+        epoch = json.loads((Path(source) / "config.json").read_text())["metrics"]["epoch"]
+        uploads.append(epoch)
+        if len(uploads) == 1 or not points:
+            copy(source, destination, destination_filesystem=destination_filesystem, **kwargs)
+            with open(log, "a") as f:
+                f.write(f"upload {epoch}\n")
+            return None
+        (whole, part), *rest = points
+        plan.write_text(json.dumps(rest))
+        wait_registered(run, epoch - 1)
+        names = sorted(os.listdir(source))
+        for name in names[:whole]:
+            shutil.copy(Path(source) / name, Path(destination) / name)
+        if whole < len(names):
+            data = (Path(source) / names[whole]).read_bytes()
+            (Path(destination) / names[whole]).write_bytes(data[: int(len(data) * part)])
+        with open(log, "a") as f:
+            f.write(f"killed {epoch}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    ray_storage._pyarrow_fs_copy_files = upload
+    train_loop_per_worker(config)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_at_each_point_of_a_checkpoint_upload_resumes_from_the_newest_complete_checkpoint(ray_session, tmp_path):
+    """C3, T2: a worker SIGKILLed at each point of writing a checkpoint (no file yet, each file cut halfway,
+    every file written but not yet registered), one kill per attempt: each attempt resumes from the newest
+    checkpoint Ray registered, never an older one, and the run ends with every checkpoint in its list whole."""
+    plan, log, run = tmp_path / "plan.json", tmp_path / "uploads.log", tmp_path / "cut"
+    plan.write_text(json.dumps(KILL_POINTS))
+    loop = partial(loop_killed_mid_upload, plan=plan, log=log, run=run)
+    epochs_run = len(KILL_POINTS) + 1
+    result = build_trainer(smoke("cut", epochs=epochs_run, max_failures=len(KILL_POINTS), keep=epochs_run), str(tmp_path), loop=loop).fit()
+    expected = ["upload 0"] + [line for e in range(1, epochs_run) for line in (f"killed {e}", f"upload {e}")]
+    assert log.read_text().split("\n")[:-1] == expected  # after each cut, the next attempt starts at the cut epoch
+    listed = json.loads((run / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]
+    assert sorted(r["metrics"]["epoch"] for r in listed) == list(range(epochs_run))
+    assert all(checkpoint.load(run / r["checkpoint_dir_name"]) for r in listed)
+    assert len(checkpoint_dirs(run)) == epochs_run + len(KILL_POINTS)  # the cut uploads stay unregistered beside them
     assert result.checkpoint is not None
 
 
