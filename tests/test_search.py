@@ -233,35 +233,45 @@ def test_a_search_interrupted_then_sigkilled_twice_resumes_to_exactly_its_trials
 
 
 @pytest.mark.slow
-def test_a_trial_errored_by_a_killed_worker_resumes_from_its_checkpoint_when_the_search_is_resumed(ray_session, tmp_path):
-    """U2 (errored trials): a trial whose worker is SIGKILLed with no retries left errors; `--resume` (which
-    passes resume_errored) continues it from the checkpoint its run registered, to the end, never training a
-    registered epoch again."""
+def test_an_errored_trial_whose_newest_checkpoint_was_deleted_resumes_from_the_newest_remaining_one(ray_session, tmp_path):
+    """U2 (errored trials), U5: a trial whose worker is SIGKILLed with no retries left errors; its newest
+    checkpoint is then deleted. `--resume` (which passes resume_errored) continues it from the newest checkpoint
+    left, to the end: it trains again only the epoch whose checkpoint was lost, none before it."""
+    import shutil
+
     import psutil
     import ray
     from ray.util.state import list_actors
 
     command = [sys.executable, "-m", "tune.search", "--smoke-test", "--num-samples", "1", "--max-failures", "0", "--train-pairs", "256",
-               "--storage", str(tmp_path), "--name", "e"]  # fmt: skip
+               "--max-epochs", "3", "--storage", str(tmp_path), "--name", "e"]  # fmt: skip
     env = search_env(ray_session)
     driver = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while driver.poll() is None and time.time() < deadline and not any(registered(tmp_path, "e").values()):
+    while driver.poll() is None and time.time() < deadline and len(next(iter(registered(tmp_path, "e").values()), None) or ()) < 2:
         time.sleep(0.2)
     ((trial, before),) = registered(tmp_path, "e").items()
-    assert list(before) == [0], before  # epoch 0 registered, epoch 1 under way
+    assert sorted(before) == [0, 1], before  # epochs 0 and 1 registered, epoch 2 under way
     (worker,) = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     psutil.Process(worker.pid).kill()
     driver.wait(timeout=300)
     (errored,) = json.loads((tmp_path / "e" / "results.json").read_text())["trials"]
     assert errored["status"] == "error", errored
+    run = tmp_path / f"e-{trial}"
+    shutil.rmtree(run / before[1])
 
     resumed = subprocess.run([*command, "--resume"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=500)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     (trial_row,) = json.loads((tmp_path / "e" / "results.json").read_text())["trials"]
-    assert trial_row["status"] == "finished" and trial_row["epochs"] == 2, trial_row
-    after = registered(tmp_path, "e")[trial]
-    assert after[0] == before[0] and 1 in after, (before, after)  # continued from epoch 0's checkpoint, not from scratch
+    assert trial_row["status"] == "finished" and trial_row["epochs"] == 3, trial_row
+    written: dict[int, set[str]] = {}  # epoch -> the checkpoint directories holding it
+    for directory in run.glob("checkpoint_*"):
+        try:
+            written.setdefault(json.loads((directory / "config.json").read_text())["metrics"]["epoch"], set()).add(directory.name)
+        except (OSError, ValueError):  # the snapshot file, or an upload the kill cut short
+            continue
+    assert written[0] == {before[0]} and sorted(written) == [0, 1, 2], written  # epoch 0 kept, not trained again
+    assert before[1] not in written[1] and sorted(registered(tmp_path, "e")[trial]) == [1, 2]  # from epoch 0's: 1 and 2 anew
 
 
 @pytest.mark.slow
