@@ -5,13 +5,16 @@
 ``concurrency`` clients send, without pause, a fixed mix: single outlines in several colours and sizes,
 16-outline requests, and bad requests (unknown colours, corrupt images, malformed JSON, oversized bodies,
 wrong content types). It reports, per minute, requests answered, good requests that failed, bad requests
-that got anything but their 4xx, the p95 latency of good single-outline requests, and the RSS, open file
-descriptors and threads of the ingress and model replicas (found through Ray's state API). Before the soak,
-one client alone measures each kind's latency. The p95 budget of a single outline is its own latency plus
-the ``concurrency - 1`` requests ahead of it in the mix's order, each served alone, one by one: the 95th
-percentile of that sum over the mix's positions (no request waits longer than if every other client's
-request were served before it; a 16-outline request ahead costs sixteen outlines). The verdict: 0 failed good requests, 0 bad requests answered other than 4xx, every minute's p95 within the budget,
-RSS after the first minute within 5% of that minute's, and file descriptors and threads back to the first
+that got anything but their 4xx, the p95 latency of good single-outline requests, the RSS, open file
+descriptors and threads of the ingress and model replicas (found through Ray's state API), and the CPU
+seconds each of them, Serve's proxy and the client used that minute.
+
+Before the soak, one client alone measures each kind's latency. The p95 budget of a single outline is its
+own latency plus the ``concurrency - 1`` requests ahead of it in the mix's order, each served alone, one by
+one: the 95th percentile of that sum over the mix's positions (no request waits longer than if every other
+client's request were served before it; a 16-outline request ahead costs sixteen outlines). The verdict:
+0 failed good requests, 0 bad requests answered other than 4xx, every minute's p95 within the budget, RSS
+after the first minute within 5% of that minute's, and file descriptors and threads back to the first
 minute's count or below.
 Writes bench/results/serve_soak.json.
 """
@@ -37,6 +40,7 @@ from polycolor.serve import ServeConfig, application
 from serve_load import actor_process, start_serve  # bench/ is on the path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
+REPLICAS = ("ingress", "model")  # what the verdict judges; the client and Serve's proxy are sampled too
 
 
 def png_of(outline: np.ndarray, size: int) -> bytes:
@@ -86,7 +90,9 @@ def p95_budget(mix: list, latencies: list[float], concurrency: int) -> float:
 
 
 def sample(processes: dict[str, psutil.Process]) -> dict:
-    return {name: {"rss_mb": p.memory_info().rss / 2**20, "fds": p.num_fds(), "threads": p.num_threads()} for name, p in processes.items()}
+    """Each process's RSS, open descriptors, threads and CPU seconds used so far."""
+    return {name: {"rss_mb": p.memory_info().rss / 2**20, "fds": p.num_fds(), "threads": p.num_threads(), "cpu_s": sum(p.cpu_times()[:2])}
+            for name, p in processes.items()}  # fmt: skip
 
 
 async def soak(url: str, mix: list, minutes: float, concurrency: int, processes: dict[str, psutil.Process]) -> list[dict]:
@@ -96,6 +102,7 @@ async def soak(url: str, mix: list, minutes: float, concurrency: int, processes:
     kinds = itertools.cycle(mix)
     window = {"answered": 0, "good_failed": 0, "bad_not_4xx": 0, "latencies": []}
     deadline = time.perf_counter() + minutes * 60
+    start_cpu = {n: now["cpu_s"] for n, now in sample(processes).items()}
 
     async def user(client: httpx.AsyncClient):
         while time.perf_counter() < deadline:
@@ -122,7 +129,8 @@ async def soak(url: str, mix: list, minutes: float, concurrency: int, processes:
             row |= sample(processes)
             minutes_done.append(row)
             window.update(answered=0, good_failed=0, bad_not_4xx=0, latencies=[])
-            replicas = ", ".join(f"{n} {row[n]['rss_mb']:.0f} MB {row[n]['fds']} fds {row[n]['threads']} threads" for n in processes)
+            used = {n: row[n]["cpu_s"] - (minutes_done[-2][n]["cpu_s"] if len(minutes_done) > 1 else start_cpu[n]) for n in processes}
+            replicas = ", ".join(f"{n} {row[n]['rss_mb']:.0f} MB {row[n]['fds']} fds {row[n]['threads']} threads {used[n]:.0f} CPU s" for n in processes)
             print(f"minute {len(minutes_done):>2}: {row['answered']} answered, good failed {row['good_failed']}, bad not 4xx {row['bad_not_4xx']}, "
                   f"good p95 {row['good_single_p95_ms'] or 0:.0f} ms; {replicas}", flush=True)  # fmt: skip
 
@@ -144,7 +152,8 @@ def main() -> int:
     port = start_serve()
     cfg = ServeConfig(checkpoint=args.checkpoint)
     serve.run(application(cfg), name="soak", route_prefix="/")
-    processes = {"ingress": actor_process("ServeReplica:soak:Ingress"), "model": actor_process("ServeReplica:soak:Colorizer")}
+    processes = {"client": psutil.Process(), "proxy": actor_process("ProxyActor"),
+                 "ingress": actor_process("ServeReplica:soak:Ingress"), "model": actor_process("ServeReplica:soak:Colorizer")}  # fmt: skip
     url, mix = f"http://127.0.0.1:{port}/colorize", request_mix(int(cfg.max_body_mb * 2**20))
     try:
         latencies = asyncio.run(alone(url, mix))
@@ -163,9 +172,9 @@ def main() -> int:
         "worst_p95_ms": max(r["good_single_p95_ms"] or 0 for r in rows),
         "good_failed": sum(r["good_failed"] for r in rows),
         "bad_not_4xx": sum(r["bad_not_4xx"] for r in rows),
-        "rss_drift": {n: max(abs(r[n]["rss_mb"] / first[n]["rss_mb"] - 1) for r in later) if later else None for n in processes},
-        "fds_growth": {n: later[-1][n]["fds"] - first[n]["fds"] if later else None for n in processes},
-        "threads_growth": {n: later[-1][n]["threads"] - first[n]["threads"] if later else None for n in processes},
+        "rss_drift": {n: max(abs(r[n]["rss_mb"] / first[n]["rss_mb"] - 1) for r in later) if later else None for n in REPLICAS},
+        "fds_growth": {n: later[-1][n]["fds"] - first[n]["fds"] if later else None for n in REPLICAS},
+        "threads_growth": {n: later[-1][n]["threads"] - first[n]["threads"] if later else None for n in REPLICAS},
     }
     held = (verdict["good_failed"] == 0 and verdict["bad_not_4xx"] == 0 and bool(later) and verdict["worst_p95_ms"] <= budget_ms
             and all(d <= 0.05 for d in verdict["rss_drift"].values()) and all(g <= 0 for g in (*verdict["fds_growth"].values(), *verdict["threads_growth"].values())))  # fmt: skip
