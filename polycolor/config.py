@@ -60,6 +60,8 @@ class DataSettings(Settings):
     data: str = setting("synthetic", "'synthetic' (generated on every worker), or a dataset directory or URI")
     train_pairs: int = setting(2000, "training pairs per epoch, all workers together", positive, ">= 1")
     val_pairs: int = setting(256, "synthetic validation pairs", positive, ">= 1")
+    scenes: float = setting(0.0, "share of synthetic pairs that are drawings as people make them (polycolor.drawings: several shapes, "
+                            "nested, anti-aliased, ink, JPEG, gaps)", lambda v: 0 <= v <= 1, "between 0 and 1")  # fmt: skip
     seed: int = setting(0, "seed of the data, the initialisation and the search")
 
 

@@ -27,11 +27,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from polycolor.colors import RGB
-from polycolor.synth import OTHER_SHAPES, REAL_SHAPES, random_color, shape_points
+from polycolor.colors import RGB, parse_color
+from polycolor.data import REAL_PALETTE, outline_array
+from polycolor.synth import OTHER_SHAPES, REAL_SHAPES, SyntheticDataset, random_color, shape_points
 
 STYLES = ("clean", "antialiased", "ink", "jpeg", "gaps")
 SUPERSAMPLE = 4
@@ -72,8 +74,9 @@ def fill(outline: np.ndarray) -> np.ndarray:
 
 
 def place(rng: np.random.Generator, shape: tuple[int, int], count: int, nested: bool, width: int) -> list[np.ndarray] | None:
-    """``count`` shapes (the second inside the first when ``nested``) that each enclose something and do not
-    cross, anywhere on the canvas (touching its border allowed); None when this draw did not fit."""
+    """``count`` shapes (the second inside the first when ``nested``, clear of its outline) that each enclose
+    something, anywhere on the canvas (up to its border), their bounding circles at most just touching (so two
+    outlines sometimes meet); None when this draw did not fit."""
     height, wide = shape
     side = min(height, wide)
     placed: list[tuple[np.ndarray, np.ndarray, float]] = []  # (points, centre, radius)
@@ -217,3 +220,23 @@ def score(painted: np.ndarray, drawing: Drawing) -> dict[str, float]:
     filled = (painted != 255).any(axis=2) & drawing.care
     union = (filled | drawing.truth & drawing.care).sum()
     return {"pixel_exact": float(right.mean()), "iou": float((filled & drawing.truth).sum() / union) if union else 1.0}
+
+
+class DrawingDataset(SyntheticDataset):
+    """A ``SyntheticDataset`` whose pairs are, in the share ``scenes``, drawings in a random style, read as the
+    model reads an upload (``outline_array``) and with the fill of their closed outline as the target."""
+
+    def __init__(self, length: int, seed: int | Sequence[int] = 0, colors: Sequence[str] = (), scenes: float = 0.5):
+        super().__init__(length, seed, colors=colors)
+        self.scenes = scenes
+
+    def __getitem__(self, i: int):
+        seed = (*self.seed, self.epoch, i)
+        rng = np.random.default_rng((*seed, 1))
+        if rng.random() >= self.scenes:
+            return super().__getitem__(i)
+        drawing = draw((*seed, 2), str(rng.choice(STYLES)))
+        name = str(rng.choice(self.colors)) if self.colors else drawing.color
+        target = paint(drawing.truth, parse_color(name, REAL_PALETTE)) if self.colors else drawing.target
+        ink = outline_array(Image.fromarray(drawing.image))
+        return torch.from_numpy(ink).float()[None], torch.from_numpy(target).permute(2, 0, 1).float() / 255, name

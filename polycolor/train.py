@@ -29,6 +29,7 @@ from polycolor.colors import RGB
 from polycolor.conditioning import MODES
 from polycolor.config import FIELDS, PRESETS, SECTIONS, RunSettings, TrainConfig, add_flags, preset
 from polycolor.data import REAL_PALETTE, PolygonDataset
+from polycolor.drawings import DrawingDataset
 from polycolor.loop import evaluate, make_optimizer, metrics_from_sums, train_one_epoch
 from polycolor.metrics import SCORE, colour_line
 from polycolor.model import ConditionalUNet
@@ -53,8 +54,8 @@ def make_datasets(cfg: TrainConfig, rank: int, world: int, colors: Sequence[str]
     draw from ``colors`` when the mode has a closed vocabulary."""
     data = cfg.data
     if splits is None:
-        train = SyntheticDataset(data.train_pairs // world, seed=(data.seed, 0, rank), colors=colors)
-        val = SyntheticDataset(data.val_pairs, seed=(data.seed, 1), colors=colors)
+        train = DrawingDataset(data.train_pairs // world, seed=(data.seed, 0, rank), colors=colors, scenes=data.scenes)
+        val = DrawingDataset(data.val_pairs, seed=(data.seed, 1), colors=colors, scenes=data.scenes)
     else:
         base = PolygonDataset(splits[0], augment=True)
         train = ConcatDataset([base] * max(1, data.train_pairs // len(base)))

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import shutil
 
 import pytest
 
@@ -109,8 +110,6 @@ def three_epochs(run) -> list:
 
 def test_a_run_whose_newest_checkpoint_was_deleted_resumes_from_the_newest_remaining_one(tmp_path, capsys):
     """U5: Ray's list still names the deleted checkpoint; the run resumes from the newest one left, as it was saved."""
-    import shutil
-
     saved = three_epochs(tmp_path / "r")
     shutil.rmtree(saved[2])
     assert saved_config(str(tmp_path), "r").optim.epochs == 11  # --resume compares the flags with the one it resumes from
