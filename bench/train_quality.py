@@ -99,13 +99,15 @@ def score_drawings(colorizer: Colorizer, sets: dict[str, list[drawings.Drawing]]
     return rows
 
 
-def showcase(colorizer: Colorizer, sets: dict[str, Split], path: Path) -> None:
-    """Two rows: outlines, then the model's output, for a few real and unseen samples."""
-    picks = [(sets["real validation"], i) for i in range(len(sets["real validation"]))] + [(sets["unseen shapes"], i) for i in range(5)]
-    top = [np.repeat(np.where(s.outlines[i], 0, 255).astype(np.uint8)[..., None], 3, 2) for s, i in picks]
-    bottom = [colorizer.colorize_arrays(s.outlines[i : i + 1], colorizer.condition([s.colors[i]]))[0] for s, i in picks]
+def showcase(colorizer: Colorizer, sets: dict[str, Split], drawn: dict[str, list[drawings.Drawing]], path: Path) -> None:
+    """Two rows: the inputs, then the model's answers: the real validation outlines, two unseen shapes, and
+    drawings with several shapes, a nested one, ink on paper and gaps."""
+    real, novel = sets["real validation"], sets["unseen shapes"]
+    picks = [(np.where(s.outlines[i], 0, 255).astype(np.uint8)[..., None].repeat(3, 2), s.colors[i]) for s, i in [(real, i) for i in range(len(real))] + [(novel, 0), (novel, 3)]]
+    picks += [(d.image, d.color) for label in ("several shapes", "nested", "ink on paper", "gaps 1-3 px") for d in drawn[label][:2]]
+    answers = colorizer.colorize_batch([Image.fromarray(image) for image, _ in picks], [colour for _, colour in picks], original_size=True)
     pad = lambda row: np.concatenate([np.pad(t, ((4, 4), (4, 4), (0, 0)), constant_values=235) for t in row], axis=1)  # noqa: E731
-    Image.fromarray(np.concatenate([pad(top), pad(bottom)], axis=0)).save(path)
+    Image.fromarray(np.concatenate([pad([image for image, _ in picks]), pad([np.asarray(a) for a in answers])], axis=0)).save(path)
 
 
 def train(name: str, flags: list[str], out: Path) -> tuple[Path, float]:
@@ -154,7 +156,7 @@ def main() -> int:
         if wall is not None:
             print(f"{name}: training wall time {wall:.0f} s ({wall / 60:.1f} min) on {os.cpu_count()} CPUs")
         if "real validation" in sets and len(results) == 1:
-            showcase(Colorizer.from_checkpoint(best, device="cpu"), sets, ROOT / "bench" / "showcase.png")
+            showcase(Colorizer.from_checkpoint(best, device="cpu"), sets, drawn, ROOT / "bench" / "showcase.png")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return 0 if all(r["meets_bar"] for result in results.values() for r in [*result["sets"].values(), *result["drawings"].values()]) else 1

@@ -60,14 +60,14 @@ class DataSettings(Settings):
     data: str = setting("synthetic", "'synthetic' (generated on every worker), or a dataset directory or URI")
     train_pairs: int = setting(2000, "training pairs per epoch, all workers together", positive, ">= 1")
     val_pairs: int = setting(256, "synthetic validation pairs", positive, ">= 1")
-    scenes: float = setting(0.0, "share of synthetic pairs that are drawings as people make them (polycolor.drawings: several shapes, "
+    scenes: float = setting(0.6, "share of synthetic pairs that are drawings as people make them (polycolor.drawings: several shapes, "
                             "nested, anti-aliased, ink, JPEG, gaps)", lambda v: 0 <= v <= 1, "between 0 and 1")  # fmt: skip
     seed: int = setting(0, "seed of the data, the initialisation and the search")
 
 
 @dataclass(frozen=True)
 class OptimSettings(Settings):
-    epochs: int = setting(8, "epochs", positive, ">= 1")
+    epochs: int = setting(12, "epochs", positive, ">= 1")
     batch_size: int = setting(16, "pairs per step on each worker", positive, ">= 1")
     optimizer: str = setting("adamw", "the optimiser", choices=("adamw", "adam"))
     lr: float = setting(3e-3, "learning rate (the one-cycle schedule's peak)", lambda v: v > 0 and math.isfinite(v), "> 0")
@@ -155,8 +155,8 @@ class TrainConfig:
 
 PRESETS: dict[str, dict] = {
     "recipe": {},
-    "published": dict(head="rgb", loss="l1", optimizer="adam", lr=1e-4, schedule="constant", batch_size=16, epochs=50),
-    "smoke": dict(epochs=2, width=8, levels=2, train_pairs=64, val_pairs=32, batch_size=8),
+    "published": dict(head="rgb", loss="l1", optimizer="adam", lr=1e-4, schedule="constant", batch_size=16, epochs=50, scenes=0.0),
+    "smoke": dict(epochs=2, width=8, levels=2, train_pairs=64, val_pairs=32, batch_size=8, scenes=0.0),
 }
 
 

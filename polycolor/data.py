@@ -61,9 +61,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def ink_mask(image: Image.Image) -> np.ndarray:
+    """(H, W) bool: the ink, at the image's own size. Ink is what is darker than Otsu's threshold between the
+    paper and the ink (so a pencil on grey paper is read as well as black on white), where the two differ by
+    at least 48 grey levels; else, with no clear ink, what is darker than mid-grey."""
+    grey = np.asarray(to_rgb(image).convert("L"))
+    counts = np.bincount(grey.ravel(), minlength=256).astype(np.float64)
+    below, weight = np.cumsum(counts), np.cumsum(counts * np.arange(256))  # pixels, and their grey summed, at or below each level
+    total, above = below[-1], below[-1] - below
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dark, light = weight / below, (weight[-1] - weight) / above
+        between = np.nan_to_num(below * above * (light - dark) ** 2)  # Otsu's between-class variance, up to a factor
+    level = int(np.argmax(between))
+    return grey <= level if light[level] - dark[level] >= 48 else grey < 128
+
+
 def outline_array(image: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
     """(size, size) bool ink mask; downscaling keeps any ink in a cell, so thin outlines survive."""
-    ink = torch.from_numpy(np.asarray(to_rgb(image).convert("L")) < 128)[None, None].float()
+    ink = torch.from_numpy(ink_mask(image))[None, None].float()
     if ink.shape[-2:] != (size, size):
         if ink.shape[-2] >= size and ink.shape[-1] >= size:
             ink = F.adaptive_max_pool2d(ink, size)

@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from polycolor.colors import RGB, parse_color
-from polycolor.data import REAL_PALETTE, outline_array
+from polycolor.data import REAL_PALETTE, ink_mask, outline_array
 from polycolor.synth import OTHER_SHAPES, REAL_SHAPES, SyntheticDataset, random_color, shape_points
 
 STYLES = ("clean", "antialiased", "ink", "jpeg", "gaps")
@@ -197,13 +197,9 @@ def draw(seed: Sequence[int] | int, style: str = "clean", shapes: int | None = N
 
 
 def flood_fill(image: np.ndarray) -> np.ndarray:
-    """The algorithm's answer for a drawing: ink is what is darker than Otsu's threshold between paper and ink,
-    and the fill is that ink plus everything it encloses."""
-    grey = np.asarray(Image.fromarray(image).convert("L"))
-    share = np.cumsum(np.bincount(grey.ravel(), minlength=256)) / grey.size  # of pixels at or below each level
-    mean = np.cumsum(np.bincount(grey.ravel(), weights=grey.ravel().astype(float), minlength=256)) / grey.size
-    between = (mean[-1] * share - mean) ** 2 / np.maximum(share * (1 - share), 1e-12)  # Otsu's between-class variance
-    return fill(grey <= int(np.argmax(between)))
+    """The algorithm's answer for a drawing: its ink (read as the model's input is, ``ink_mask``) and everything
+    that ink encloses."""
+    return fill(ink_mask(Image.fromarray(image)))
 
 
 def paint(filled: np.ndarray, rgb: RGB) -> np.ndarray:

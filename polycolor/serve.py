@@ -50,8 +50,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from polycolor import checkpoint
 from polycolor.colors import LEXICON
 from polycolor.config import Settings, add_flags, setting
-from polycolor.data import outline_array
-from polycolor.predict import Colorizer, encode_png
+from polycolor.data import ink_mask, outline_array
+from polycolor.predict import Colorizer, at_size, encode_png
 
 ACCEPTED_FORMATS = ("PNG", "JPEG")
 HEALTH_TIMEOUT_S = 10  # a probe queues behind at most the batch in progress (well under a second on CPU)
@@ -331,6 +331,14 @@ def authorized(request: Request) -> bool:
     return not key or hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
 
 
+def encode(rgb: np.ndarray, ink: tuple[tuple[int, int], np.ndarray] | None) -> bytes:
+    """PNG bytes of the model's answer, at the input's size (``at_size``) when its packed ``ink`` is given."""
+    if ink is not None:
+        (height, width), bits = ink
+        rgb = at_size(rgb, np.unpackbits(bits, count=height * width).reshape(height, width).astype(bool))
+    return encode_png(rgb)
+
+
 def fitted(outline: np.ndarray, size: int) -> np.ndarray:
     """``outline`` at ``size`` (already so, unless the ingress decoded it for a checkpoint swapped out since)."""
     return outline if outline.shape[-1] == size else outline_array(Image.fromarray(np.where(outline, 0, 255).astype(np.uint8)), size)
@@ -496,13 +504,15 @@ class Ingress:
             self.known = await self.model.card.remote()
         return self.known
 
-    def decode(self, data: bytes, size: int) -> tuple[tuple[int, int], np.ndarray]:
-        """(image size, outline at the model's size): all a request keeps of its image."""
+    def decode(self, data: bytes, size: int, original: bool) -> tuple[tuple[tuple[int, int], np.ndarray] | None, np.ndarray]:
+        """(with ``original``, the image's ink at its own size, as its (H, W) and packed bits; the outline at the
+        model's size): all a request keeps of its image."""
         started = time.perf_counter()
         image = decode_image(data, self.cfg.max_pixels)
         outline = outline_array(image, size)
+        ink = (image.size[::-1], np.packbits(ink_mask(image))) if original else None
         self.meters.decode_latency.observe(time.perf_counter() - started)
-        return image.size, outline
+        return ink, outline
 
     @app.post("/colorize", response_class=Response, responses={200: {"content": {"image/png": {}, "application/json": {}}}})
     async def colorize(self, request: Request) -> Response:
@@ -538,7 +548,8 @@ class Ingress:
         for i, data in enumerate(parsed.images):
             parsed.images[i] = None
             try:
-                answers.append(data if isinstance(data, ClientError) else await loop.run_in_executor(self.codec_thread, self.decode, data, card["image_size"]))
+                answers.append(data if isinstance(data, ClientError) else
+                               await loop.run_in_executor(self.codec_thread, self.decode, data, card["image_size"], parsed.original))  # fmt: skip
             except ClientError as err:
                 answers.append(err)
         todo = [i for i, answer in enumerate(answers) if not isinstance(answer, ClientError)]
@@ -548,8 +559,7 @@ class Ingress:
             if painted.location != card["location"]:
                 self.known = None  # another checkpoint now: its card is fetched for the next request
             for i, image in zip(todo, painted.images):
-                size = answers[i][0] if parsed.original else None
-                answers[i] = image if isinstance(image, ClientError) else await loop.run_in_executor(self.codec_thread, encode_png, image, size)
+                answers[i] = image if isinstance(image, ClientError) else await loop.run_in_executor(self.codec_thread, encode, image, answers[i][0])
         return answers
 
     @app.get("/colors")

@@ -7,10 +7,12 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
-from polycolor.data import REAL_PALETTE, outline_array
-from polycolor.drawings import draw, flood_fill, paint, score
+from polycolor.data import REAL_PALETTE, ink_mask, outline_array
+from polycolor.drawings import DrawingDataset, draw, flood_fill, paint, score
 from polycolor.metrics import polygon
 from polycolor.model import ConditionalUNet, ModelConfig
+from polycolor.predict import at_size
+from polycolor.synth import SyntheticDataset
 
 
 def ink_of(drawing) -> np.ndarray:
@@ -83,3 +85,27 @@ def test_a_tiny_model_learns_scenes_of_several_shapes():
         painted = (model(outline, cond, hard=True) * 255).round().byte().permute(0, 2, 3, 1).numpy()
     scores = [score(p, d) for p, d in zip(painted, scenes)]
     assert min(s["iou"] for s in scores) > 0.97 and min(s["pixel_exact"] for s in scores) > 0.99, scores
+
+
+def test_an_answer_at_the_inputs_size_has_the_inputs_edges_not_the_models_grid():
+    """A right answer at the model's 128x128, brought back to a large input's size, is exact there too."""
+    for i in range(8):
+        drawing = draw((10, i), "clean", size=(300 + 90 * i, 1000 - 80 * i))
+        image = Image.fromarray(drawing.image)
+        answer = paint(ndimage.binary_fill_holes(outline_array(image)), drawing.rgb)  # the fill at the model's size
+        nearest = np.asarray(Image.fromarray(answer).resize(image.size, Image.Resampling.NEAREST))
+        assert score(nearest, drawing)["iou"] < 0.99  # the model's grid shows at 2-8x
+        assert score(at_size(answer, ink_mask(image)), drawing) == {"pixel_exact": 1.0, "iou": 1.0}
+
+
+def test_training_pairs_mix_drawings_in_the_share_asked_and_none_without():
+    mixed, plain, none = DrawingDataset(40, seed=3, scenes=0.5), SyntheticDataset(40, seed=3), DrawingDataset(40, seed=3, scenes=0.0)
+    same = [torch.equal(mixed[i][0], plain[i][0]) for i in range(40)]
+    assert 10 <= same.count(False) <= 30  # about half are drawings
+    assert all(torch.equal(none[i][0], plain[i][0]) and none[i][2] == plain[i][2] for i in range(40))
+    for i in (i for i, s in enumerate(same) if not s):
+        outline, target, _ = mixed[i]
+        stray = (outline[0] > 0) & ~(target < 1).any(0)  # ink the target does not cover: only JPEG's ringing, a few pixels
+        assert outline.shape == (1, 128, 128) and stray.sum() <= 8
+    closed = DrawingDataset(20, seed=4, colors=["red", "teal"], scenes=1.0)
+    assert {closed[i][2] for i in range(20)} <= {"red", "teal"}

@@ -79,12 +79,15 @@ def test_good_request_matches_colorizer_and_json_gives_the_same_png(server, outl
         body = {"image": base64.b64encode(outline).decode(), "colour": "teal"}
         as_json = client.post("/colorize", json=body)
         again = client.post("/colorize", json=body)
-        original = client.post("/colorize", json=body | {"size": "original"})
+        big = Image.open(io.BytesIO(outline)).resize((300, 200))
+        original = client.post("/colorize", json={"image": base64.b64encode(png_bytes(big)).decode(), "colour": "teal", "size": "original"})
     assert form.status_code == 200 and form.headers["content-type"] == "image/png", form.text
     assert form.content == as_json.content == again.content  # deterministic bytes
-    expected = Colorizer.from_checkpoint(server["checkpoint"], device="cpu").colorize(Image.open(io.BytesIO(outline)), "teal")
+    colorizer = Colorizer.from_checkpoint(server["checkpoint"], device="cpu")
+    expected = colorizer.colorize(Image.open(io.BytesIO(outline)), "teal")
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(form.content))), np.asarray(expected))
-    assert Image.open(io.BytesIO(original.content)).size == (128, 128)
+    at_size = colorizer.colorize(big, "teal", original_size=True)  # the same answer at the input's size, with its edges
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(original.content))), np.asarray(at_size)) and at_size.size == (300, 200)
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "I;16", "JPEG", "odd-size"])
