@@ -34,7 +34,7 @@ from PIL import Image, UnidentifiedImageError
 
 from polycolor import storage
 from polycolor.data import DatasetError, outline_array, parse_rows, target_array
-from polycolor.predict import encode_png
+from polycolor.predict import encode_png, packed_ink
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 ERRORS = "errors.jsonl"
@@ -174,22 +174,27 @@ def read_image(root: str, name: str) -> Image.Image:
         raise DatasetError(f"{name}: not a readable image ({type(err).__name__}: {err})") from None
 
 
-def decode(batch: dict, root: str, size: int, targets: bool = False) -> dict:
-    """Read and decode each row's outline at the model's ``size``, keeping its own size; ``targets`` also reads the truths."""
+def decode(batch: dict, root: str, size: int, targets: bool = False, original_size: bool = False) -> dict:
+    """Read and decode each row's outline at the model's ``size``; ``targets`` also reads the truths, and
+    ``original_size`` keeps each image's ink at its own size (``packed_ink``) for its answer at that size."""
     n = len(batch["image"])
-    outlines, shapes = np.zeros((n, size, size), bool), np.zeros((n, 2), np.int32)
+    outlines = np.zeros((n, size, size), bool)
     truths = np.full((n, size, size, 3), 255, np.uint8) if targets else None
+    shapes, inks = np.zeros((n, 2), np.int32), np.empty(n, dtype=object)
     errors = list(batch["error"]) if "error" in batch else [""] * n
     for i, name in enumerate(batch["image"]):
+        inks[i] = np.zeros(0, np.uint8)
         try:
             image = read_image(root, name)
-            outlines[i], shapes[i] = outline_array(image, size), image.size
+            outlines[i] = outline_array(image, size)
+            if original_size:
+                shapes[i], inks[i] = packed_ink(image)
             if targets:
                 truths[i] = target_array(read_image(root, batch["target"][i]), size)
         except DatasetError as err:
             errors[i] = str(err)
-    out = {k: v for k, v in batch.items() if k != "target"} | {"outline": outlines, "size": shapes, "error": np.array(errors, dtype=object)}
-    return out | ({"truth": truths} if targets else {})
+    out = {k: v for k, v in batch.items() if k != "target"} | {"outline": outlines, "error": np.array(errors, dtype=object)}
+    return out | ({"truth": truths} if targets else {}) | ({"shape": shapes, "ink": inks} if original_size else {})
 
 
 class Painter:
@@ -232,7 +237,7 @@ def write(batch: dict, dst: str, original_size: bool) -> dict:
     for i, output in enumerate(batch["output"]):
         if errors[i]:
             continue
-        encoded = encode_png(batch["rgb"][i], batch["size"][i] if original_size else None)
+        encoded = encode_png(batch["rgb"][i], (tuple(batch["shape"][i]), batch["ink"][i]) if original_size else None)
         path = f"{base.rstrip('/')}/{output}"
         try:
             fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
@@ -294,7 +299,8 @@ def pipeline(source: Source, checkpoint: str, image_size: int, plan: Plan, finis
     on_gpu = bool(plan.gpus_per_actor)
     coloured = (
         ray.data.from_arrow([rows.slice(start, step) for start in range(0, len(rows), step)])
-        .map_batches(decode, fn_kwargs={"root": source.root, "size": image_size, "targets": targets}, batch_size=plan.batch_size,
+        .map_batches(decode, fn_kwargs={"root": source.root, "size": image_size, "targets": targets, "original_size": kwargs.get("original_size", False)},
+                     batch_size=plan.batch_size,
                      batch_format="numpy", num_cpus=1 if on_gpu else plan.cpus_per_actor)
         .map_batches(Painter, fn_constructor_kwargs={"checkpoint": checkpoint, "device": "cuda" if on_gpu else "cpu",
                                                      "threads": max(1, int(plan.cpus_per_actor)), "finish": None if on_gpu else partial(finish, **kwargs)},

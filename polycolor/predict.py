@@ -22,13 +22,20 @@ from polycolor.colors import RGB
 from polycolor.data import fill_color, ink_mask, outline_array
 
 
-def encode_png(rgb: np.ndarray, size: tuple[int, int] | None = None) -> bytes:
-    """An (H, W, 3) uint8 image as PNG bytes, resized to ``size`` (nearest: no new colours) when given."""
-    image = Image.fromarray(rgb)
-    if size is not None:
-        image = image.resize(tuple(size), Image.Resampling.NEAREST)
+def packed_ink(image: Image.Image) -> tuple[tuple[int, int], np.ndarray]:
+    """The image's ``ink_mask`` as its (H, W) and one bit a pixel: what an answer at its size needs of it."""
+    ink = ink_mask(image)
+    return ink.shape, np.packbits(ink)
+
+
+def encode_png(rgb: np.ndarray, ink: tuple[tuple[int, int], np.ndarray] | None = None) -> bytes:
+    """PNG bytes of a model's (S, S, 3) answer; at its input's size, with the input's edges (``at_size``), when
+    given that input's ``packed_ink``."""
+    if ink is not None:
+        (height, width), bits = ink
+        rgb = at_size(rgb, np.unpackbits(bits, count=height * width).reshape(height, width).astype(bool))
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    Image.fromarray(rgb).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

@@ -50,8 +50,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from polycolor import checkpoint
 from polycolor.colors import LEXICON
 from polycolor.config import Settings, add_flags, setting
-from polycolor.data import ink_mask, outline_array
-from polycolor.predict import Colorizer, at_size, encode_png
+from polycolor.data import outline_array
+from polycolor.predict import Colorizer, encode_png, packed_ink
 
 ACCEPTED_FORMATS = ("PNG", "JPEG")
 HEALTH_TIMEOUT_S = 10  # a probe queues behind at most the batch in progress (well under a second on CPU)
@@ -331,14 +331,6 @@ def authorized(request: Request) -> bool:
     return not key or hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
 
 
-def encode(rgb: np.ndarray, ink: tuple[tuple[int, int], np.ndarray] | None) -> bytes:
-    """PNG bytes of the model's answer, at the input's size (``at_size``) when its packed ``ink`` is given."""
-    if ink is not None:
-        (height, width), bits = ink
-        rgb = at_size(rgb, np.unpackbits(bits, count=height * width).reshape(height, width).astype(bool))
-    return encode_png(rgb)
-
-
 def fitted(outline: np.ndarray, size: int) -> np.ndarray:
     """``outline`` at ``size`` (already so, unless the ingress decoded it for a checkpoint swapped out since)."""
     return outline if outline.shape[-1] == size else outline_array(Image.fromarray(np.where(outline, 0, 255).astype(np.uint8)), size)
@@ -510,7 +502,7 @@ class Ingress:
         started = time.perf_counter()
         image = decode_image(data, self.cfg.max_pixels)
         outline = outline_array(image, size)
-        ink = (image.size[::-1], np.packbits(ink_mask(image))) if original else None
+        ink = packed_ink(image) if original else None
         self.meters.decode_latency.observe(time.perf_counter() - started)
         return ink, outline
 
@@ -559,7 +551,7 @@ class Ingress:
             if painted.location != card["location"]:
                 self.known = None  # another checkpoint now: its card is fetched for the next request
             for i, image in zip(todo, painted.images):
-                answers[i] = image if isinstance(image, ClientError) else await loop.run_in_executor(self.codec_thread, encode, image, answers[i][0])
+                answers[i] = image if isinstance(image, ClientError) else await loop.run_in_executor(self.codec_thread, encode_png, image, answers[i][0])
         return answers
 
     @app.get("/colors")

@@ -105,7 +105,8 @@ def test_training_pairs_mix_drawings_in_the_share_asked_and_none_without():
     assert all(torch.equal(none[i][0], plain[i][0]) and none[i][2] == plain[i][2] for i in range(40))
     for i in (i for i, s in enumerate(same) if not s):
         outline, target, _ = mixed[i]
-        stray = (outline[0] > 0) & ~(target < 1).any(0)  # ink the target does not cover: only JPEG's ringing, a few pixels
-        assert outline.shape == (1, 128, 128) and stray.sum() <= 8
+        painted = (target < 1).any(0).numpy()
+        stray = (outline[0] > 0).numpy() & ~painted  # ink the target leaves white: only on its rim (anti-aliasing, JPEG)
+        assert outline.shape == (1, 128, 128) and not (stray & ~ndimage.binary_dilation(painted)).any()
     closed = DrawingDataset(20, seed=4, colors=["red", "teal"], scenes=1.0)
     assert {closed[i][2] for i in range(20)} <= {"red", "teal"}
