@@ -68,7 +68,7 @@ def ink_mask(image: Image.Image) -> np.ndarray:
     grey = np.asarray(to_rgb(image).convert("L"))
     counts = np.bincount(grey.ravel(), minlength=256).astype(np.float64)
     below, weight = np.cumsum(counts), np.cumsum(counts * np.arange(256))  # pixels, and their grey summed, at or below each level
-    total, above = below[-1], below[-1] - below
+    above = below[-1] - below
     with np.errstate(divide="ignore", invalid="ignore"):
         dark, light = weight / below, (weight[-1] - weight) / above
         between = np.nan_to_num(below * above * (light - dark) ** 2)  # Otsu's between-class variance, up to a factor
