@@ -5,7 +5,9 @@ A drawing's geometry is a list of closed polylines in canvas pixels. From it com
 would upload) and the *truth*: the clean closed outline plus everything it encloses (the real data's rule,
 a 4-connected flood fill from the border), at the image's size. Styles:
 
-- ``clean``: the binary black-on-white outline, as in the real data (canvas 128x128 unless ``size`` says).
+Canvases are 128x128 unless ``size`` says (64-1024 px, square or not, in the benchmark's large set).
+
+- ``clean``: the binary black-on-white outline, as in the real data.
 - ``antialiased``: the same geometry drawn with anti-aliasing (drawing programs, SVG, the browser canvas).
 - ``ink``: anti-aliased, in dark blue, grey or pencil ink on off-white or grey paper, with mild noise and
   uneven lighting.
@@ -18,6 +20,9 @@ pixel the outline covers, so its truth comes from the geometry drawn at 4x: a pi
 filled region covers at least half of it, and a pixel the filled region covers only in part (the outer rim
 of each outline, where the anti-aliased edge is) is not scored (``care`` is False there). Every other pixel
 must be exactly right.
+
+``DrawingDataset`` mixes drawings into training (``--scenes``); ``bench/train_quality.py`` scores the model and
+``flood_fill`` on held-out sets of each kind.
 """
 
 from __future__ import annotations
@@ -223,7 +228,7 @@ class DrawingDataset(SyntheticDataset):
     them nested), read as the model reads an upload (``outline_array``), with the fill of their closed outline
     as the target."""
 
-    def __init__(self, length: int, seed: int | Sequence[int] = 0, colors: Sequence[str] = (), scenes: float = 0.5):
+    def __init__(self, length: int, seed: int | Sequence[int] = 0, colors: Sequence[str] = (), scenes: float = 0.6):
         super().__init__(length, seed, colors=colors)
         self.scenes = scenes
 
