@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from polycolor import checkpoint, synth
 from polycolor.data import REAL_PALETTE
+from polycolor.metrics import polygon
 from polycolor.model import ConditionalUNet, ModelConfig
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -77,6 +79,17 @@ def png_bytes(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def overfit(model: torch.nn.Module, outline: torch.Tensor, target: torch.Tensor, cond: torch.Tensor, steps: int) -> torch.nn.Module:
+    """``model`` after ``steps`` Adam steps (lr 1e-2) of the mask loss on one fixed batch."""
+    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(steps):
+        loss = F.binary_cross_entropy_with_logits(model(outline, cond, logits=True), polygon(target))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
 
 
 def tiny_model(conditioning: str = "concat", head: str = "mask", seed: int = 0) -> ConditionalUNet:

@@ -3,16 +3,16 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
 from polycolor.data import REAL_PALETTE, ink_mask, outline_array
 from polycolor.drawings import DrawingDataset, draw, flood_fill, paint, score
-from polycolor.metrics import polygon
 from polycolor.model import ConditionalUNet, ModelConfig
 from polycolor.predict import at_size
 from polycolor.synth import SyntheticDataset
+
+from conftest import overfit
 
 
 def ink_of(drawing) -> np.ndarray:
@@ -75,12 +75,7 @@ def test_a_tiny_model_learns_scenes_of_several_shapes():
     torch.manual_seed(0)
     model = ConditionalUNet(ModelConfig(base_width=8))
     cond = model.condition.prepare([d.color for d in scenes], REAL_PALETTE)
-    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(150):
-        loss = F.binary_cross_entropy_with_logits(model(outline, cond, logits=True), polygon(target))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    overfit(model, outline, target, cond, steps=150)
     with torch.no_grad():
         painted = (model(outline, cond, hard=True) * 255).round().byte().permute(0, 2, 3, 1).numpy()
     scores = [score(p, d) for p, d in zip(painted, scenes)]

@@ -1,14 +1,12 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
 from polycolor import synth
 from polycolor.conditioning import MODES
 from polycolor.data import REAL_PALETTE, PolygonDataset
-from polycolor.metrics import polygon
 from polycolor.model import ConditionalUNet, ModelConfig
 
-from conftest import tiny_model
+from conftest import overfit, tiny_model
 
 
 def batch(model, n=4, colours=None):
@@ -92,12 +90,7 @@ def test_tiny_model_overfits_a_handful_of_pairs():
     torch.manual_seed(0)
     model = ConditionalUNet(ModelConfig(base_width=8))
     outline, target, cond = batch(model)
-    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(100):
-        loss = F.binary_cross_entropy_with_logits(model(outline, cond, logits=True), polygon(target))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    overfit(model, outline, target, cond, steps=100)
     exact = (model(outline, cond, hard=True) - target).abs().max(1).values <= 16 / 255
     assert exact.float().mean() > 0.99
 
