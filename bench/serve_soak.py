@@ -157,7 +157,7 @@ def main() -> int:
     url, mix = f"http://127.0.0.1:{port}/colorize", request_mix(int(cfg.max_body_mb * 2**20))
     try:
         latencies = asyncio.run(alone(url, mix))
-        single, budget_ms = latencies[0], p95_budget(mix, latencies, args.concurrency) * 1000
+        budget_ms = p95_budget(mix, latencies, args.concurrency) * 1000
         shown = ", ".join(f"{label} {t * 1000:.0f}" for (label, _, _), t in zip(mix, latencies))
         print(f"one client alone (ms): {shown}; single-outline p95 budget at concurrency {args.concurrency}: {budget_ms:.0f} ms", flush=True)
         rows = asyncio.run(soak(url, mix, args.minutes, args.concurrency, processes))
@@ -166,7 +166,6 @@ def main() -> int:
         ray.shutdown()
     first, later = rows[0], rows[1:]
     verdict = {
-        "single_alone_ms": single * 1000,
         "alone_ms": {label: t * 1000 for (label, _, _), t in zip(mix, latencies)},
         "p95_budget_ms": budget_ms,
         "worst_p95_ms": max(r["good_single_p95_ms"] or 0 for r in rows),

@@ -121,8 +121,7 @@ def train(name: str, flags: list[str], out: Path) -> tuple[Path, float]:
     return out / "best", time.perf_counter() - start
 
 
-def score(best: Path, sets: dict[str, Split]) -> dict[str, dict]:
-    colorizer = Colorizer.from_checkpoint(best, device="cpu")
+def score(colorizer: Colorizer, sets: dict[str, Split]) -> dict[str, dict]:
     rows = {}
     print(f"\n{'set':<20} {'pairs':>6} {'pixel_exact':>12} {'iou':>8} {'color_err*255':>14} {'psnr':>7}  bar")
     for label, split in sets.items():
@@ -151,12 +150,12 @@ def main() -> int:
     results = {}
     for name in [args.checkpoint] if args.checkpoint else args.presets:
         best, wall = (Path(name), None) if args.checkpoint else train(name, args.train_flags, out / name)
-        results[name] = {"checkpoint": str(best), "train_wall_s": wall, "sets": score(best, sets),
-                         "drawings": score_drawings(Colorizer.from_checkpoint(best, device="cpu"), drawn)}  # fmt: skip
+        colorizer = Colorizer.from_checkpoint(best, device="cpu")
+        results[name] = {"checkpoint": str(best), "train_wall_s": wall, "sets": score(colorizer, sets), "drawings": score_drawings(colorizer, drawn)}
         if wall is not None:
             print(f"{name}: training wall time {wall:.0f} s ({wall / 60:.1f} min) on {os.cpu_count()} CPUs")
         if "real validation" in sets and len(results) == 1:
-            showcase(Colorizer.from_checkpoint(best, device="cpu"), sets, drawn, ROOT / "bench" / "showcase.png")
+            showcase(colorizer, sets, drawn, ROOT / "bench" / "showcase.png")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return 0 if all(r["meets_bar"] for result in results.values() for r in [*result["sets"].values(), *result["drawings"].values()]) else 1

@@ -33,8 +33,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from polycolor import storage
-from polycolor.data import DatasetError, outline_array, parse_rows, target_array
-from polycolor.predict import encode_png, packed_ink
+from polycolor.data import DatasetError, parse_rows, target_array
+from polycolor.predict import encode_png, read_ink
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 ERRORS = "errors.jsonl"
@@ -176,7 +176,7 @@ def read_image(root: str, name: str) -> Image.Image:
 
 def decode(batch: dict, root: str, size: int, targets: bool = False, original_size: bool = False) -> dict:
     """Read and decode each row's outline at the model's ``size``; ``targets`` also reads the truths, and
-    ``original_size`` keeps each image's ink at its own size (``packed_ink``) for its answer at that size."""
+    ``original_size`` keeps each image's ink at its own size (``read_ink``) for its answer at that size."""
     n = len(batch["image"])
     outlines = np.zeros((n, size, size), bool)
     truths = np.full((n, size, size, 3), 255, np.uint8) if targets else None
@@ -185,10 +185,9 @@ def decode(batch: dict, root: str, size: int, targets: bool = False, original_si
     for i, name in enumerate(batch["image"]):
         inks[i] = np.zeros(0, np.uint8)
         try:
-            image = read_image(root, name)
-            outlines[i] = outline_array(image, size)
-            if original_size:
-                shapes[i], inks[i] = packed_ink(image)
+            outlines[i], ink = read_ink(read_image(root, name), size, original_size)
+            if ink is not None:
+                shapes[i], inks[i] = ink
             if targets:
                 truths[i] = target_array(read_image(root, batch["target"][i]), size)
         except DatasetError as err:

@@ -77,8 +77,13 @@ def ink_mask(image: Image.Image) -> np.ndarray:
 
 
 def outline_array(image: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
-    """(size, size) bool ink mask; downscaling keeps any ink in a cell, so thin outlines survive."""
-    ink = torch.from_numpy(ink_mask(image))[None, None].float()
+    """(size, size) bool ink mask of ``image`` (``outline_of`` its ``ink_mask``)."""
+    return outline_of(ink_mask(image), size)
+
+
+def outline_of(ink: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """An (H, W) ink mask at the model's (size, size); downscaling keeps any ink in a cell, so thin outlines survive."""
+    ink = torch.from_numpy(ink)[None, None].float()
     if ink.shape[-2:] != (size, size):
         if ink.shape[-2] >= size and ink.shape[-1] >= size:
             ink = F.adaptive_max_pool2d(ink, size)

@@ -19,18 +19,19 @@ from scipy import ndimage
 
 from polycolor import checkpoint
 from polycolor.colors import RGB
-from polycolor.data import fill_color, ink_mask, outline_array
+from polycolor.data import fill_color, ink_mask, outline_of
 
 
-def packed_ink(image: Image.Image) -> tuple[tuple[int, int], np.ndarray]:
-    """The image's ``ink_mask`` as its (H, W) and one bit a pixel: what an answer at its size needs of it."""
+def read_ink(image: Image.Image, size: int, original: bool) -> tuple[np.ndarray, tuple[tuple[int, int], np.ndarray] | None]:
+    """(the outline at the model's ``size``; with ``original``, the image's ``ink_mask`` at its own size as its
+    (H, W) and one bit a pixel, what an answer at that size needs of it, else None): the ink is read once."""
     ink = ink_mask(image)
-    return ink.shape, np.packbits(ink)
+    return outline_of(ink, size), (ink.shape, np.packbits(ink)) if original else None
 
 
 def encode_png(rgb: np.ndarray, ink: tuple[tuple[int, int], np.ndarray] | None = None) -> bytes:
     """PNG bytes of a model's (S, S, 3) answer; at its input's size, with the input's edges (``at_size``), when
-    given that input's ``packed_ink``."""
+    given that input's packed ink (``read_ink``)."""
     if ink is not None:
         (height, width), bits = ink
         rgb = at_size(rgb, np.unpackbits(bits, count=height * width).reshape(height, width).astype(bool))
@@ -94,9 +95,9 @@ class Colorizer:
     def colorize_batch(self, images: Sequence[Image.Image | str | Path], colours: Sequence[str], original_size: bool = False) -> list[Image.Image]:
         pils = [Image.open(i) if isinstance(i, (str, Path)) else i for i in images]
         cond = self.condition(colours)
-        outlines = np.stack([outline_array(image, self.image_size) for image in pils])
-        answers = self.colorize_arrays(outlines, cond)
-        return [Image.fromarray(at_size(a, ink_mask(i)) if original_size else a) for a, i in zip(answers, pils)]
+        inks = [ink_mask(image) for image in pils]
+        answers = self.colorize_arrays(np.stack([outline_of(ink, self.image_size) for ink in inks]), cond)
+        return [Image.fromarray(at_size(a, ink) if original_size else a) for a, ink in zip(answers, inks)]
 
     def colorize(self, image: Image.Image | str | Path, colour: str, original_size: bool = False) -> Image.Image:
         """The outline filled with ``colour``: 128x128 RGB, or the input's size with ``original_size``."""

@@ -50,8 +50,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from polycolor import checkpoint
 from polycolor.colors import LEXICON
 from polycolor.config import Settings, add_flags, setting
-from polycolor.data import outline_array
-from polycolor.predict import Colorizer, encode_png, packed_ink
+from polycolor.data import outline_of
+from polycolor.predict import Colorizer, encode_png, read_ink
 
 ACCEPTED_FORMATS = ("PNG", "JPEG")
 HEALTH_TIMEOUT_S = 10  # a probe queues behind at most the batch in progress (well under a second on CPU)
@@ -333,7 +333,7 @@ def authorized(request: Request) -> bool:
 
 def fitted(outline: np.ndarray, size: int) -> np.ndarray:
     """``outline`` at ``size`` (already so, unless the ingress decoded it for a checkpoint swapped out since)."""
-    return outline if outline.shape[-1] == size else outline_array(Image.fromarray(np.where(outline, 0, 255).astype(np.uint8)), size)
+    return outline if outline.shape[-1] == size else outline_of(outline, size)
 
 
 @dataclass(frozen=True)
@@ -500,9 +500,7 @@ class Ingress:
         """(with ``original``, the image's ink at its own size, as its (H, W) and packed bits; the outline at the
         model's size): all a request keeps of its image."""
         started = time.perf_counter()
-        image = decode_image(data, self.cfg.max_pixels)
-        outline = outline_array(image, size)
-        ink = packed_ink(image) if original else None
+        outline, ink = read_ink(decode_image(data, self.cfg.max_pixels), size, original)
         self.meters.decode_latency.observe(time.perf_counter() - started)
         return ink, outline
 
