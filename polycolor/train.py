@@ -102,17 +102,24 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
 
     # 3. Resume from the latest checkpoint Ray hands back (after a worker failure or --resume), or the one
     # build_trainer recovered when Ray could not use its checkpoint list (cut off by a kill, or its latest gone).
-    start_epoch = 0
+    start_epoch, loaded = 0, None
     recovered = config.get("recovered")
     if resumed := ray.train.get_checkpoint() or (recovered and ray.train.Checkpoint(recovered)):
         with resumed.as_directory() as directory:
-            model.load_state_dict(checkpoint.load(directory).model.state_dict())
+            loaded = checkpoint.load(directory)
+            model.load_state_dict(loaded.model.state_dict())
             state = checkpoint.load_train_state(directory, shown=resumed.path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"] + 1
         if is_rank0:
             print(f"[polycolor] resuming {cfg.run.name} at epoch {start_epoch} from {resumed.path} with {world} worker(s)", flush=True)
+
+    if start_epoch >= cfg.optim.epochs:
+        # Already finished (a search killed before it recorded that): say the final metrics again, or the Tune
+        # trial that started this run anew ends with no result.
+        ray.train.report(loaded.metrics | {"diverged": False})
+        return
 
     model = ray.train.torch.prepare_model(model)
     if cfg.run.compile:

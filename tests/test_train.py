@@ -13,6 +13,7 @@ import pytest
 import ray.cloudpickle
 import torch
 from PIL import Image
+from ray.train.v2.api.callback import UserCallback
 
 from polycolor import checkpoint
 from polycolor.config import TrainConfig, preset
@@ -276,3 +277,27 @@ def test_a_checkpoint_list_cut_off_by_a_kill_resumes_from_the_newest_complete_ch
     result = build_trainer(smoke("cut", epochs=2), str(tmp_path), loop=loop).fit()
     assert epochs(log) == [1]  # epoch 0 came from the first checkpoint, the only complete one
     assert json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"] == 1 and result.checkpoint is not None
+
+
+
+class ReportLog(UserCallback):
+    """Appends the epoch of every report Ray Train hands its callbacks (as Tune's TuneReportCallback is) to ``log``."""
+
+    def __init__(self, log: Path):
+        self.log = log
+
+    def after_report(self, run_context, metrics, checkpoint):
+        with open(self.log, "a") as f:
+            f.write(f"{metrics[0]['epoch']}\n")
+
+
+def test_a_finished_run_started_again_trains_nothing_and_reports_its_final_metrics(ray_session, tmp_path):
+    """U1, U2: a search killed after a trial's run finished, but before Tune recorded that, starts the trial
+    again. Its run must train no epoch and still report its final metrics: Tune fails a trial that reports none."""
+    first = build_trainer(smoke("done", epochs=2), str(tmp_path)).fit()
+    trained, reported = tmp_path / "trained.log", tmp_path / "reported.log"
+    trained.touch()
+    loop = partial(train_loop_per_worker, after_epoch=epoch_logger(trained))
+    again = build_trainer(smoke("done", epochs=2), str(tmp_path), callbacks=[ReportLog(reported)], loop=loop).fit()
+    assert epochs(trained) == [] and epochs(reported) == [1]
+    assert again.metrics["pixel_exact"] == first.metrics["pixel_exact"], again.metrics
