@@ -67,7 +67,7 @@ class DataSettings(Settings):
 
 @dataclass(frozen=True)
 class OptimSettings(Settings):
-    epochs: int = setting(12, "epochs", positive, ">= 1")
+    epochs: int = setting(22, "epochs", positive, ">= 1")
     batch_size: int = setting(16, "pairs per step on each worker", positive, ">= 1")
     optimizer: str = setting("adamw", "the optimiser", choices=("adamw", "adam"))
     lr: float = setting(3e-3, "learning rate (the one-cycle schedule's peak)", lambda v: v > 0 and math.isfinite(v), "> 0")

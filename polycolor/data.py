@@ -81,9 +81,20 @@ def outline_array(image: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
     return outline_of(ink_mask(image), size)
 
 
+def letterbox(ink: np.ndarray) -> tuple[np.ndarray, tuple[slice, slice]]:
+    """An (H, W) ink mask centred on a square of paper, and where in that square it lies: the model reads a
+    drawing of any aspect ratio at its own proportions, not squashed."""
+    side = max(ink.shape)
+    where = tuple(slice((side - n) // 2, (side - n) // 2 + n) for n in ink.shape)
+    square = np.zeros((side, side), bool)
+    square[where] = ink
+    return square, where
+
+
 def outline_of(ink: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
-    """An (H, W) ink mask at the model's (size, size); downscaling keeps any ink in a cell, so thin outlines survive."""
-    ink = torch.from_numpy(ink)[None, None].float()
+    """An (H, W) ink mask at the model's (size, size), letterboxed; downscaling keeps any ink in a cell, so thin
+    outlines survive."""
+    ink = torch.from_numpy(letterbox(ink)[0])[None, None].float()
     if ink.shape[-2:] != (size, size):
         if ink.shape[-2] >= size and ink.shape[-1] >= size:
             ink = F.adaptive_max_pool2d(ink, size)
@@ -93,8 +104,13 @@ def outline_of(ink: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
 
 
 def target_array(image: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
-    """(size, size, 3) uint8 RGB, resized nearest-neighbour so no new colours appear."""
+    """(size, size, 3) uint8 RGB, letterboxed on white as its outline is, resized nearest-neighbour so no new
+    colours appear."""
     rgb = to_rgb(image)
+    if rgb.width != rgb.height:
+        square = Image.new("RGB", (max(rgb.size),) * 2, "white")
+        square.paste(rgb, ((square.width - rgb.width) // 2, (square.height - rgb.height) // 2))
+        rgb = square
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.NEAREST)
     return np.asarray(rgb, dtype=np.uint8)

@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from polycolor import checkpoint
 from polycolor.colors import RGB
-from polycolor.data import fill_color, ink_mask, outline_of
+from polycolor.data import fill_color, ink_mask, letterbox, outline_of
 
 
 def read_ink(image: Image.Image, size: int, original: bool) -> tuple[np.ndarray, tuple[tuple[int, int], np.ndarray] | None]:
@@ -41,21 +41,22 @@ def encode_png(rgb: np.ndarray, ink: tuple[tuple[int, int], np.ndarray] | None =
 
 
 def at_size(rgb: np.ndarray, ink: np.ndarray) -> np.ndarray:
-    """The model's (S, S, 3) answer at the size of the input whose (H, W) ``ink_mask`` is ``ink``, with its edges
-    where the input's are, not on the model's grid: each region of paper the input's ink closes off takes the
-    answer most of it got (when nine tenths agree); ink, and regions whose answer is split (an outline with a
-    gap the model closed), keep the nearest pixel's."""
-    big = np.asarray(Image.fromarray(rgb).resize(ink.shape[::-1], Image.Resampling.NEAREST))
+    """The model's (S, S, 3) answer, to the input letterboxed, at the size of the input whose (H, W) ``ink_mask``
+    is ``ink``, with its edges where the input's are, not on the model's grid: each region of paper the input's
+    ink closes off takes the answer most of it got (when nine tenths agree); ink, and regions whose answer is
+    split (an outline with a gap the model closed), keep the nearest pixel's."""
+    square, where = letterbox(ink)
+    big = np.asarray(Image.fromarray(rgb).resize(square.shape, Image.Resampling.NEAREST))
     colour = fill_color(big)
     if big.shape[:2] == rgb.shape[:2] or colour is None:
-        return big
-    regions, count = ndimage.label(~ink)
+        return big[where]
+    regions, count = ndimage.label(~square)
     votes = ndimage.mean((big != 255).any(axis=2), regions, np.arange(1, count + 1)) if count else np.empty(0)
     verdict = np.concatenate([[-1], np.where(votes >= 0.9, 1, np.where(votes <= 0.1, 0, -1))])[regions]  # ink: -1, kept
     out = big.copy()
     out[verdict == 0] = 255
     out[verdict == 1] = colour
-    return out
+    return out[where]
 
 
 class Colorizer:
@@ -100,7 +101,8 @@ class Colorizer:
         return [Image.fromarray(at_size(a, ink) if original_size else a) for a, ink in zip(answers, inks)]
 
     def colorize(self, image: Image.Image | str | Path, colour: str, original_size: bool = False) -> Image.Image:
-        """The outline filled with ``colour``: 128x128 RGB, or the input's size with ``original_size``."""
+        """The outline filled with ``colour``: 128x128 RGB (the input letterboxed to a square), or the input's size
+        with ``original_size``."""
         return self.colorize_batch([image], [colour], original_size)[0]
 
 

@@ -142,15 +142,19 @@ REASONS = {400: "malformed", 401: "unauthorized", 408: "timeout", 413: "too_larg
 
 
 class ClientError(Exception):
-    """A 4xx: its status, the message the client reads, and a short reason for the metrics (from the status
-    unless given, as "unknown_colour" is)."""
+    """A 4xx: its status, the message the client reads, a short reason for the metrics (from the status unless
+    given, as "unknown_colour" is), and the request's field at fault when it is the colour."""
 
-    def __init__(self, status: int, message: str, headers: dict | None = None, reason: str = ""):
+    def __init__(self, status: int, message: str, headers: dict | None = None, reason: str = "", field: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.headers, self.reason = status, message, headers, reason or REASONS.get(status, "other")
+        self.status, self.message, self.headers, self.reason, self.field = status, message, headers, reason or REASONS.get(status, "other"), field
+
+    def body(self) -> dict:
+        """What the client reads: {"error": ...}, with "field": "color" when the colour is at fault."""
+        return {"error": self.message} | ({"field": self.field} if self.field else {})
 
     def __reduce__(self):  # crosses from the model deployment to the ingress whole
-        return ClientError, (self.status, self.message, self.headers, self.reason)
+        return ClientError, (self.status, self.message, self.headers, self.reason, self.field)
 
 
 class Meters:
@@ -172,6 +176,10 @@ class Meters:
 
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def refusal(err: ClientError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 app = FastAPI(title="polycolor", description="Colour polygon outlines by colour name.", redoc_url=None, swagger_ui_oauth2_redirect_url=None)
@@ -285,7 +293,7 @@ async def parse_request(request: Request, limit: int, max_images: int) -> Parsed
     else:
         raise ClientError(415, f"content type {content_type or 'none'!r} is not accepted; send multipart/form-data or application/json")
     if colours == [None]:
-        raise ClientError(422, 'field "color" is missing; expected a name, #hex or rgb(r, g, b)')
+        raise ClientError(422, 'field "color" is missing; expected a name, #hex or rgb(r, g, b)', field="color")
     if len(colours) not in (1, len(images)):
         raise ClientError(422, f'{len(images)} images and {len(colours)} colours; send one colour for all, or one per image')
     if size not in ("model", "original"):
@@ -306,20 +314,11 @@ def check_count(count: int, max_images: int) -> None:
 
 
 def demo_page(public: bool) -> str:
-    """The demo (static/demo.html): pick a real shape (drawn here, no dataset needed) or upload one, pick a colour."""
-    from polycolor.synth import REAL_SHAPES, draw_outline, shape_points
-
-    rng = np.random.default_rng(0)
-    options = []
-    for name in REAL_SHAPES:
-        ink = draw_outline(shape_points(name, rng) * 40 + 64, 2, 128)
-        buffer = io.BytesIO()
-        Image.fromarray(np.where(ink, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
-        options.append(f'<option value="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">{name}</option>')
+    """The demo (static/demo.html): draw outlines, pick a colour, see them filled."""
     # Completions: the public lexicons' names, when the checkpoint reads them (``public``). Its own palette or
     # vocabulary is what /colors (behind the API key) tells; the page adds those once it may ask.
     names = "".join(f'<option value="{html.escape(n)}">' for n in sorted({name for name, _ in LEXICON.values()})) if public else ""
-    return DEMO_HTML.read_text().replace("{{SHAPES}}", "".join(options)).replace("{{NAMES}}", names)
+    return DEMO_HTML.read_text().replace("{{NAMES}}", names)
 
 
 DEMO_HTML = Path(__file__).with_name("static") / "demo.html"
@@ -444,12 +443,12 @@ class Model:
         """The colour's condition, or the ClientError that refuses it: the colour is parsed here, once."""
         if self.over_budget(colorizer, colour, client):
             return ClientError(429, f"more than {self.cfg.max_new_phrases_per_s:g} new phrases a second from this client; "
-                                    "retry in a second, or send names the lexicons know (see /colors)", {"Retry-After": "1"})  # fmt: skip
+                                    "retry in a second, or send names the lexicons know (see /colors)", {"Retry-After": "1"}, field="color")  # fmt: skip
         try:
             return colorizer.condition([colour])[0]
         except ValueError as err:
             self.meters.unknown_colours.inc()
-            return ClientError(422, str(err), reason="unknown_colour")
+            return ClientError(422, str(err), reason="unknown_colour", field="color")
 
     def over_budget(self, colorizer: Colorizer, colour: object, client: str) -> bool:
         try:
@@ -516,7 +515,7 @@ class Ingress:
             parsed = await parse_request(request, self.limit, self.cfg.max_images_per_request)
         except ClientError as err:
             self.meters.answered(err.status, err.reason)
-            return error(err.status, err.message, err.headers)
+            return refusal(err)
         try:
             answers = await self.colorize_all(parsed, request.client.host if request.client else "unknown")
         except Exception:
@@ -527,8 +526,8 @@ class Ingress:
             self.meters.answered(200 if ok else answer.status, "" if ok else answer.reason)
         if not parsed.many:
             answer = answers[0]
-            return Response(answer, media_type="image/png") if isinstance(answer, bytes) else error(answer.status, answer.message, answer.headers)
-        return JSONResponse([{"image": base64.b64encode(a).decode()} if isinstance(a, bytes) else {"error": a.message, "status": a.status} for a in answers])
+            return Response(answer, media_type="image/png") if isinstance(answer, bytes) else refusal(answer)
+        return JSONResponse([{"image": base64.b64encode(a).decode()} if isinstance(a, bytes) else a.body() | {"status": a.status} for a in answers])
 
     async def colorize_all(self, parsed: Parsed, client: str) -> list[bytes | ClientError]:
         """Each outline as PNG bytes, or the ClientError that refuses it (the others go on): decoded one at a

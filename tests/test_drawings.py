@@ -93,6 +93,21 @@ def test_an_answer_at_the_inputs_size_has_the_inputs_edges_not_the_models_grid()
         assert score(at_size(answer, ink_mask(image)), drawing) == {"pixel_exact": 1.0, "iou": 1.0}
 
 
+
+def test_a_drawing_of_any_aspect_ratio_is_read_at_its_proportions_and_answered_at_its_size():
+    """A long, thin drawing reaches the model letterboxed, its shapes as drawn (squashed to a square, they
+    would be shapes it never saw), and the answer comes back to the input's size exact."""
+    for size in ((82, 522), (741, 126)):
+        drawing = draw((11, *size), "clean", size=size)
+        image = Image.fromarray(drawing.image)
+        ink, outline = ink_mask(image), outline_array(image)
+        for axis in (0, 1):
+            drawn, read = np.nonzero(ink.any(axis=1 - axis))[0], np.nonzero(outline.any(axis=1 - axis))[0]
+            offset = (max(size) - size[axis]) / 2
+            assert abs((drawn[0] + offset) * 128 / max(size) - read[0]) <= 1.5 and abs((drawn[-1] + offset) * 128 / max(size) - read[-1]) <= 1.5
+        answer = paint(ndimage.binary_fill_holes(outline), drawing.rgb)
+        assert score(at_size(answer, ink), drawing) == {"pixel_exact": 1.0, "iou": 1.0}
+
 def test_training_pairs_mix_drawings_in_the_share_asked_and_none_without():
     mixed, plain, none = DrawingDataset(40, seed=3, scenes=0.5), SyntheticDataset(40, seed=3), DrawingDataset(40, seed=3, scenes=0.0)
     same = [torch.equal(mixed[i][0], plain[i][0]) for i in range(40)]

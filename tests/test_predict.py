@@ -56,3 +56,18 @@ def test_predict_cli_errors_are_clear(tiny_checkpoint, tmp_path, capsys):
     Image.new("RGB", (10, 10)).save(tmp_path / "x.png")
     assert predict.main(["--checkpoint", str(tiny_checkpoint), "--image", str(tmp_path / "x.png"), "--color", "nocolour", "--out", str(tmp_path / "o.png")]) == 2
     assert "unknown colour 'nocolour'" in capsys.readouterr().err
+
+
+def test_the_shipped_weights_are_the_default_recipe_and_fill_drawings_they_never_saw():
+    """polycolor/pretrained is what the README says: the default recipe as it is now (retrain it with
+    bench/train_quality.py when the recipe changes), and it fills held-out drawings of several shapes."""
+    from polycolor.config import TrainConfig, preset
+    from polycolor.drawings import draw, score
+
+    saved = TrainConfig.from_dict(json.loads((checkpoint.PRETRAINED / "config.json").read_text())["train"])
+    recipe = preset("recipe")
+    assert (saved.model, saved.data, saved.optim) == (recipe.model, recipe.data, recipe.optim)
+    colorizer = Colorizer.from_checkpoint(checkpoint.PRETRAINED, device="cpu")
+    drawn = [draw((77, i), "antialiased", shapes=2 + i % 3) for i in range(12)]
+    answers = colorizer.colorize_batch([Image.fromarray(d.image) for d in drawn], [d.color for d in drawn], original_size=True)
+    assert min(score(np.asarray(a), d)["iou"] for a, d in zip(answers, drawn)) >= 0.99
