@@ -8,6 +8,7 @@ import io
 import os
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -227,6 +228,7 @@ def test_the_page_fits_a_phone(page):
 
 
 def test_with_an_api_key_the_page_works_once_the_key_is_entered(site, browser):
+    assert "house-teal" not in httpx.get(f"{site['url']}/kd/").text  # the palette is what /colors tells, behind the key
     browser.set_window_size(1100, 900)
     browser.get(f"{site['url']}/kd/")
     WebDriverWait(browser, 30).until(lambda b: "API key" in b.find_element(By.ID, "key-error").text)

@@ -93,7 +93,6 @@ def test_an_answer_at_the_inputs_size_has_the_inputs_edges_not_the_models_grid()
         assert score(at_size(answer, ink_mask(image)), drawing) == {"pixel_exact": 1.0, "iou": 1.0}
 
 
-
 def test_a_drawing_of_any_aspect_ratio_is_read_at_its_proportions_and_answered_at_its_size():
     """A long, thin drawing reaches the model letterboxed, its shapes as drawn (squashed to a square, they
     would be shapes it never saw), and the answer comes back to the input's size exact."""
@@ -107,6 +106,7 @@ def test_a_drawing_of_any_aspect_ratio_is_read_at_its_proportions_and_answered_a
             assert abs((drawn[0] + offset) * 128 / max(size) - read[0]) <= 1.5 and abs((drawn[-1] + offset) * 128 / max(size) - read[-1]) <= 1.5
         answer = paint(ndimage.binary_fill_holes(outline), drawing.rgb)
         assert score(at_size(answer, ink), drawing) == {"pixel_exact": 1.0, "iou": 1.0}
+
 
 def test_training_pairs_mix_drawings_in_the_share_asked_and_none_without():
     mixed, plain, none = DrawingDataset(40, seed=3, scenes=0.5), SyntheticDataset(40, seed=3), DrawingDataset(40, seed=3, scenes=0.0)

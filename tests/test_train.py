@@ -279,7 +279,6 @@ def test_a_checkpoint_list_cut_off_by_a_kill_resumes_from_the_newest_complete_ch
     assert json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"] == 1 and result.checkpoint is not None
 
 
-
 class ReportLog(UserCallback):
     """Appends the epoch of every report Ray Train hands its callbacks (as Tune's TuneReportCallback is) to ``log``."""
 
