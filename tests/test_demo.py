@@ -86,12 +86,17 @@ def at(browser, x: float, y: float) -> ActionChains:
     return ActionChains(browser).move_to_element_with_offset(overlay, round((x - 128) * scale), round((y - 128) * scale))
 
 
-def polygon(browser, corners: list[tuple[int, int]]) -> None:
-    """Click each corner with the polygon tool, double-click the last to close the polygon."""
+def polygon(browser, corners: list[tuple[int, int]], tap_start: bool = False) -> None:
+    """Click each corner with the polygon tool, then double-click the last to close the polygon (``tap_start``:
+    click every corner, then the first again, as a finger on a touch screen would)."""
     browser.find_element(By.CSS_SELECTOR, "input[name=tool][value=polygon]").click()
     for x, y in corners[:-1]:
         at(browser, x, y).click().perform()
-    at(browser, *corners[-1]).double_click().perform()
+    if tap_start:
+        at(browser, *corners[-1]).click().perform()
+        at(browser, *corners[0]).click().perform()
+    else:
+        at(browser, *corners[-1]).double_click().perform()
 
 
 def freehand(browser, points: list[tuple[int, int]]) -> None:
@@ -189,7 +194,7 @@ def test_a_bad_colour_is_shown_beside_the_colour_field_and_a_good_one_clears_it(
 
 def test_undo_and_clear_change_what_is_filled(page):
     polygon(page, [(30, 30), (120, 30), (120, 120), (30, 120)])
-    polygon(page, [(150, 150), (230, 150), (230, 230), (150, 230)])
+    polygon(page, [(150, 150), (230, 150), (230, 230), (150, 230)], tap_start=True)
     both = result(page)
     page.find_element(By.ID, "undo").click()
     one = result(page)
