@@ -1,6 +1,6 @@
 """Train each preset at one budget and score its best checkpoint where it was never trained.
 
-    python bench/train_quality.py [--presets recipe published] [--ayna ../shared/datasets/ayna] [-- extra train flags]
+    python bench/train_quality.py [--presets recipe published] [--ayna ../shared/datasets/ayna] [--ship] [-- extra train flags]
 
 Every preset trains for the recipe's epochs and pairs (the same images seen, so about the same wall time on
 one machine; each row prints its own) unless the extra flags say otherwise. Evaluates on: the real validation
@@ -9,7 +9,7 @@ heart, house, crescent-free concave "T") in random CSS/hex colours. Then on draw
 (``polycolor.drawings``: one shape, several, nested, anti-aliased, ink on paper, JPEG, 64-1024 px, outlines
 with gaps), answered at the input's size as a user gets them, beside a flood fill of the same images. Prints
 a table per preset and the wall times, writes results.json and bench/showcase.png (the README's picture,
-from the first preset).
+from the first preset); ``--ship`` exports the recipe's best to polycolor/pretrained when it meets every bar.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from polycolor import drawings, synth
+from polycolor import checkpoint, drawings, synth
 from polycolor.colors import parse_color, to_hex
 from polycolor.config import PRESETS, preset
 from polycolor.data import REAL_PALETTE, Split, read_split
@@ -139,6 +139,8 @@ def main() -> int:
     parser.add_argument("--ayna", default=os.environ.get("POLYCOLOR_AYNA_DIR", str(ROOT.parent / "shared/datasets/ayna")))
     parser.add_argument("--out", default=str(ROOT / "bench/results/quality"))
     parser.add_argument("--checkpoint", help="score this checkpoint instead of training")
+    parser.add_argument("--ship", action="store_true", help="export the recipe's best, when it meets every bar, to polycolor/pretrained "
+                        "(the weights the package ships)")  # fmt: skip
     parser.add_argument("train_flags", nargs="*", help="extra flags for python -m polycolor.train (after --)")
     args = parser.parse_args()
     out = Path(args.out).resolve()
@@ -158,7 +160,11 @@ def main() -> int:
             showcase(colorizer, sets, drawn, ROOT / "bench" / "showcase.png")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    return 0 if all(r["meets_bar"] for result in results.values() for r in [*result["sets"].values(), *result["drawings"].values()]) else 1
+    met = {name: all(r["meets_bar"] for r in [*result["sets"].values(), *result["drawings"].values()]) for name, result in results.items()}
+    if args.ship and met.get("recipe"):
+        checkpoint.export(results["recipe"]["checkpoint"], checkpoint.PRETRAINED)
+        print(f"recipe: exported to {checkpoint.PRETRAINED}")
+    return 0 if all(met.values()) else 1
 
 
 if __name__ == "__main__":

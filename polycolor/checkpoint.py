@@ -36,8 +36,8 @@ from polycolor.model import ConditionalUNet, ModelConfig
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, TRAIN_STATE = "model.safetensors", "config.json", "train_state.pt"
-# The default recipe, trained by bench/train_quality.py on synthetic data only, shipped with the package so a
-# server or a prediction works before any training: ``--checkpoint`` takes this directory like any other.
+# The default recipe, trained on synthetic data only (`bench/train_quality.py --presets recipe --ship`), shipped
+# with the package so a server or a prediction works before any training: ``--checkpoint`` takes it like any other.
 PRETRAINED = Path(__file__).with_name("pretrained")
 
 

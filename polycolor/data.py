@@ -81,13 +81,13 @@ def outline_array(image: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
     return outline_of(ink_mask(image), size)
 
 
-def letterbox(ink: np.ndarray) -> tuple[np.ndarray, tuple[slice, slice]]:
-    """An (H, W) ink mask centred on a square of paper, and where in that square it lies: the model reads a
-    drawing of any aspect ratio at its own proportions, not squashed."""
-    side = max(ink.shape)
-    where = tuple(slice((side - n) // 2, (side - n) // 2 + n) for n in ink.shape)
-    square = np.zeros((side, side), bool)
-    square[where] = ink
+def letterbox(image: np.ndarray, paper=False) -> tuple[np.ndarray, tuple[slice, slice]]:
+    """An (H, W, ...) ink mask or image centred on a square of ``paper``, and where in that square it lies: the
+    model reads a drawing of any aspect ratio at its own proportions, not squashed."""
+    side = max(image.shape[:2])
+    where = tuple(slice((side - n) // 2, (side - n) // 2 + n) for n in image.shape[:2])
+    square = np.full((side, side, *image.shape[2:]), paper, image.dtype)
+    square[where] = image
     return square, where
 
 
@@ -106,11 +106,7 @@ def outline_of(ink: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
 def target_array(image: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
     """(size, size, 3) uint8 RGB, letterboxed on white as its outline is, resized nearest-neighbour so no new
     colours appear."""
-    rgb = to_rgb(image)
-    if rgb.width != rgb.height:
-        square = Image.new("RGB", (max(rgb.size),) * 2, "white")
-        square.paste(rgb, ((square.width - rgb.width) // 2, (square.height - rgb.height) // 2))
-        rgb = square
+    rgb = Image.fromarray(letterbox(np.asarray(to_rgb(image)), paper=255)[0])
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.NEAREST)
     return np.asarray(rgb, dtype=np.uint8)

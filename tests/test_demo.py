@@ -27,7 +27,7 @@ pytestmark = [
     pytest.mark.timeout(300),
     pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)), reason="chromium and chromedriver not installed"),
 ]
-selenium = pytest.importorskip("selenium")
+pytest.importorskip("selenium")
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service

@@ -59,8 +59,8 @@ def test_predict_cli_errors_are_clear(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_the_shipped_weights_are_the_default_recipe_and_fill_drawings_they_never_saw():
-    """polycolor/pretrained is what the README says: the default recipe as it is now (retrain it with
-    bench/train_quality.py when the recipe changes), and it fills held-out drawings of several shapes."""
+    """polycolor/pretrained is what the README says: the default recipe as it is now (when the recipe
+    changes, `python bench/train_quality.py --presets recipe --ship` retrains and replaces it), and it fills held-out drawings of several shapes."""
     from polycolor.config import TrainConfig, preset
     from polycolor.drawings import draw, score
 
