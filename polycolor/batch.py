@@ -30,10 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from polycolor import storage
-from polycolor.data import DatasetError, parse_rows, target_array
+from polycolor.data import DatasetError, open_image, parse_rows, read_rows, target_array
 from polycolor.predict import encode_png, read_ink
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -73,22 +72,15 @@ def find_source(src: str, colour: str | None) -> Source:
         return from_split(src)
     if not colour:
         raise DatasetError(f"--data {src}: a folder of outlines needs --color (or give a split with data.json, or a CSV/JSON list)")
-    names = sorted(
-        e.path[len(path.rstrip("/")) + 1 :]
-        for e in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        if e.type in (pafs.FileType.File, pafs.FileType.Unknown) and e.path.lower().endswith(IMAGE_SUFFIXES)  # Unknown: a FIFO, named when read
-    )
+    names = sorted(n for n, kind in storage.listing(src, recursive=True).items()
+                   if kind in (pafs.FileType.File, pafs.FileType.Unknown) and n.lower().endswith(IMAGE_SUFFIXES))  # Unknown: a FIFO, named when read
     if not names:
         raise DatasetError(f"--data {src}: no images there (expected {', '.join(IMAGE_SUFFIXES)})")
     return Source(src, table(names, [colour] * len(names), [as_png(n) for n in names], where=f"--data {src}"))
 
 
 def from_split(src: str) -> Source:
-    where = storage.join(src, "data.json")
-    try:
-        rows = parse_rows(storage.read_bytes(where), where)
-    except FileNotFoundError:
-        raise DatasetError(f"{where}: file does not exist (expected a split with data.json, inputs/, outputs/)") from None
+    where, rows = storage.join(src, "data.json"), read_rows(src)
     bad = [f"row {i}" for i, r in enumerate(rows) if not isinstance(r, dict) or not {"input_polygon", "colour", "output_image"} <= set(r)]
     if bad:
         raise DatasetError(f"{where}: {', '.join(bad[:5])} lack input_polygon, colour or output_image")
@@ -135,43 +127,8 @@ def checked(rows: pa.Table, where: str) -> pa.Table:
     return rows.set_column(rows.schema.get_field_index("output"), "output", pa.array(outputs))
 
 
-def existing(dst: str) -> set[str]:
-    """The files already under ``dst``, as paths relative to it."""
-    fs, path = storage.filesystem(dst)
-    base = path.rstrip("/") + "/"
-    entries = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    return {e.path[len(base) :] for e in entries if e.type == pafs.FileType.File}
-
-
 # ---------------------------------------------------------------------------------------------------
 # The stages. Each takes and returns a batch (dict of numpy columns); a row's "error" is "" while it is good.
-
-
-@lru_cache(maxsize=8)
-def opened(location: str) -> tuple[pafs.FileSystem, str]:
-    return storage.filesystem(location)
-
-
-def read_image(root: str, name: str) -> Image.Image:
-    fs, base = opened(root)
-    path = f"{base.rstrip('/')}/{name}"
-    if isinstance(fs, pafs.LocalFileSystem) and os.path.exists(path) and not os.path.isfile(path):
-        raise DatasetError(f"{name}: not a regular file")  # a FIFO or a device would block or never end
-    try:
-        with fs.open_input_file(path) as stream:
-            data = stream.read()
-    except FileNotFoundError:
-        raise DatasetError(f"{name}: file does not exist") from None
-    except OSError as err:
-        raise DatasetError(f"{name}: cannot be read ({' '.join(str(err).split())})") from None
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return image
-    except UnidentifiedImageError:
-        raise DatasetError(f"{name}: not a readable image (no format Pillow reads)") from None
-    except Exception as err:  # Pillow raises many kinds (OSError, SyntaxError, DecompressionBombError, ...) for bad files
-        raise DatasetError(f"{name}: not a readable image ({type(err).__name__}: {err})") from None
 
 
 def decode(batch: dict, root: str, size: int, targets: bool = False, original_size: bool = False) -> dict:
@@ -185,11 +142,11 @@ def decode(batch: dict, root: str, size: int, targets: bool = False, original_si
     for i, name in enumerate(batch["image"]):
         inks[i] = np.zeros(0, np.uint8)
         try:
-            outlines[i], ink = read_ink(read_image(root, name), size, original_size)
+            outlines[i], ink = read_ink(open_image(root, name), size, original_size)
             if ink is not None:
                 shapes[i], inks[i] = ink
             if targets:
-                truths[i] = target_array(read_image(root, batch["target"][i]), size)
+                truths[i] = target_array(open_image(root, batch["target"][i]), size)
         except DatasetError as err:
             errors[i] = str(err)
     out = {k: v for k, v in batch.items() if k != "target"} | {"outline": outlines, "error": np.array(errors, dtype=object)}
@@ -230,7 +187,7 @@ class Painter:
 
 def write(batch: dict, dst: str, original_size: bool) -> dict:
     """Encode each good row as PNG (at its input's size with ``original_size``) and write it to ``dst``, whole or not at all."""
-    fs, base = opened(dst)
+    fs, base = storage.opened(dst)
     local = isinstance(fs, pafs.LocalFileSystem)
     errors = batch["error"].copy()
     for i, output in enumerate(batch["output"]):
@@ -333,7 +290,7 @@ def colour_all(source: Source, checkpoint: str, image_size: int, dst: str, plan:
     whose output exists; without it, ``dst`` may hold none of them (nothing already written is overwritten)."""
     started, summary = time.perf_counter(), Summary()
     storage.check_writable(dst)
-    there = existing(dst)
+    there = {n for n, kind in storage.listing(dst, recursive=True).items() if kind == pafs.FileType.File}
     clean_partials(dst, there)
     done_before = np.array([o in there for o in source.rows["output"].to_pylist()], dtype=bool)
     if done_before.any() and not resume:

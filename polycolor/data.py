@@ -12,7 +12,9 @@ Layout (the real data's, and what ``polycolor.synth`` writes)::
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -20,12 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from polycolor import storage
 from polycolor.colors import RGB
 
 IMAGE_SIZE = 128
@@ -122,17 +126,27 @@ def fill_color(target: np.ndarray) -> RGB | None:
     return tuple(int(v) for v in values[counts.argmax()])
 
 
-def open_image(path: Path) -> Image.Image:
-    if path.exists() and not path.is_file():  # a FIFO or a device would block or never end
-        raise DatasetError(f"{path}: not a regular file")
+def open_image(root: str | Path, name: str) -> Image.Image:
+    """The image ``name`` under the folder or URI ``root``, loaded; DatasetError naming ``name`` and what is wrong."""
+    fs, base = storage.opened(str(root))
+    path = f"{base.rstrip('/')}/{name}"
+    if isinstance(fs, pafs.LocalFileSystem) and os.path.exists(path) and not os.path.isfile(path):
+        raise DatasetError(f"{name}: not a regular file")  # a FIFO or a device would block or never end
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image
+        with fs.open_input_file(path) as stream:
+            data = stream.read()
     except FileNotFoundError:
-        raise DatasetError(f"{path}: file does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DatasetError(f"{path}: not a readable image ({err})") from None
+        raise DatasetError(f"{name}: file does not exist") from None
+    except OSError as err:
+        raise DatasetError(f"{name}: cannot be read ({' '.join(str(err).split())})") from None
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image
+    except UnidentifiedImageError:
+        raise DatasetError(f"{name}: not a readable image (no format Pillow reads)") from None
+    except Exception as err:  # Pillow raises many kinds (OSError, SyntaxError, DecompressionBombError, ...) for bad files
+        raise DatasetError(f"{name}: not a readable image ({type(err).__name__}: {err})") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -159,12 +173,13 @@ class Split:
         return palette
 
 
-def read_rows(split_dir: Path) -> list[dict]:
-    path = Path(split_dir) / "data.json"
+def read_rows(split: str | Path) -> list[dict]:
+    """The rows of a split's data.json, in a folder or at a URI."""
+    where = storage.join(str(split), "data.json")
     try:
-        return parse_rows(path.read_bytes(), str(path))
+        return parse_rows(storage.read_bytes(where), where)
     except FileNotFoundError:
-        raise DatasetError(f"{path}: file does not exist (expected a split with data.json, inputs/, outputs/)") from None
+        raise DatasetError(f"{where}: file does not exist (expected a split with data.json, inputs/, outputs/)") from None
 
 
 def parse_rows(data: bytes, where: str) -> list[dict]:
@@ -195,10 +210,10 @@ def read_split(split_dir: str | Path, size: int = IMAGE_SIZE) -> Split:
     if problems:
         raise DatasetError(f"{split_dir} failed its check:\n  " + "\n  ".join(problems))
     rows = read_rows(split_dir)
-    outlines = {name: outline_array(open_image(split_dir / "inputs" / name), size) for name in {r["input_polygon"] for r in rows}}
+    outlines = {name: outline_array(open_image(split_dir, f"inputs/{name}"), size) for name in {r["input_polygon"] for r in rows}}
     return Split(
         outlines=np.stack([outlines[r["input_polygon"]] for r in rows]),
-        targets=np.stack([target_array(open_image(split_dir / "outputs" / r["output_image"]), size) for r in rows]),
+        targets=np.stack([target_array(open_image(split_dir, f"outputs/{r['output_image']}"), size) for r in rows]),
         colors=[r["colour"] for r in rows],
         inputs=[Path(r["input_polygon"]).stem for r in rows],
     )
@@ -217,7 +232,6 @@ def check_split(split_dir: Path) -> list[str]:
     problems: list[str] = []
     seen: dict[tuple, int] = {}
     colour_of: dict[str, tuple[RGB, str]] = {}
-    sizes: dict[str, tuple[int, int]] = {}
     for i, row in enumerate(rows):
         where = f"{split} row {i}"
         if not isinstance(row, dict):
@@ -241,14 +255,11 @@ def check_split(split_dir: Path) -> list[str]:
         images = {}
         for folder, name in (("inputs", row["input_polygon"]), ("outputs", row["output_image"])):
             try:
-                images[folder] = open_image(split_dir / folder / name)
-            except DatasetError:
-                path = split_dir / folder / name
-                what = "does not exist" if not path.exists() else "is not a regular file" if not path.is_file() else "is not a readable image"
-                problems.append(f"{where}: {folder}/{name} {what}; expected a PNG or JPEG")
+                images[folder] = open_image(split_dir, f"{folder}/{name}")
+            except DatasetError as err:
+                problems.append(f"{where}: {err}; expected a PNG or JPEG")
         if len(images) < 2:
             continue
-        sizes[row["output_image"]] = images["outputs"].size
         if images["inputs"].size != images["outputs"].size:
             problems.append(
                 f"{where}: outputs/{row['output_image']} is {images['outputs'].size[0]}x{images['outputs'].size[1]}, "
@@ -282,7 +293,7 @@ def check(root: str | Path) -> tuple[list[str], list[str]]:
         if split_problems:
             continue
         split = read_split(root / name)
-        sizes = Counter(f"{i.size[0]}x{i.size[1]}" for i in map(open_image, (root / name / "outputs").glob("*.png")))
+        sizes = Counter("x".join(map(str, open_image(root / name, f"outputs/{p.name}").size)) for p in (root / name / "outputs").glob("*.png"))
         summary.append(f"{name}: {len(split)} pairs, {len(set(split.inputs))} outlines, image sizes {dict(sizes)}")
         for colour, rgb in sorted(split.palette.items()):
             summary.append(f"  {colour:<12} {rgb}  x{split.colors.count(colour)}")

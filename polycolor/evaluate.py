@@ -101,12 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def picked_arrays(colorizer, source, rows: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(outlines, targets, predictions) of a few ``source`` rows, read and coloured here."""
-    from polycolor.batch import read_image
-    from polycolor.data import outline_array, target_array
+    from polycolor.data import open_image, outline_array, target_array
 
     picked = source.rows.take(rows).to_pylist()
-    outlines = np.stack([outline_array(read_image(source.root, r["image"]), colorizer.image_size) for r in picked])
-    targets = np.stack([target_array(read_image(source.root, r["target"]), colorizer.image_size) for r in picked])
+    outlines = np.stack([outline_array(open_image(source.root, r["image"]), colorizer.image_size) for r in picked])
+    targets = np.stack([target_array(open_image(source.root, r["target"]), colorizer.image_size) for r in picked])
     return outlines, targets, colorizer.colorize_arrays(outlines, colorizer.condition([r["colour"] for r in picked]))
 
 

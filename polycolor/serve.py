@@ -52,6 +52,7 @@ from polycolor.colors import LEXICON
 from polycolor.config import Settings, add_flags, setting
 from polycolor.data import outline_of
 from polycolor.predict import Colorizer, encode_png, read_ink
+from polycolor.runs import init_ray
 
 ACCEPTED_FORMATS = ("PNG", "JPEG")
 HEALTH_TIMEOUT_S = 10  # a probe queues behind at most the batch in progress (well under a second on CPU)
@@ -457,9 +458,10 @@ class Model:
             return False  # refused with the others
         return costly and not self.budget.take(client)
 
-    async def check_health(self) -> None:
+    async def check_health(self) -> list[int]:
         """A tiny forward pass on the model thread, the path requests take: a wedged thread fails the check
-        (Serve then replaces the replica), where a pass on the event loop would have passed."""
+        (Serve then replaces the replica), where a pass on the event loop would have passed. For /healthz, the
+        outlines in recent batches."""
         served = self.current()
         blank = np.zeros((1, served.colorizer.image_size, served.colorizer.image_size), bool)
         probe = self.model_thread.submit(served.colorizer.colorize_arrays, blank, served.probe)
@@ -467,10 +469,6 @@ class Model:
             await asyncio.wait_for(asyncio.wrap_future(probe), HEALTH_TIMEOUT_S)
         except TimeoutError:
             raise RuntimeError(f"the model thread did not answer a health probe within {HEALTH_TIMEOUT_S} s") from None
-
-    async def health(self) -> list[int]:
-        """The health check's probe, then the outlines in recent batches."""
-        await self.check_health()
         return self.batch_sizes[-20:]
 
 
@@ -561,7 +559,7 @@ class Ingress:
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
         try:
-            sizes = await asyncio.wait_for(self.model.health.remote(), HEALTH_TIMEOUT_S + 5)
+            sizes = await asyncio.wait_for(self.model.check_health.remote(), HEALTH_TIMEOUT_S + 5)
         except Exception as err:
             return error(503, f"the model is not healthy: {getattr(err, 'cause', None) or type(err).__name__}")
         return JSONResponse({"status": "ok", "recent_batch_sizes": sizes})
@@ -625,8 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", num_cpus=None if os.environ.get("RAY_ADDRESS") else max(2, os.cpu_count() or 2))
+    init_ray(num_cpus=max(2, os.cpu_count() or 2))
     try:
         serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
         serve.run(application, name="polycolor", route_prefix="/")

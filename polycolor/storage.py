@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import uuid
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import pyarrow
@@ -38,24 +39,34 @@ def resolve(location: str) -> str:
 
 
 def join(location: str, *names: str) -> str:
-    base, query = location.split("?", 1) if "?" in location else (location, "")
+    base, query = location.split("?", 1) if is_uri(location) and "?" in location else (location, "")
     joined = "/".join([base.rstrip("/"), *names])
     return f"{joined}?{query}" if query else joined
 
 
 def parent(location: str) -> str:
     """The folder holding ``location``, its query kept."""
-    base, query = location.split("?", 1) if "?" in location else (location, "")
+    base, query = location.split("?", 1) if is_uri(location) and "?" in location else (location, "")
     folder = base.rstrip("/").rsplit("/", 1)[0] if "/" in base else "."
     return f"{folder}?{query}" if query else folder
 
 
 def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it); StorageError naming the location when pyarrow cannot make one."""
+    if not is_uri(location):  # a local path as it is: a URI would not take a space or a '#' in it
+        return pafs.LocalFileSystem(), resolve(location)
     try:
-        return pafs.FileSystem.from_uri(location if is_uri(location) else "file://" + resolve(location))
+        return pafs.FileSystem.from_uri(location)
     except (pyarrow.ArrowException, OSError, ValueError) as err:  # pyarrow raises ArrowInvalid (a ValueError) for bad URIs
         raise StorageError(f"{location}: not a usable storage location ({err})") from None
+
+
+def opened(location: str) -> tuple[pafs.FileSystem, str]:
+    """``filesystem``, made once per location in a process: a stage reading many files there makes one client."""
+    return _opened(resolve(location))
+
+
+_opened = lru_cache(maxsize=8)(filesystem)
 
 
 def exists(location: str) -> bool:
@@ -108,11 +119,16 @@ def local_copy(location: str):
         yield Path(tmp)
 
 
+def listing(location: str, recursive: bool = False) -> dict[str, pafs.FileType]:
+    """{path relative to ``location``: its type} of what lies under it; empty when nothing is there."""
+    fs, path = filesystem(location)
+    entries = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+    return {e.path[len(path.rstrip("/")) + 1 :]: e.type for e in entries}
+
+
 def checkpoints(location: str, name: str) -> list[str]:
     """The names of the run's checkpoint_* directories, oldest first (Ray names them by time)."""
-    fs, root = filesystem(join(location, name))
-    entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    return sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_"))
+    return sorted(n for n, kind in listing(join(location, name)).items() if kind == pafs.FileType.Directory and n.startswith("checkpoint_"))
 
 
 def prune_orphans(result, location: str, name: str) -> list[str]:

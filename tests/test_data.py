@@ -81,7 +81,7 @@ def _size(d, rows):
         (_drop_key, "validation row 1: missing key(s) ['colour']"),
         (_extra_key, "validation row 0: unexpected key(s) ['shape']"),
         (_missing_file, "validation row 2: outputs/"),
-        (_not_image, "is not a readable image"),
+        (_not_image, ": not a readable image"),
         (_colour_disagrees, "expected one RGB per colour name"),
         (_duplicate, "validation row 5: duplicates row 3"),
         (_size, "is 64x64, expected the size of inputs/"),
@@ -191,4 +191,4 @@ def test_a_fifo_in_place_of_an_image_is_named_not_waited_on(synth_dir, tmp_path)
 
     split = split_copy(synth_dir, tmp_path, fifo)
     _, problems = check(split.parent)
-    assert problems == [f"validation row 0: inputs/{json.loads((split / 'data.json').read_text())[0]['input_polygon']} is not a regular file; expected a PNG or JPEG"]
+    assert problems == [f"validation row 0: inputs/{json.loads((split / 'data.json').read_text())[0]['input_polygon']}: not a regular file; expected a PNG or JPEG"]

@@ -12,12 +12,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs
 import pytest
 from PIL import Image
 
 from polycolor import checkpoint, storage, synth
 from polycolor.checkpoint import CheckpointError
-from polycolor.data import REAL_PALETTE
+from polycolor.data import REAL_PALETTE, open_image
 from polycolor.predict import Colorizer
 
 from conftest import free_port, png_bytes, tiny_model
@@ -28,6 +29,15 @@ STAR = Image.fromarray(np.where(synth.draw_outline(synth.shape_points("star", np
 def test_join_puts_names_before_the_uris_query():
     assert storage.join("s3://b/p?endpoint_override=h:1&scheme=http", "run", "best") == "s3://b/p/run/best?endpoint_override=h:1&scheme=http"
     assert storage.join("/tmp/x/", "best") == "/tmp/x/best"
+
+
+def test_a_local_folder_named_with_a_space_a_hash_or_a_question_mark_is_read_as_a_folder(tmp_path):
+    folder = tmp_path / "my outlines #2?v=1"  # a URI parser would choke on the space and cut at the '#' and '?'
+    folder.mkdir()
+    STAR.save(folder / "star.png")
+    assert storage.listing(str(folder)) == {"star.png": pyarrow.fs.FileType.File}
+    assert storage.join(str(folder), "star.png") == str(folder / "star.png")
+    assert open_image(folder, "star.png").size == (128, 128)
 
 
 def test_a_checkpoint_exported_to_a_bucket_loads_and_colours_exactly_as_the_local_one(bucket, tiny_checkpoint, tmp_path):
