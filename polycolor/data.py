@@ -116,6 +116,13 @@ def target_array(image: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8)
 
 
+def paint(mask: np.ndarray, rgb: RGB = (0, 0, 0)) -> np.ndarray:
+    """(H, W, 3) uint8: an (H, W) ``mask`` in ``rgb`` on white (in black: an ink mask as drawn)."""
+    image = np.full((*mask.shape, 3), 255, np.uint8)
+    image[mask] = rgb
+    return image
+
+
 def fill_color(target: np.ndarray) -> RGB | None:
     """The most common non-white colour of a (H, W, 3) target, or None for an all-white one."""
     paint = target.reshape(-1, 3)
@@ -209,6 +216,11 @@ def read_split(split_dir: str | Path, size: int = IMAGE_SIZE) -> Split:
     problems = check_split(split_dir)
     if problems:
         raise DatasetError(f"{split_dir} failed its check:\n  " + "\n  ".join(problems))
+    return load_split(split_dir, size)
+
+
+def load_split(split_dir: Path, size: int = IMAGE_SIZE) -> Split:
+    """``read_split`` of a split already checked (``check_split``): each image is read once more, not twice."""
     rows = read_rows(split_dir)
     outlines = {name: outline_array(open_image(split_dir, f"inputs/{name}"), size) for name in {r["input_polygon"] for r in rows}}
     return Split(
@@ -292,7 +304,7 @@ def check(root: str | Path) -> tuple[list[str], list[str]]:
         problems += split_problems
         if split_problems:
             continue
-        split = read_split(root / name)
+        split = load_split(root / name)
         sizes = Counter("x".join(map(str, open_image(root / name, f"outputs/{p.name}").size)) for p in (root / name / "outputs").glob("*.png"))
         summary.append(f"{name}: {len(split)} pairs, {len(set(split.inputs))} outlines, image sizes {dict(sizes)}")
         for colour, rgb in sorted(split.palette.items()):

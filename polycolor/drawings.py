@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from polycolor.colors import RGB, parse_color
-from polycolor.data import REAL_PALETTE, ink_mask, outline_array
+from polycolor.data import REAL_PALETTE, ink_mask, outline_array, paint
 from polycolor.synth import OTHER_SHAPES, REAL_SHAPES, SyntheticDataset, random_color, shape_points
 
 STYLES = ("clean", "antialiased", "ink", "jpeg", "gaps")
@@ -189,7 +189,7 @@ def draw(seed: Sequence[int] | int, style: str = "clean", shapes: int | None = N
                 outline = erase_gaps(outline, polylines, width, rng)
                 if (fill(outline) == truth).all():
                     continue  # no gap opened the outline: draw again
-            image = np.repeat(np.where(outline, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+            image = paint(outline)
         else:
             fine = rasterize(polylines, width, size, SUPERSAMPLE)
             inside = coverage(fill(fine))
@@ -206,13 +206,6 @@ def flood_fill(image: np.ndarray) -> np.ndarray:
     """The algorithm's answer for a drawing: its ink (read as the model's input is, ``ink_mask``) and everything
     that ink encloses."""
     return fill(ink_mask(Image.fromarray(image)))
-
-
-def paint(filled: np.ndarray, rgb: RGB) -> np.ndarray:
-    """(H, W, 3) uint8: ``filled`` in ``rgb`` on white."""
-    image = np.full((*filled.shape, 3), 255, np.uint8)
-    image[filled] = rgb
-    return image
 
 
 def score(painted: np.ndarray, drawing: Drawing) -> dict[str, float]:

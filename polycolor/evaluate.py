@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from polycolor.data import paint
 from polycolor.metrics import per_image, summarize
 
 LARGE = 2000  # pairs above which a split is scored on Ray Data, streamed, not read into memory
@@ -42,7 +43,7 @@ def write_report(report: Path, names: list[str], colours: list[str], per: dict[s
     picked = list(dict.fromkeys([*order[:rows], *order[::-1][:rows]]))
     tiles = []
     for outline, target, prediction in zip(*arrays(picked)):
-        outline = np.repeat(np.where(outline, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+        outline = paint(outline)
         error = np.abs(prediction.astype(int) - target.astype(int)).max(axis=2)
         heat = np.stack([np.full_like(error, 255), 255 - error, 255 - error], axis=2).astype(np.uint8)  # red = wrong
         tiles.append(np.concatenate([outline, target, prediction, heat], axis=1))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from polycolor import checkpoint, storage
 from polycolor.config import PRESETS, TrainConfig
-from polycolor.data import Split, check, read_split
+from polycolor.data import SPLITS, Split, check_split, load_split
 
 
 def add_run_flags(parser: argparse.ArgumentParser, noun: str) -> None:
@@ -57,10 +57,9 @@ def read_dataset(data: str) -> tuple[Split, Split] | None:
                 raise ValueError(f"--data {data}: directory does not exist")
             if not (root / "training").is_dir() or not (root / "validation").is_dir():
                 raise ValueError(f"--data {data}: expected both training/ and validation/ splits")
-            _, problems = check(root)
-            if problems:
+            if problems := [p for split in SPLITS for p in check_split(root / split)]:
                 raise ValueError(f"--data {data} fails its check:\n  " + "\n  ".join(problems))
-            return read_split(root / "training"), read_split(root / "validation")
+            return load_split(root / "training"), load_split(root / "validation")
     except storage.StorageError as err:
         raise ValueError(f"--data {err}") from None
 

@@ -24,7 +24,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from polycolor.colors import CSS_COLORS, RGB, parse_color, to_hex
-from polycolor.data import IMAGE_SIZE, REAL_PALETTE, Split
+from polycolor.data import IMAGE_SIZE, REAL_PALETTE, Split, paint
 
 REAL_SHAPES = ("circle", "diamond", "hexagon", "octagon", "pentagon", "square", "star", "triangle")
 OTHER_SHAPES = ("ngon", "nstar", "convex", "concave", "cross", "ellipse")
@@ -130,9 +130,7 @@ def sample(seed: Sequence[int], size: int = IMAGE_SIZE, colors: Sequence[str] | 
         rgb = parse_color(name, REAL_PALETTE)
     else:
         name, rgb = random_color(rng)
-    target = np.full((size, size, 3), 255, dtype=np.uint8)
-    target[filled] = rgb
-    return kind, ink, target, name
+    return kind, ink, paint(filled, rgb), name
 
 
 def generate(n: int, seed: int | Sequence[int] = 0, size: int = IMAGE_SIZE, colors: Sequence[str] | None = None) -> Split:
@@ -175,7 +173,7 @@ def write_split(split: Split, out: Path) -> None:
     rows = []
     for stem, name, ink, target in zip(split.inputs, split.colors, split.outlines, split.targets):
         output = f"{name.lstrip('#')}_{stem}.png"
-        Image.fromarray(np.where(ink, 0, 255).astype(np.uint8)).convert("RGB").save(out / "inputs" / f"{stem}.png")
+        Image.fromarray(paint(ink)).save(out / "inputs" / f"{stem}.png")
         Image.fromarray(target).save(out / "outputs" / output)
         rows.append({"input_polygon": f"{stem}.png", "colour": name, "output_image": output})
     (out / "data.json").write_text(json.dumps(rows, indent=2))

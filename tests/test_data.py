@@ -36,6 +36,23 @@ def test_check_cli_exit_codes(dataset, tmp_path, capsys):
     assert data.main(["check", str(tmp_path / "nope")]) == 1
 
 
+def test_a_training_run_reads_each_image_of_its_dataset_twice_checking_then_loading(dataset, monkeypatch):
+    from polycolor.runs import read_dataset
+
+    reads: dict[str, int] = {}
+
+    def counted(root, name):
+        reads[f"{root}/{name}"] = reads.get(f"{root}/{name}", 0) + 1
+        return opened(root, name)
+
+    opened = data.open_image
+    monkeypatch.setattr(data, "open_image", counted)
+    train, val = read_dataset(str(dataset))
+    outputs = [f"{dataset / s}/outputs/{r['output_image']}" for s in ("training", "validation") for r in json.loads((dataset / s / "data.json").read_text())]
+    assert {reads[o] for o in outputs} == {2}  # six times each before: checked three times, loaded twice, sized once
+    assert (train.targets == read_split(dataset / "training").targets).all() and val.colors == read_split(dataset / "validation").colors
+
+
 def broken_copy(dataset, tmp_path, edit):
     root = tmp_path / "broken"
     shutil.copytree(dataset / "validation", root / "validation")
