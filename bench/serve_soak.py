@@ -6,8 +6,11 @@
 16-outline requests, and bad requests (unknown colours, corrupt images, malformed JSON, oversized bodies,
 wrong content types). It reports, per minute, requests answered, good requests that failed, bad requests
 that got anything but their 4xx, the p95 latency of good single-outline requests, the RSS, open file
-descriptors and threads of the ingress and model replicas (found through Ray's state API), and the CPU
-seconds each of them, Serve's proxy and the client used that minute.
+descriptors and threads of the ingress and model replicas (found through Ray's state API), the CPU
+seconds each of them, Serve's proxy and the client used that minute (each minute counts exactly sixty
+seconds of answers), and a fixed CPU job's time. At the end, for each process, the CPU milliseconds per
+request in the second minute and the last, by thread: a server that slows down shows it in its own threads,
+a machine that slows down shows it in the client's request loop as well, whose work per request is fixed.
 
 Before the soak, one client alone measures each kind's latency. The p95 budget of a single outline is its
 own latency plus the ``concurrency - 1`` requests ahead of it in the mix's order, each served alone, one by
@@ -27,6 +30,7 @@ import base64
 import io
 import itertools
 import json
+import math
 import time
 from pathlib import Path
 
@@ -89,10 +93,48 @@ def p95_budget(mix: list, latencies: list[float], concurrency: int) -> float:
     return latencies[0] + float(np.percentile(ahead, 95))
 
 
+def probe() -> dict:
+    """The CPU milliseconds a fixed job takes on this thread now: more, in a minute whose processes used the same
+    CPU seconds, means the machine's CPU ran slower (its clock, a busy sibling core), not the server."""
+    a = np.random.default_rng(0).random(1_000_000)
+    start = time.thread_time()
+    for _ in range(20):
+        a = np.sin(a) + 0.5  # elementwise: one thread, this one
+    return {"probe_cpu_ms": (time.thread_time() - start) * 1000}
+
+
 def sample(processes: dict[str, psutil.Process]) -> dict:
-    """Each process's RSS, open descriptors, threads and CPU seconds used so far."""
-    return {name: {"rss_mb": p.memory_info().rss / 2**20, "fds": p.num_fds(), "threads": p.num_threads(), "cpu_s": sum(p.cpu_times()[:2])}
-            for name, p in processes.items()}  # fmt: skip
+    """Each process's RSS, open descriptors, threads and CPU seconds used so far, in all and by thread name."""
+    return {name: {"rss_mb": p.memory_info().rss / 2**20, "fds": p.num_fds(), "threads": p.num_threads(), "cpu_s": sum(p.cpu_times()[:2]),
+                   "thread_cpu_s": thread_cpu(p)} for name, p in processes.items()}  # fmt: skip
+
+
+def thread_cpu(process: psutil.Process) -> dict[str, float]:
+    """CPU seconds used so far by each thread name of ``process`` (threads of one name summed)."""
+    used: dict[str, float] = {}
+    for thread in process.threads():
+        try:
+            name = Path(f"/proc/{process.pid}/task/{thread.id}/comm").read_text().strip()
+        except OSError:  # ended since
+            continue
+        used[name] = used.get(name, 0.0) + thread.user_time + thread.system_time
+    return used
+
+
+def cost_shift(rows: list[dict], processes, top: int = 3) -> str:
+    """Where each process's CPU per request grew from the second minute (the first is warm-up) to the last:
+    the thread names whose CPU milliseconds per request rose most."""
+    def per_request(before: dict, after: dict, name: str) -> dict[str, float]:
+        was, now = before[name]["thread_cpu_s"], after[name]["thread_cpu_s"]
+        return {t: (now[t] - was.get(t, 0.0)) * 1000 / after["answered"] for t in now}
+
+    lines = []
+    for name in processes:
+        first, last = per_request(rows[0], rows[1], name), per_request(rows[-2], rows[-1], name)
+        grown = sorted(last, key=lambda t: last[t] - first.get(t, 0.0), reverse=True)[:top]
+        shown = ", ".join(f"{t} {first.get(t, 0.0):.2f} -> {last[t]:.2f}" for t in grown)
+        lines.append(f"  {name}: {sum(first.values()):.2f} -> {sum(last.values()):.2f} CPU ms per request; most grown: {shown}")
+    return "\n".join(lines)
 
 
 async def soak(url: str, mix: list, minutes: float, concurrency: int, processes: dict[str, psutil.Process]) -> list[dict]:
@@ -101,7 +143,8 @@ async def soak(url: str, mix: list, minutes: float, concurrency: int, processes:
     minutes_done: list[dict] = []
     kinds = itertools.cycle(mix)
     window = {"answered": 0, "good_failed": 0, "bad_not_4xx": 0, "latencies": []}
-    deadline = time.perf_counter() + minutes * 60
+    began = time.perf_counter()
+    deadline = began + minutes * 60
     start_cpu = {n: now["cpu_s"] for n, now in sample(processes).items()}
 
     async def user(client: httpx.AsyncClient):
@@ -122,17 +165,21 @@ async def soak(url: str, mix: list, minutes: float, concurrency: int, processes:
                 window["bad_not_4xx"] += not 400 <= status < 500
 
     async def clock():
-        while time.perf_counter() < deadline:
-            await asyncio.sleep(min(60, max(0.0, deadline - time.perf_counter())))
-            row = {k: window[k] for k in ("answered", "good_failed", "bad_not_4xx")}
+        # Windows end on fixed marks (the last at the deadline), and each is counted before the sampling, so every
+        # full minute counts exactly sixty seconds of answers.
+        for mark in range(1, math.ceil(minutes) + 1):
+            end = min(began + 60 * mark, deadline)
+            await asyncio.sleep(max(0.0, end - time.perf_counter()))
+            row = {k: window[k] for k in ("answered", "good_failed", "bad_not_4xx")} | {"seconds": end - began - 60 * (mark - 1)}
             row["good_single_p95_ms"] = float(np.percentile(window["latencies"], 95) * 1000) if window["latencies"] else None
-            row |= sample(processes)
-            minutes_done.append(row)
             window.update(answered=0, good_failed=0, bad_not_4xx=0, latencies=[])
+            row |= sample(processes) | await asyncio.get_running_loop().run_in_executor(None, probe)  # off the clients' loop
+            minutes_done.append(row)
             used = {n: row[n]["cpu_s"] - (minutes_done[-2][n]["cpu_s"] if len(minutes_done) > 1 else start_cpu[n]) for n in processes}
             replicas = ", ".join(f"{n} {row[n]['rss_mb']:.0f} MB {row[n]['fds']} fds {row[n]['threads']} threads {used[n]:.0f} CPU s" for n in processes)
-            print(f"minute {len(minutes_done):>2}: {row['answered']} answered, good failed {row['good_failed']}, bad not 4xx {row['bad_not_4xx']}, "
-                  f"good p95 {row['good_single_p95_ms'] or 0:.0f} ms; {replicas}", flush=True)  # fmt: skip
+            print(f"minute {len(minutes_done):>2}: {row['answered']} answered in {row['seconds']:.0f} s, good failed {row['good_failed']}, "
+                  f"bad not 4xx {row['bad_not_4xx']}, good p95 {row['good_single_p95_ms'] or 0:.0f} ms; {replicas}; probe {row['probe_cpu_ms']:.0f} CPU ms",
+                  flush=True)  # fmt: skip
 
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
         await asyncio.gather(clock(), *(user(client) for _ in range(concurrency)))
@@ -181,6 +228,8 @@ def main() -> int:
           f"worst p95 {verdict['worst_p95_ms']:.0f} ms (budget {budget_ms:.0f}); "
           f"RSS drift after minute 1: {', '.join(f'{n} {d:.1%}' for n, d in verdict['rss_drift'].items() if d is not None)}; "
           f"fds {verdict['fds_growth']}, threads {verdict['threads_growth']} (last minute vs first): {'held' if held else 'NOT held'}")  # fmt: skip
+    if len(rows) >= 3:
+        print("CPU per request, second minute -> last, by thread:\n" + cost_shift(rows, processes), flush=True)
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_soak.json").write_text(json.dumps({"minutes": rows, "verdict": verdict, "held": held}, indent=2))
