@@ -8,7 +8,7 @@ wrong content types). It reports, per minute, requests answered, good requests t
 that got anything but their 4xx, the p95 latency of good single-outline requests, the RSS, open file
 descriptors and threads of the ingress and model replicas (found through Ray's state API), the CPU
 seconds each of them, Serve's proxy and the client used that minute (each minute counts exactly sixty
-seconds of answers), and a fixed CPU job's time. At the end, for each process, the CPU milliseconds per
+seconds of answers). At the end, for each process, the CPU milliseconds per
 request in the second minute and the last, by thread: a server that slows down shows it in its own threads,
 a machine that slows down shows it in the client's request loop as well, whose work per request is fixed.
 
@@ -93,16 +93,6 @@ def p95_budget(mix: list, latencies: list[float], concurrency: int) -> float:
     return latencies[0] + float(np.percentile(ahead, 95))
 
 
-def probe() -> dict:
-    """The CPU milliseconds a fixed job takes on this thread now: more, in a minute whose processes used the same
-    CPU seconds, means the machine's CPU ran slower (its clock, a busy sibling core), not the server."""
-    a = np.random.default_rng(0).random(1_000_000)
-    start = time.thread_time()
-    for _ in range(20):
-        a = np.sin(a) + 0.5  # elementwise: one thread, this one
-    return {"probe_cpu_ms": (time.thread_time() - start) * 1000}
-
-
 def sample(processes: dict[str, psutil.Process]) -> dict:
     """Each process's RSS, open descriptors, threads and CPU seconds used so far, in all and by thread name."""
     return {name: {"rss_mb": p.memory_info().rss / 2**20, "fds": p.num_fds(), "threads": p.num_threads(), "cpu_s": sum(p.cpu_times()[:2]),
@@ -173,12 +163,12 @@ async def soak(url: str, mix: list, minutes: float, concurrency: int, processes:
             row = {k: window[k] for k in ("answered", "good_failed", "bad_not_4xx")} | {"seconds": end - began - 60 * (mark - 1)}
             row["good_single_p95_ms"] = float(np.percentile(window["latencies"], 95) * 1000) if window["latencies"] else None
             window.update(answered=0, good_failed=0, bad_not_4xx=0, latencies=[])
-            row |= sample(processes) | await asyncio.get_running_loop().run_in_executor(None, probe)  # off the clients' loop
+            row |= sample(processes)
             minutes_done.append(row)
             used = {n: row[n]["cpu_s"] - (minutes_done[-2][n]["cpu_s"] if len(minutes_done) > 1 else start_cpu[n]) for n in processes}
             replicas = ", ".join(f"{n} {row[n]['rss_mb']:.0f} MB {row[n]['fds']} fds {row[n]['threads']} threads {used[n]:.0f} CPU s" for n in processes)
             print(f"minute {len(minutes_done):>2}: {row['answered']} answered in {row['seconds']:.0f} s, good failed {row['good_failed']}, "
-                  f"bad not 4xx {row['bad_not_4xx']}, good p95 {row['good_single_p95_ms'] or 0:.0f} ms; {replicas}; probe {row['probe_cpu_ms']:.0f} CPU ms",
+                  f"bad not 4xx {row['bad_not_4xx']}, good p95 {row['good_single_p95_ms'] or 0:.0f} ms; {replicas}",
                   flush=True)  # fmt: skip
 
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
