@@ -220,7 +220,7 @@ def read_split(split_dir: str | Path, size: int = IMAGE_SIZE) -> Split:
 
 
 def load_split(split_dir: Path, size: int = IMAGE_SIZE) -> Split:
-    """``read_split`` of a split already checked (``check_split``): each image is read once more, not twice."""
+    """``read_split`` without its check, for a split ``check_split`` has passed: each image is read once more."""
     rows = read_rows(split_dir)
     outlines = {name: outline_array(open_image(split_dir, f"inputs/{name}"), size) for name in {r["input_polygon"] for r in rows}}
     return Split(
