@@ -174,7 +174,7 @@ def main() -> int:
         cfg = ServeConfig(checkpoint=args.checkpoint, max_batch_size=batch_size, batch_wait_s=0.01, cpus=args.model_cpus)
         serve.run(application(cfg), name="load", route_prefix="/")
         url = f"http://127.0.0.1:{port}/colorize"
-        replicas = {"ingress": actor_process("ServeReplica:load:Ingress"), "model": actor_process("ServeReplica:load:Colorizer")}
+        replicas = {"ingress": actor_process("ServeReplica:load:Ingress"), "model": actor_process("ServeReplica:load:Model")}
         processes = {"client": psutil.Process(), "proxy": actor_process("ProxyActor")} | replicas
         for concurrency, images in levels:  # warm-up: a pass at every level, so the allocator has seen every batch size
             asyncio.run(load(url, body, concurrency, args.requests, args.seconds, images))

@@ -190,7 +190,7 @@ def main() -> int:
     cfg = ServeConfig(checkpoint=args.checkpoint)
     serve.run(application(cfg), name="soak", route_prefix="/")
     processes = {"client": psutil.Process(), "proxy": actor_process("ProxyActor"),
-                 "ingress": actor_process("ServeReplica:soak:Ingress"), "model": actor_process("ServeReplica:soak:Colorizer")}  # fmt: skip
+                 "ingress": actor_process("ServeReplica:soak:Ingress"), "model": actor_process("ServeReplica:soak:Model")}  # fmt: skip
     url, mix = f"http://127.0.0.1:{port}/colorize", request_mix(int(cfg.max_body_mb * 2**20))
     try:
         latencies = asyncio.run(alone(url, mix))

@@ -32,8 +32,8 @@ import pyarrow.fs as pafs
 import torch
 
 from polycolor import storage
-from polycolor.data import DatasetError, open_image, parse_rows, read_rows, target_array
-from polycolor.predict import encode_png, read_ink
+from polycolor.data import DatasetError, open_image, parse_rows, read_rows
+from polycolor.images import ImageError, encode_png, read_ink, target_array
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 ERRORS = "errors.jsonl"
@@ -61,22 +61,22 @@ def find_source(src: str, colour: str | None) -> Source:
     fs, path = storage.filesystem(src)
     kind = fs.get_file_info(path).type
     if kind == pafs.FileType.NotFound:
-        raise DatasetError(f"--data {src}: nothing there")
+        raise DatasetError(f"--data {storage.redact(src)}: nothing there")
     if kind == pafs.FileType.File:
         if colour:
-            raise DatasetError(f"--data {src}: a list names each row's colour; --color is for a folder of outlines")
+            raise DatasetError(f"--data {storage.redact(src)}: a list names each row's colour; --color is for a folder of outlines")
         return from_list(src, fs, path)
     if fs.get_file_info(f"{path}/data.json").type == pafs.FileType.File:
         if colour:
-            raise DatasetError(f"--data {src}: its data.json names each row's colour; --color is for a folder of outlines")
+            raise DatasetError(f"--data {storage.redact(src)}: its data.json names each row's colour; --color is for a folder of outlines")
         return from_split(src)
     if not colour:
-        raise DatasetError(f"--data {src}: a folder of outlines needs --color (or give a split with data.json, or a CSV/JSON list)")
+        raise DatasetError(f"--data {storage.redact(src)}: a folder of outlines needs --color (or give a split with data.json, or a CSV/JSON list)")
     names = sorted(n for n, kind in storage.listing(src, recursive=True).items()
                    if kind in (pafs.FileType.File, pafs.FileType.Unknown) and n.lower().endswith(IMAGE_SUFFIXES))  # Unknown: a FIFO, named when read
     if not names:
-        raise DatasetError(f"--data {src}: no images there (expected {', '.join(IMAGE_SUFFIXES)})")
-    return Source(src, table(names, [colour] * len(names), [as_png(n) for n in names], where=f"--data {src}"))
+        raise DatasetError(f"--data {storage.redact(src)}: no images there (expected {', '.join(IMAGE_SUFFIXES)})")
+    return Source(src, table(names, [colour] * len(names), [as_png(n) for n in names], where=f"--data {storage.redact(src)}"))
 
 
 def from_split(src: str) -> Source:
@@ -103,10 +103,10 @@ def from_list(src: str, fs: pafs.FileSystem, path: str) -> Source:
         rows = list(csv.DictReader(io.StringIO(text)))
     bad = [f"row {i}" for i, r in enumerate(rows) if not isinstance(r, dict) or not r.get("image") or not (r.get("colour") or r.get("color"))]
     if bad:
-        raise DatasetError(f"{src}: {', '.join(bad[:5])} lack an image or a colour; expected image,colour[,output]")
-    images = [relative_name(r["image"], f"{src} row {i} image") for i, r in enumerate(rows)]
+        raise DatasetError(f"{storage.redact(src)}: {', '.join(bad[:5])} lack an image or a colour; expected image,colour[,output]")
+    images = [relative_name(r["image"], f"{storage.redact(src)} row {i} image") for i, r in enumerate(rows)]
     outputs = [r.get("output") or as_png(image) for r, image in zip(rows, images)]
-    return Source(storage.parent(src), table(images, [r.get("colour") or r["color"] for r in rows], outputs, where=src))
+    return Source(storage.parent(src), table(images, [r.get("colour") or r["color"] for r in rows], outputs, where=storage.redact(src)))
 
 
 def as_png(name: str) -> str:
@@ -147,7 +147,7 @@ def decode(batch: dict, root: str, size: int, targets: bool = False, original_si
                 shapes[i], inks[i] = ink
             if targets:
                 truths[i] = target_array(open_image(root, batch["target"][i]), size)
-        except DatasetError as err:
+        except (DatasetError, ImageError) as err:  # a bad row is a row in errors.jsonl, never a failed job
             errors[i] = str(err)
     out = {k: v for k, v in batch.items() if k != "target"} | {"outline": outlines, "error": np.array(errors, dtype=object)}
     return out | ({"truth": truths} if targets else {}) | ({"shape": shapes, "ink": inks} if original_size else {})
@@ -294,7 +294,7 @@ def colour_all(source: Source, checkpoint: str, image_size: int, dst: str, plan:
     clean_partials(dst, there)
     done_before = np.array([o in there for o in source.rows["output"].to_pylist()], dtype=bool)
     if done_before.any() and not resume:
-        raise DatasetError(f"--out {dst} already holds {int(done_before.sum())} of the outputs; pass --resume to do only the rest, or pick another --out")
+        raise DatasetError(f"--out {storage.redact(dst)} already holds {int(done_before.sum())} of the outputs; pass --resume to do only the rest, or pick another --out")
     summary.skipped = int(done_before.sum())
     todo = Source(source.root, source.rows.filter(pa.array(~done_before)))
     errors = []

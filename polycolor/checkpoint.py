@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -191,12 +192,23 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
     """Load and verify a checkpoint directory or URI; CheckpointError names the file and what is wrong."""
     location = str(path)
     try:
-        with storage.local_copy(location) as local:
-            loaded = load_directory(local, device, shown=location)
+        refuse_a_folder_of_checkpoints(location)
+        with storage.local_copy(location, only=(CONFIG, WEIGHTS)) as local:
+            loaded = load_directory(local, device, shown=storage.redact(location))
     except storage.StorageError as err:
         raise CheckpointError(str(err)) from None
     loaded.path = location
     return loaded
+
+
+def refuse_a_folder_of_checkpoints(location: str) -> None:
+    """CheckpointError when ``location`` is a run's or a search's folder holding checkpoints, not one checkpoint."""
+    if storage.exists(storage.join(location, CONFIG)):
+        return
+    inner = sorted(n for n, kind in storage.listing(location).items() if kind == pafs.FileType.Directory and (n == "best" or n.startswith("checkpoint_")))
+    if inner:
+        shown = storage.redact(location)
+        raise CheckpointError(f"{shown}: a folder of {len(inner)} checkpoints, not a checkpoint; pass one of them, e.g. {storage.join(shown, inner[-1])}")
 
 
 def load_directory(path: Path, device: str | torch.device = "cpu", shown: str | None = None) -> Loaded:

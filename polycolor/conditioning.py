@@ -1,7 +1,7 @@
 """Conditioning modes: each is one class that owns how a colour reaches the UNet.
 
 A mode turns colour strings into its condition tensor (``prepare``), names the vocabulary it needs,
-says what ``/colors`` advertises, and is itself the module the UNet consumes: extra input channels
+says which colours it reads (``reads_lexicons``, ``free_text``), and is itself the module the UNet consumes: extra input channels
 (``concat``) or one vector that FiLM applies in every block (the others). ``paint`` is the colour the
 mask head paints. A new mode is one class here plus its line in ``MODES``.
 
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from polycolor import text as text_encoders
-from polycolor.colors import LEXICONS, RGB, STEPS, check_phrase, normalize_name, parse_color, phrase, read_color, suggestion, to_oklab
+from polycolor.colors import RGB, check_phrase, normalize_name, parse_color, phrase, read_color, suggestion, to_oklab
 
 
 def rgb_of(colours: Sequence[str], palette: Mapping[str, RGB]) -> torch.Tensor:
@@ -37,6 +37,7 @@ class Conditioning(nn.Module):
     extra_channels: ClassVar[int] = 0  # input channels added to the outline's one
     needs_vocabulary: ClassVar[bool] = False  # colours are known by name: an index into ``cfg.vocabulary``
     reads_lexicons: ClassVar[bool] = True  # takes any colour ``parse_color`` reads, not only its vocabulary's
+    free_text: ClassVar[bool] = False  # takes any phrase at all, placing its colour by a text encoder
 
     def __init__(self, cfg):
         super().__init__()
@@ -97,14 +98,6 @@ class Conditioning(nn.Module):
         """(B, 3) the colour the mask head paints, in [0, 1]."""
         return cond.float()
 
-    def advertise(self, palette: Mapping[str, RGB]) -> dict:
-        """What ``GET /colors`` tells a client it may send: any name of the palette and the lexicons, with
-        modifiers and notations (``polycolor.colors``), or only the vocabulary's names."""
-        lexicons = ["palette", *LEXICONS] if self.reads_lexicons else []
-        return {"conditioning": self.name, "palette": {n: list(rgb) for n, rgb in palette.items()}, "vocabulary": list(self.cfg.vocabulary),
-                "any_css_name_or_hex": bool(lexicons), "free_text_phrases": False, "lexicons": lexicons,
-                "modifiers": [*STEPS, "very", "-ish"] if lexicons else [], "notations": ["#hex", "rgb()", "hsl()"] if lexicons else []}  # fmt: skip
-
 
 class Concat(Conditioning):
     name, extra_channels = "concat", 3
@@ -154,7 +147,7 @@ class Embedding(Conditioning):
 
 
 class Text(Conditioning):
-    name, needs_vocabulary = "text", True
+    name, needs_vocabulary, free_text = "text", True, True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -220,8 +213,6 @@ class Text(Conditioning):
     def paint(self, cond):
         return cond[:, -3:].float()
 
-    def advertise(self, palette):
-        return super().advertise(palette) | {"free_text_phrases": True}
 
 
 MODES: dict[str, type[Conditioning]] = {mode.name: mode for mode in (Concat, FiLMRGB, Embedding, Text)}

@@ -12,7 +12,6 @@ Layout (the real data's, and what ``polycolor.synth`` writes)::
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -24,18 +23,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow.fs as pafs
 import torch
-import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from polycolor import storage
 from polycolor.colors import RGB
+from polycolor.images import IMAGE_SIZE, ImageError, Limits, decode, fill_color, outline_array, target_array, to_rgb
 
-IMAGE_SIZE = 128
 SPLITS = ("training", "validation")
 KEYS = ("input_polygon", "colour", "output_image")
-WHITE = (255, 255, 255)
 # The real dataset's palette (its "green" is pure (0, 255, 0)): a fact about that data, what a checkpoint
 # trained on synthetic data records, and what wins over CSS names of the same spelling.
 REAL_PALETTE: dict[str, RGB] = {
@@ -48,93 +45,11 @@ class DatasetError(ValueError):
     """A dataset that cannot be read; the message names the split, row, file and what was expected."""
 
 
-# ---------------------------------------------------------------------------------------------------
-# Images -> arrays. Outlines are "ink" masks (True = outline pixel) so zero padding means background.
+def open_image(root: str | Path, name: str, limits: Limits = Limits()) -> Image.Image:
+    """Return the image ``name`` under the folder or URI ``root``, decoded within ``limits``.
 
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode (RGB, RGBA, L, P, 16-bit, ...) -> 8-bit RGB, transparency composited on white."""
-    if image.mode in ("I", "I;16", "I;16L", "I;16B", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        scale = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
-        gray = np.clip(np.rint(values / scale * 255), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray).convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA", "P", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE + (255,)), rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def ink_mask(image: Image.Image) -> np.ndarray:
-    """(H, W) bool: the ink, at the image's own size. Ink is what is darker than Otsu's threshold between the
-    paper and the ink (so a pencil on grey paper is read as well as black on white), where the two differ by
-    at least 48 grey levels; else, with no clear ink, what is darker than mid-grey."""
-    grey = np.asarray(to_rgb(image).convert("L"))
-    counts = np.bincount(grey.ravel(), minlength=256).astype(np.float64)
-    below, weight = np.cumsum(counts), np.cumsum(counts * np.arange(256))  # pixels, and their grey summed, at or below each level
-    above = below[-1] - below
-    with np.errstate(divide="ignore", invalid="ignore"):
-        dark, light = weight / below, (weight[-1] - weight) / above
-        between = np.nan_to_num(below * above * (light - dark) ** 2)  # Otsu's between-class variance, up to a factor
-    level = int(np.argmax(between))
-    return grey <= level if light[level] - dark[level] >= 48 else grey < 128
-
-
-def outline_array(image: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
-    """(size, size) bool ink mask of ``image`` (``outline_of`` its ``ink_mask``)."""
-    return outline_of(ink_mask(image), size)
-
-
-def letterbox(image: np.ndarray, paper=False) -> tuple[np.ndarray, tuple[slice, slice]]:
-    """An (H, W, ...) ink mask or image centred on a square of ``paper``, and where in that square it lies: the
-    model reads a drawing of any aspect ratio at its own proportions, not squashed."""
-    side = max(image.shape[:2])
-    where = tuple(slice((side - n) // 2, (side - n) // 2 + n) for n in image.shape[:2])
-    square = np.full((side, side, *image.shape[2:]), paper, image.dtype)
-    square[where] = image
-    return square, where
-
-
-def outline_of(ink: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
-    """An (H, W) ink mask at the model's (size, size), letterboxed; downscaling keeps any ink in a cell, so thin
-    outlines survive."""
-    ink = torch.from_numpy(letterbox(ink)[0])[None, None].float()
-    if ink.shape[-2:] != (size, size):
-        if ink.shape[-2] >= size and ink.shape[-1] >= size:
-            ink = F.adaptive_max_pool2d(ink, size)
-        else:
-            ink = F.interpolate(ink, size=(size, size), mode="nearest-exact")
-    return ink[0, 0].numpy() > 0.5
-
-
-def target_array(image: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
-    """(size, size, 3) uint8 RGB, letterboxed on white as its outline is, resized nearest-neighbour so no new
-    colours appear."""
-    rgb = Image.fromarray(letterbox(np.asarray(to_rgb(image)), paper=255)[0])
-    if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.Resampling.NEAREST)
-    return np.asarray(rgb, dtype=np.uint8)
-
-
-def paint(mask: np.ndarray, rgb: RGB = (0, 0, 0)) -> np.ndarray:
-    """(H, W, 3) uint8: an (H, W) ``mask`` in ``rgb`` on white (in black: an ink mask as drawn)."""
-    image = np.full((*mask.shape, 3), 255, np.uint8)
-    image[mask] = rgb
-    return image
-
-
-def fill_color(target: np.ndarray) -> RGB | None:
-    """The most common non-white colour of a (H, W, 3) target, or None for an all-white one."""
-    paint = target.reshape(-1, 3)
-    paint = paint[(paint != 255).any(axis=1)]
-    if len(paint) == 0:
-        return None
-    values, counts = np.unique(paint, axis=0, return_counts=True)
-    return tuple(int(v) for v in values[counts.argmax()])
-
-
-def open_image(root: str | Path, name: str) -> Image.Image:
-    """The image ``name`` under the folder or URI ``root``, loaded; DatasetError naming ``name`` and what is wrong."""
+    DatasetError names ``name`` and what is wrong.
+    """
     fs, base = storage.opened(str(root))
     path = f"{base.rstrip('/')}/{name}"
     if isinstance(fs, pafs.LocalFileSystem) and os.path.exists(path) and not os.path.isfile(path):
@@ -147,13 +62,9 @@ def open_image(root: str | Path, name: str) -> Image.Image:
     except OSError as err:
         raise DatasetError(f"{name}: cannot be read ({' '.join(str(err).split())})") from None
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return image
-    except UnidentifiedImageError:
-        raise DatasetError(f"{name}: not a readable image (no format Pillow reads)") from None
-    except Exception as err:  # Pillow raises many kinds (OSError, SyntaxError, DecompressionBombError, ...) for bad files
-        raise DatasetError(f"{name}: not a readable image ({type(err).__name__}: {err})") from None
+        return decode(data, limits, name)
+    except ImageError as err:
+        raise DatasetError(str(err)) from None
 
 
 # ---------------------------------------------------------------------------------------------------

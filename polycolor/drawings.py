@@ -37,7 +37,8 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from polycolor.colors import RGB, parse_color
-from polycolor.data import REAL_PALETTE, ink_mask, outline_array, paint
+from polycolor.data import REAL_PALETTE
+from polycolor.images import ink_mask, outline_array, paint
 from polycolor.synth import OTHER_SHAPES, REAL_SHAPES, SyntheticDataset, random_color, shape_points
 
 STYLES = ("clean", "antialiased", "ink", "jpeg", "gaps")

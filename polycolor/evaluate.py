@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from polycolor.data import paint
+from polycolor.images import paint
 from polycolor.metrics import per_image, summarize
 
 LARGE = 2000  # pairs above which a split is scored on Ray Data, streamed, not read into memory
@@ -102,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def picked_arrays(colorizer, source, rows: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(outlines, targets, predictions) of a few ``source`` rows, read and coloured here."""
-    from polycolor.data import open_image, outline_array, target_array
+    from polycolor.data import open_image
+    from polycolor.images import outline_array, target_array
 
     picked = source.rows.take(rows).to_pylist()
     outlines = np.stack([outline_array(open_image(source.root, r["image"]), colorizer.image_size) for r in picked])

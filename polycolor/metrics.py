@@ -12,12 +12,16 @@ Images in [0, 1]; the truth's polygon is every non-white pixel and its colour is
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
+from typing import TypeVar
 
 import torch
 
+T = TypeVar("T")
+
 EXACT_TOLERANCE = 16 / 255
 METRICS = ("l1", "mse", "pixel_exact", "iou", "color_error", "inside_r", "inside_g", "inside_b", "true_r", "true_g", "true_b")
-SCORE = "pixel_exact"  # the validation metric that ranks checkpoints (higher is better)
+SCORE = "pixel_exact"  # the validation metric that ranks checkpoints (higher is better), then the lowest l1
 
 
 def polygon(target: torch.Tensor) -> torch.Tensor:
@@ -45,6 +49,19 @@ def per_image(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tenso
         **{f"inside_{c}": inside_rgb[:, i] * 255 for i, c in enumerate("rgb")},
         **{f"true_{c}": true_rgb[:, i] * 255 for i, c in enumerate("rgb")},
     }
+
+
+def rank(metrics: Mapping[str, float]) -> tuple[float, float]:
+    """Return the key that orders checkpoints, best last: validation pixel_exact, then the lowest l1."""
+    return metrics[SCORE], -metrics["l1"]
+
+
+def best(candidates: Iterable[tuple[T, Mapping[str, float]]]) -> tuple[T, Mapping[str, float]] | None:
+    """Return the (checkpoint, metrics) pair of ``candidates`` that ranks best, or None when there is none.
+
+    The one place a best checkpoint is chosen: a run's best (``polycolor.train``) and a search's (``tune.search``).
+    """
+    return max(candidates, key=lambda pair: rank(pair[1]), default=None)
 
 
 def summarize(sums: dict[str, float], count: int) -> dict[str, float]:

@@ -49,6 +49,14 @@ class ModelConfig:
             raise ValueError(f"base_width must be a positive multiple of 8, got {self.base_width}")
         if not self.multipliers or min(self.multipliers) < 1:
             raise ValueError(f"multipliers must be a non-empty tuple of positive integers, got {self.multipliers}")
+        # Upper bounds, checked before anything is allocated: a checkpoint's config.json is input like any other.
+        limits = {"base_width * max(multipliers)": (self.base_width * max(self.multipliers), 1024), "levels": (len(self.multipliers), 6),
+                  "mid blocks": (len(self.mid_dilations), 8), "cond_dim": (self.cond_dim, 4096), "text_dim": (self.text_dim, 8192),
+                  "image_size": (self.image_size, 1024), "vocabulary": (len(self.vocabulary), 100_000)}  # fmt: skip
+        if over := [f"{name} = {value} (at most {most})" for name, (value, most) in limits.items() if value > most]:
+            raise ValueError(f"model config out of bounds: {', '.join(over)}")
+        if min(self.mid_dilations, default=1) < 1 or max(self.mid_dilations, default=1) > self.image_size:
+            raise ValueError(f"mid_dilations must be between 1 and image_size, got {self.mid_dilations}")
         if self.image_size % 2 ** len(self.multipliers):
             raise ValueError(f"image_size {self.image_size} must be divisible by 2**levels = {2 ** len(self.multipliers)}")
 

@@ -1,109 +1,117 @@
-"""Colorizer: load a checkpoint once, colour outlines.
+"""Colorizer: load a checkpoint once, colour outlines; its command line.
 
     python -m polycolor.predict --checkpoint CKPT --image outline.png --color teal --out teal.png
     python -m polycolor.predict --checkpoint CKPT --data SRC --out DST [--resume]   # many, on Ray Data (polycolor.batch)
+
+``Colorizer`` is the one predictor: this command, batch prediction (``polycolor.batch``) and Serve
+(``polycolor.serve``) all colour through it.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from scipy import ndimage
 
-from polycolor import checkpoint
+from polycolor import checkpoint, images
 from polycolor.colors import RGB
-from polycolor.data import fill_color, ink_mask, letterbox, outline_of
 
 
-def read_ink(image: Image.Image, size: int, original: bool) -> tuple[np.ndarray, tuple[tuple[int, int], np.ndarray] | None]:
-    """(the outline at the model's ``size``; with ``original``, the image's ``ink_mask`` at its own size as its
-    (H, W) and one bit a pixel, what an answer at that size needs of it, else None): the ink is read once."""
-    ink = ink_mask(image)
-    return outline_of(ink, size), (ink.shape, np.packbits(ink)) if original else None
+@dataclass(frozen=True)
+class Card:
+    """What a loaded checkpoint can do: its outlines' size, its conditioning mode and palette, the names of a
+    closed vocabulary, whether it reads the colour lexicons (names, modifiers, notations), and whether it
+    takes free text phrases."""
 
-
-def encode_png(rgb: np.ndarray, ink: tuple[tuple[int, int], np.ndarray] | None = None) -> bytes:
-    """PNG bytes of a model's (S, S, 3) answer; at its input's size, with the input's edges (``at_size``), when
-    given that input's packed ink (``read_ink``)."""
-    if ink is not None:
-        (height, width), bits = ink
-        rgb = at_size(rgb, np.unpackbits(bits, count=height * width).reshape(height, width).astype(bool))
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def at_size(rgb: np.ndarray, ink: np.ndarray) -> np.ndarray:
-    """The model's (S, S, 3) answer, to the input letterboxed, at the size of the input whose (H, W) ``ink_mask``
-    is ``ink``, with its edges where the input's are, not on the model's grid: each region of paper the input's
-    ink closes off takes the answer most of it got (when nine tenths agree); ink, and regions whose answer is
-    split (an outline with a gap the model closed), keep the nearest pixel's."""
-    square, where = letterbox(ink)
-    big = np.asarray(Image.fromarray(rgb).resize(square.shape, Image.Resampling.NEAREST))
-    colour = fill_color(big)
-    if big.shape[:2] == rgb.shape[:2] or colour is None:
-        return big[where]
-    regions, count = ndimage.label(~square)
-    votes = ndimage.mean((big != 255).any(axis=2), regions, np.arange(1, count + 1)) if count else np.empty(0)
-    verdict = np.concatenate([[-1], np.where(votes >= 0.9, 1, np.where(votes <= 0.1, 0, -1))])[regions]  # ink: -1, kept
-    out = big.copy()
-    out[verdict == 0] = 255
-    out[verdict == 1] = colour
-    return out[where]
+    location: str
+    image_size: int
+    conditioning: str
+    palette: dict[str, RGB]
+    vocabulary: tuple[str, ...]
+    reads_lexicons: bool
+    free_text: bool
 
 
 class Colorizer:
-    """A loaded model and its palette. ``colorize`` takes any image Pillow reads and a colour string."""
+    """A loaded model and its palette; ``colorize`` takes any image Pillow reads and a colour string."""
 
-    def __init__(self, model: torch.nn.Module, palette: dict[str, RGB], device: str | torch.device = "cpu", batch_size: int | None = None):
+    def __init__(self, model: torch.nn.Module, palette: dict[str, RGB], device: str | torch.device = "cpu",
+                 batch_size: int | None = None, location: str = ""):  # fmt: skip
         self.device = torch.device(device)
         # Small CPU batches keep activations in cache: 8 runs about twice as fast per image as 64 there.
         self.model = model.to(self.device).eval()
         self.palette, self.batch_size = palette, batch_size or (8 if self.device.type == "cpu" else 64)
+        self.location = location
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None) -> Colorizer:
+        """Load the checkpoint at ``path`` (a directory or URI); a text encoder it names is loaded from local
+        files only, never fetched (ValueError otherwise)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         loaded = checkpoint.load(path, device=device)
-        return cls(loaded.model, loaded.palette, device)
+        loaded.model.condition.check_serving(load=False)
+        return cls(loaded.model, loaded.palette, device, location=str(path))
 
     @property
     def image_size(self) -> int:
         return self.model.cfg.image_size
 
+    def card(self) -> Card:
+        """Return what this checkpoint can do (see ``Card``)."""
+        mode = self.model.condition
+        return Card(self.location, self.image_size, mode.name, dict(self.palette), tuple(self.model.cfg.vocabulary),
+                    mode.reads_lexicons, mode.free_text)  # fmt: skip
+
+    def prepare(self) -> None:
+        """Load now whatever the first request would otherwise wait for (a text mode's encoder and lexicon)."""
+        self.model.condition.check_serving(load=True)
+
+    def costly(self, colour: object) -> bool:
+        """Return whether ``colour`` costs more than a name lookup (a text encoder run); False for one refused."""
+        try:
+            return self.model.condition.costly(colour, self.palette)
+        except ValueError:
+            return False
+
     def condition(self, colours: Sequence[str]) -> torch.Tensor:
-        """The conditioning mode's tensor for ``colours`` (CPU); ValueError naming one this checkpoint cannot paint.
-        The ``text`` mode takes any phrase: the model reads the colour from it."""
+        """Return the conditioning mode's tensor for ``colours`` (on the CPU).
+
+        ValueError names a colour this checkpoint cannot paint. The ``text`` mode takes any phrase.
+        """
         return self.model.condition.prepare(colours, self.palette)
 
     @torch.inference_mode()
     def colorize_arrays(self, outlines: np.ndarray, cond: torch.Tensor) -> np.ndarray:
-        """(N, H, W) bool ink at the model's size + N conditions (``condition``) -> (N, H, W, 3) uint8 RGB."""
+        """Colour (N, S, S) bool outlines at the model's size with N conditions; return (N, S, S, 3) uint8 RGB."""
         out = []
         for start in range(0, len(outlines), self.batch_size):
             ink = torch.from_numpy(np.asarray(outlines[start : start + self.batch_size])).float()[:, None].to(self.device)
-            image = self.model(ink, cond[start : start + self.batch_size].to(self.device), hard=True)  # (B, 3, H, W)
+            image = self.model(ink, cond[start : start + self.batch_size].to(self.device), hard=True)  # (B, 3, S, S)
             out.append((image * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
         return np.concatenate(out) if out else np.empty((0, self.image_size, self.image_size, 3), np.uint8)
 
-    def colorize_batch(self, images: Sequence[Image.Image | str | Path], colours: Sequence[str], original_size: bool = False) -> list[Image.Image]:
-        pils = [Image.open(i) if isinstance(i, (str, Path)) else i for i in images]
+    def colorize_batch(self, pictures: Sequence[Image.Image], colours: Sequence[str], original_size: bool = False) -> list[Image.Image]:
+        """Colour each image with its colour: 128x128 RGB, or each input's size with ``original_size``."""
         cond = self.condition(colours)
-        inks = [ink_mask(image) for image in pils]
-        answers = self.colorize_arrays(np.stack([outline_of(ink, self.image_size) for ink in inks]), cond)
-        return [Image.fromarray(at_size(a, ink) if original_size else a) for a, ink in zip(answers, inks)]
+        inks = [images.ink_mask(picture) for picture in pictures]
+        answers = self.colorize_arrays(np.stack([images.outline_of(ink, self.image_size) for ink in inks]), cond)
+        return [Image.fromarray(images.at_size(a, ink) if original_size else a) for a, ink in zip(answers, inks)]
 
-    def colorize(self, image: Image.Image | str | Path, colour: str, original_size: bool = False) -> Image.Image:
-        """The outline filled with ``colour``: 128x128 RGB (the input letterboxed to a square), or the input's size
-        with ``original_size``."""
-        return self.colorize_batch([image], [colour], original_size)[0]
+    def colorize(self, picture: Image.Image | str | Path, colour: str, original_size: bool = False) -> Image.Image:
+        """Return the outline filled with ``colour``: 128x128 RGB (the input letterboxed to a square), or the
+        input's size with ``original_size``. A path is read within ``images.Limits()``."""
+        if isinstance(picture, (str, Path)):
+            try:
+                picture = images.decode(Path(picture).read_bytes())
+            except images.ImageError as err:
+                raise images.ImageError(f"{picture}: {err}") from None
+        return self.colorize_batch([picture], [colour], original_size)[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -111,8 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or URI")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="one outline image (any format Pillow reads)")
-    source.add_argument("--data", help="many, on Ray Data: a split with data.json, a folder or URI of outlines (with --color), "
-                        "or a CSV/JSON list of image,colour[,output]")  # fmt: skip
+    source.add_argument(
+        "--data",
+        help="many, on Ray Data: a split with data.json, a folder or URI of outlines (with --color), "
+        "or a CSV/JSON list of image,colour[,output]",
+    )
     parser.add_argument("--color", "--colour", dest="color", help="colour name, #hex or rgb(r,g,b) (with --image, or a folder of outlines)")
     parser.add_argument("--out", required=True, help="output PNG (with --image), or a folder or URI (with --data)")
     parser.add_argument("--original-size", action="store_true", help="return the input's size, not the model's")

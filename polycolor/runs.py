@@ -6,29 +6,44 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import stat
+import time
+import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
-from polycolor import checkpoint, storage
+import pyarrow.fs as pafs
+
+from polycolor import checkpoint, ray_compat, storage
 from polycolor.config import PRESETS, TrainConfig
 from polycolor.data import SPLITS, Split, check_split, load_split
 
 
 def add_run_flags(parser: argparse.ArgumentParser, noun: str) -> None:
-    """--preset, --smoke-test, --storage and --resume, for a ``noun`` ("run" or "search")."""
+    """Add --preset, --smoke-test, --storage and --resume for a ``noun`` ("run" or "search")."""
     parser.add_argument("--preset", choices=tuple(PRESETS), help="the settings to start from, which flags then change (default: recipe)")
-    parser.add_argument("--smoke-test", dest="preset", action="store_const", const="smoke", help="--preset smoke: a tiny model and data, two epochs")
-    parser.add_argument("--storage", help=f"local path or URI (s3://, gs://, file://) for the {noun}'s checkpoints, results and best/ "
-                        "(default ./runs; ~/ray_results inside a submitted Ray job)")  # fmt: skip
+    parser.add_argument("--smoke-test", action="store_true", help="--preset smoke: a tiny model and data, two epochs")
+    parser.add_argument(
+        "--storage",
+        help=f"local path or URI (s3://, gs://, file://) for the {noun}'s checkpoints, results and best/ (default ./runs; ~/ray_results inside a submitted Ray job)",
+    )
     parser.add_argument("--resume", action="store_true", help=f"continue the {noun} STORAGE/NAME")
+
+
+def preset_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """Return the preset the flags name (recipe by default); a usage error when --smoke-test and another preset are both given."""
+    if args.smoke_test and args.preset not in (None, "smoke"):
+        parser.error(f"--smoke-test is --preset smoke; it cannot be given with --preset {args.preset}")
+    return "smoke" if args.smoke_test else args.preset or "recipe"
 
 
 def check_location(location: str, name: str, resume: bool, noun: str) -> None:
     """ValueError unless ``location`` can be written and holds a ``noun`` called ``name`` exactly when resuming."""
     storage.check_writable(location)
     if storage.exists(storage.join(location, name)) != resume:
-        raise ValueError(f"--resume: no {noun} {name!r} under {location}" if resume else
-                         f"a {noun} {name!r} already exists under {location}; pass --resume to continue it or pick another --name")  # fmt: skip
+        raise ValueError(f"--resume: no {noun} {name!r} under {storage.redact(location)}" if resume else
+                         f"a {noun} {name!r} already exists under {storage.redact(location)}; pass --resume to continue it or pick another --name")  # fmt: skip
 
 
 def check_trusted(location: str, name: str) -> None:
@@ -102,7 +117,7 @@ def newest_complete(location: str, name: str) -> str | None:
     """The newest of run ``name``'s checkpoints that loads whole, with its training state."""
     for found in (storage.join(location, name, c) for c in reversed(storage.checkpoints(location, name))):
         try:
-            with storage.local_copy(found) as local:
+            with storage.local_copy(found, only=(checkpoint.CONFIG, checkpoint.WEIGHTS, checkpoint.TRAIN_STATE)) as local:
                 checkpoint.load_directory(local, shown=found)
                 checkpoint.load_train_state(local, shown=found)
             return found
@@ -112,22 +127,52 @@ def newest_complete(location: str, name: str) -> str | None:
 
 
 def snapshot_path(location: str, name: str) -> str:
-    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
-
-    return storage.join(location, name, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
+    """Return where Ray Train keeps run ``name``'s list of checkpoints (its "snapshot")."""
+    return storage.join(location, name, ray_compat.snapshot_filename())
 
 
 def recover(location: str, name: str) -> str | None:
-    """When Ray Train cannot resume run ``name`` from its checkpoint list (see ``resume_point``), delete the
-    list and return the newest complete checkpoint to resume from (None: from scratch); None when it can."""
+    """Return the checkpoint to resume run ``name`` from when Ray Train cannot use its list (see ``resume_point``),
+    or None when it can.
+
+    Nothing is deleted (C5): the list is moved aside (``.cut-*`` beside it), and when checkpoints exist but none
+    loads whole, the run refuses to start over from epoch 0 rather than train over its history.
+    """
     _, why = resume_point(location, name)
     if why is None:
         return None
-    fs, path = storage.filesystem(snapshot_path(location, name))
-    fs.delete_file(path)
     found = newest_complete(location, name)
-    print(f"[polycolor] run {name}: {why}; resuming from {found or 'scratch, as no complete checkpoint is left'}", flush=True)
+    if found is None and (kept := storage.checkpoints(location, name)):
+        raise ValueError(f"run {name}: {why}, and none of its {len(kept)} checkpoint(s) loads whole with its training state; "
+                         f"refusing to start it over from epoch 0; repair or remove them under {storage.redact(storage.join(location, name))}")
+    snapshot = snapshot_path(location, name)
+    fs, path = storage.filesystem(snapshot)
+    fs.move(path, f"{path}.cut-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+    shown = storage.redact(found) if found else "scratch, as it has no checkpoint"
+    print(f"[polycolor] run {name}: {why}; its checkpoint list is kept aside; resuming from {shown}", flush=True)
     return found
+
+
+def named_checkpoints(location: str, name: str) -> set[str]:
+    """Return the checkpoint directories that any of run ``name``'s lists (its snapshot, and those moved aside
+    by ``recover``) ever named, read even from a list a kill cut off."""
+    folder, snapshot = storage.join(location, name), ray_compat.snapshot_filename()
+    named: set[str] = set()
+    for file in [f for f, kind in storage.listing(folder).items() if kind == pafs.FileType.File and f.startswith(snapshot)]:
+        text = storage.read_bytes(storage.join(folder, file)).decode("utf-8", "replace")
+        named |= set(re.findall(r'"checkpoint_dir_name"\s*:\s*"([^"]+)"', text))
+    return named
+
+
+def prune_unregistered(registered: Iterable[str], location: str, name: str) -> list[str]:
+    """Remove run ``name``'s checkpoint directories that are not ``registered`` (paths or names) and that no list
+    ever named: uploads a killed driver or worker cut short. Return them. History is never pruned (C5)."""
+    kept = {Path(path).name for path in registered} | named_checkpoints(location, name)
+    fs, root = storage.filesystem(storage.join(location, name))
+    orphans = [f"{root}/{base}" for base in storage.checkpoints(location, name) if base not in kept]
+    for path in orphans:
+        fs.delete_dir(path)
+    return orphans
 
 
 def resume_config(location: str, name: str, given: dict, base: TrainConfig) -> TrainConfig:

@@ -1,31 +1,28 @@
 """Ray Serve application of a checkpoint: an HTTP colorize endpoint with batching, limits and clear errors.
 
-Two deployments, each scaling on its own: ``Ingress`` (HTTP, key, parsing, image decoding and PNG encoding, on
-CPUs) calls ``Colorizer`` (the checkpoint, colour parsing and batched model passes, on a GPU with --gpu)
-through a DeploymentHandle.
+Two deployments, each scaling on its own: ``Ingress`` (HTTP: the API key, parsing, image decoding and PNG
+encoding, on CPUs) calls ``Model`` (the checkpoint's Colorizer, colour parsing and batched model passes, on a
+GPU with --gpu) through a DeploymentHandle. The HTTP contract is ``polycolor.api``'s.
 
     python -m polycolor.serve --checkpoint runs/first/best [--host 127.0.0.1] [--port 8000] [--replicas 1|auto|MIN-MAX]
                               [--ingress-replicas 1|auto|MIN-MAX] [--gpu]
     serve run polycolor.serve:build_app checkpoint=runs/first/best
 
-HTTP surface (nothing else; other methods get 405, other paths 404):
+HTTP surface (nothing else; other methods get 405 with Allow, other paths 404):
     POST /colorize   multipart form (image file, color) or JSON {"image": base64, "color": ...} -> image/png;
                      several images (repeated fields, or a JSON list) -> a JSON list of base64 PNGs or per-item errors
-    GET  /colors     palette, conditioning mode, whether any CSS name / hex (or, in text mode, any phrase) works
-    GET  /healthz    200 when a tiny forward pass succeeds
-    GET  /docs       OpenAPI page (its schema at /openapi.json)
+    GET  /colors     palette, conditioning mode, the lexicons, modifiers and notations it reads
+    GET  /healthz    200 when a tiny forward pass succeeds on the model thread
+    GET  /docs       OpenAPI page (its schema at /openapi.json, its assets under /docs/assets)
     GET  /           demo page
-Every client error is a 4xx with a JSON body {"error": "..."} that names the problem.
 """
 
 import argparse
 import asyncio
 import base64
-import binascii
-import hmac
+import functools
 import html
-import io
-import json
+import logging
 import os
 import signal
 import sys
@@ -39,23 +36,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image, UnidentifiedImageError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from polycolor import checkpoint
-from polycolor.colors import LEXICON
+from polycolor import api, checkpoint, images
+from polycolor.api import Authorized, ClientError
+from polycolor.colors import LEXICON, LEXICONS, STEPS
 from polycolor.config import Settings, add_flags, setting
-from polycolor.data import outline_of
-from polycolor.predict import Colorizer, encode_png, read_ink
+from polycolor.predict import Card, Colorizer
 from polycolor.runs import init_ray
 
-ACCEPTED_FORMATS = ("PNG", "JPEG")
 HEALTH_TIMEOUT_S = 10  # a probe queues behind at most the batch in progress (well under a second on CPU)
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass
@@ -75,7 +69,8 @@ class ServeConfig(Settings):
     downscale_delay_s: float = setting(120.0, "autoscaling: how long load must stay low before a replica is removed", lambda v: v >= 0, ">= 0")
     gpu: bool = setting(False, "one GPU per replica")
     max_body_mb: float = setting(10.0, "request body limit in MiB (413 above it)", lambda v: v > 0, "> 0")
-    max_pixels: int = setting(4096 * 4096, "largest accepted image, in pixels (413 above it)", lambda v: v >= 1, ">= 1")
+    max_pixels: int = setting(4096 * 4096, "largest accepted image, in pixels (413 above it, before decoding)", lambda v: v >= 1, ">= 1")
+    max_side: int = setting(4096, "longest accepted image side, in pixels (413 above it, before decoding)", lambda v: v >= 1, ">= 1")
     max_batch_size: int = setting(16, "requests the model runs together", lambda v: v >= 1, ">= 1")
     batch_wait_s: float = setting(0.005, "how long a batch waits to fill", lambda v: v >= 0, ">= 0")
     max_ongoing_requests: int = setting(64, "requests a replica takes at once; more are queued", lambda v: v >= 1, ">= 1")
@@ -139,23 +134,20 @@ class PhraseBudget:
         return tokens >= 1
 
 
-REASONS = {400: "malformed", 401: "unauthorized", 408: "timeout", 413: "too_large", 415: "unsupported_type", 422: "invalid", 429: "rate_limited"}
-
-
-class ClientError(Exception):
-    """A 4xx: its status, the message the client reads, a short reason for the metrics (from the status unless
-    given, as "unknown_colour" is), and the request's field at fault when it is the colour."""
-
-    def __init__(self, status: int, message: str, headers: dict | None = None, reason: str = "", field: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers, self.reason, self.field = status, message, headers, reason or REASONS.get(status, "other"), field
-
-    def body(self) -> dict:
-        """What the client reads: {"error": ...}, with "field": "color" when the colour is at fault."""
-        return {"error": self.message} | ({"field": self.field} if self.field else {})
-
-    def __reduce__(self):  # crosses from the model deployment to the ingress whole
-        return ClientError, (self.status, self.message, self.headers, self.reason, self.field)
+def colors_listing(card: Card) -> dict:
+    """Return what ``GET /colors`` tells a client it may send: any name of the palette and the lexicons, with
+    modifiers and notations, when the checkpoint reads them; else only its vocabulary's names."""
+    lexicons = ["palette", *LEXICONS] if card.reads_lexicons else []
+    return {
+        "conditioning": card.conditioning,
+        "palette": {name: list(rgb) for name, rgb in card.palette.items()},
+        "vocabulary": list(card.vocabulary),
+        "any_css_name_or_hex": bool(lexicons),
+        "free_text_phrases": card.free_text,
+        "lexicons": lexicons,
+        "modifiers": [*STEPS, "very", "-ish"] if lexicons else [],
+        "notations": ["#hex", "rgb()", "hsl()"] if lexicons else [],
+    }
 
 
 class Meters:
@@ -175,147 +167,8 @@ class Meters:
         self.requests.inc(tags={"outcome": f"{status // 100}xx", "reason": reason if 400 <= status < 500 else ""})
 
 
-def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-def refusal(err: ClientError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-
-app = FastAPI(title="polycolor", description="Colour polygon outlines by colour name.", redoc_url=None, swagger_ui_oauth2_redirect_url=None)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    messages = {404: f"no such path {request.url.path!r}; see /docs", 405: f"method {request.method} is not allowed on {request.url.path}"}
-    return error(exc.status_code, messages.get(exc.status_code, str(exc.detail)))
-
-
-@app.exception_handler(RequestValidationError)
-async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return error(422, "request does not match the documented form; see /docs")
-
-
-@app.exception_handler(Exception)
-async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-    return error(500, "internal error; the request was not processed")
-
-
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Bytes -> a loaded PIL image, refusing non-PNG/JPEG, oversized and truncated images before decoding."""
-    if not data:
-        raise ClientError(422, "image is empty; expected a PNG or JPEG file")
-    try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
-    except Image.DecompressionBombError:  # Pillow's own cap, far above ours: refused from the header alone
-        raise ClientError(413, f"image declares more pixels than Pillow will open; the limit is {max_pixels}") from None
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise ClientError(422, "image is not a PNG or JPEG that can be read") from None
-    if image.format not in ACCEPTED_FORMATS:
-        raise ClientError(415, f"image format {image.format} is not accepted; expected PNG or JPEG")
-    width, height = image.size
-    if width * height > max_pixels:
-        raise ClientError(413, f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
-    try:
-        image.load()
-    except (OSError, ValueError, SyntaxError):
-        raise ClientError(422, "image is truncated or corrupt") from None
-    return image
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed ``limit`` (declared or streamed)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ClientError(413, f"body is {declared} bytes; the limit is {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ClientError(413, f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-@dataclass
-class Parsed:
-    """A request's outlines (encoded), one colour each, whether the input's size is wanted, and whether the
-    client sent a list (answered with a JSON list) or one image (answered with a PNG)."""
-
-    images: list[bytes | ClientError]  # an item already refused (not base64) is its error
-    colours: list[object]
-    original: bool
-    many: bool
-
-
-async def parse_request(request: Request, limit: int, max_images: int) -> Parsed:
-    """The outlines, colours and size from a multipart form (``image`` repeated for several) or a JSON body
-    (``image``: base64, or a list of them); ``color`` is one for all or, with several images, one each."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = await read_body(request, limit)
-    if content_type == "application/json":
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ClientError(400, "body is not valid JSON") from None
-        except RecursionError:  # json nests in Python's stack: thousands of brackets exhaust it
-            raise ClientError(400, "body is JSON nested too deeply") from None
-        if not isinstance(payload, dict):
-            raise ClientError(422, 'JSON body must be an object {"image": "<base64>" or ["<base64>", ...], "color": "..."}')
-        encoded, many = payload.get("image"), isinstance(payload.get("image"), list)
-        encoded = encoded if many else [encoded]
-        if not encoded or not all(isinstance(e, str) for e in encoded):
-            raise ClientError(422, 'field "image" is missing, or not a base64 string or a list of them')
-        check_count(len(encoded), max_images)
-        images = [base64_image(item) for item in encoded]  # a bad item fails alone when there are several
-        if not many and isinstance(images[0], ClientError):
-            raise images[0]
-        colour = payload.get("color", payload.get("colour"))
-        colours = colour if many and isinstance(colour, list) else [colour]
-        size = payload.get("size", "model")
-    elif content_type == "multipart/form-data":
-        request._body = body  # let Starlette parse what was already read under the limit
-        try:
-            form = await request.form(max_files=max_images + 1, max_fields=max_images + 8)
-        except Exception as err:  # python-multipart raises several types for malformed bodies
-            if "Too many files" in str(err):
-                raise ClientError(413, f"more than {max_images} images in one request; the limit is {max_images}") from None
-            raise ClientError(400, "body is not a valid multipart form") from None
-        uploads = form.getlist("image")
-        if not uploads or any(isinstance(u, str) for u in uploads):
-            raise ClientError(422, 'form field "image" is missing or not a file')
-        check_count(len(uploads), max_images)
-        images, many = [await u.read() for u in uploads], len(uploads) > 1
-        colours = form.getlist("color") or form.getlist("colour") or [None]
-        size = form.get("size", "model")
-        await form.close()  # the images are in ``images`` now: the uploads' files and the raw body are let go
-        request._body = b""
-    else:
-        raise ClientError(415, f"content type {content_type or 'none'!r} is not accepted; send multipart/form-data or application/json")
-    if colours == [None]:
-        raise ClientError(422, 'field "color" is missing; expected a name, #hex or rgb(r, g, b)', field="color")
-    if len(colours) not in (1, len(images)):
-        raise ClientError(422, f'{len(images)} images and {len(colours)} colours; send one colour for all, or one per image')
-    if size not in ("model", "original"):
-        raise ClientError(422, f'field "size" must be "model" or "original", got {str(size)[:20]!r}')
-    return Parsed(images, colours * len(images) if len(colours) == 1 else colours, size == "original", many)
-
-
-def base64_image(encoded: str) -> bytes | ClientError:
-    try:
-        return base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        return ClientError(400, 'field "image" is not valid base64')
-
-
-def check_count(count: int, max_images: int) -> None:
-    if count > max_images:
-        raise ClientError(413, f"{count} images in one request; the limit is {max_images}")
-
-
 def demo_page(public: bool) -> str:
-    """The demo (static/demo.html): draw outlines, pick a colour, see them filled."""
+    """Return the demo page (static/demo.html): draw outlines, pick a colour, see them filled."""
     # Completions: the public lexicons' names, when the checkpoint reads them (``public``). Its own palette or
     # vocabulary is what /colors (behind the API key) tells; the page adds those once it may ask.
     names = "".join(f'<option value="{html.escape(n)}">' for n in sorted({name for name, _ in LEXICON.values()})) if public else ""
@@ -325,36 +178,20 @@ def demo_page(public: bool) -> str:
 DEMO_HTML = Path(__file__).with_name("static") / "demo.html"
 
 
-def authorized(request: Request) -> bool:
-    key = os.environ.get("POLYCOLOR_API_KEY")
-    given = request.headers.get("authorization", "")
-    return not key or hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
-
-
-def fitted(outline: np.ndarray, size: int) -> np.ndarray:
-    """``outline`` at ``size`` (already so, unless the ingress decoded it for a checkpoint swapped out since)."""
-    return outline if outline.shape[-1] == size else outline_of(outline, size)
-
-
 @dataclass(frozen=True)
 class Served:
     """One checkpoint as a model replica serves it; swapped whole, so a batch sees one checkpoint throughout."""
 
-    location: str
     colorizer: Colorizer
+    card: Card
     probe: torch.Tensor  # a condition for health probes
 
     @classmethod
     def load(cls, location: str, device: str) -> "Served":
         colorizer = Colorizer.from_checkpoint(location, device=device)
-        colorizer.model.condition.check_serving(load=True)  # a text encoder loads now, not on the first new phrase
-        probe = colorizer.condition([next(iter(colorizer.model.cfg.vocabulary), "red")])
-        return cls(location, colorizer, probe)
-
-    def card(self) -> dict:
-        """What the ingress needs to know of this checkpoint: where it is from, its outlines' size, /colors."""
-        colorizer = self.colorizer
-        return {"location": self.location, "image_size": colorizer.image_size, "colors": colorizer.model.condition.advertise(colorizer.palette)}
+        colorizer.prepare()  # a text encoder loads now, not on the first new phrase
+        card = colorizer.card()
+        return cls(colorizer, card, colorizer.condition([next(iter(card.vocabulary), "red")]))
 
 
 @dataclass
@@ -362,7 +199,7 @@ class Job:
     """One request's outlines, at the model's size, with a colour each, and its client (for the phrase budget)."""
 
     outlines: np.ndarray  # (N, S, S) bool
-    colours: list[object]
+    colours: list[str]
     client: str
 
 
@@ -375,49 +212,62 @@ class Painted:
     location: str
 
 
-@serve.deployment(name="Colorizer", health_check_period_s=10, health_check_timeout_s=30)
+@serve.deployment(name="Model", health_check_period_s=10, health_check_timeout_s=30)
 class Model:
-    """The model deployment: holds the checkpoint, turns colours into conditions and colours batches of outlines
-    on one model thread (on a GPU with ``gpu``). It never sees an encoded image: that is the ingress's work."""
+    """The model deployment: holds the checkpoint's Colorizer, turns colours into conditions and colours batches of
+    outlines on one model thread (on a GPU with ``gpu``). It never sees an encoded image: that is the ingress's work."""
 
     def __init__(self, config: dict):
         self.cfg = ServeConfig(**config)
         self.device = "cuda" if self.cfg.gpu else "cpu"
         # The checkpoint comes in config, or in the deployment's user_config (build_app's way: see reconfigure).
         self.served = Served.load(self.cfg.checkpoint, self.device) if self.cfg.checkpoint else None
+        self.swap_error: str | None = None  # why the last checkpoint swap was refused, for /healthz
         self.paint_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.paint_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
         self.batch_sizes: list[int] = []  # outlines in recent batches, for /healthz and the tests
         # One model thread: serve.batch runs one batch at a time, and the event loop stays free for calls.
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.budget = PhraseBudget(self.cfg.max_new_phrases_per_s)  # used on the model thread only
-        self.meters = Meters()
+        self.meters = meters()
 
     async def reconfigure(self, user_config: dict) -> None:
-        """Serve calls this before the replica takes requests and whenever the deployment's ``user_config``
-        changes (a redeploy naming another checkpoint): the new one loads beside the old, off the event loop,
-        and is swapped in whole. A batch already started finishes on the checkpoint it started with."""
+        """Load the checkpoint ``user_config`` names beside the one serving, off the event loop, and swap it in whole.
+
+        Serve calls this before the replica takes requests and whenever the deployment's ``user_config`` changes
+        (a redeploy naming another checkpoint). A batch already started finishes on the checkpoint it started with.
+        A checkpoint that does not load is refused (C5): the old one keeps serving, and /healthz says why.
+        """
         location = str(user_config.get("checkpoint", ""))
-        if not location or (self.served and self.served.location == location):
+        if not location or (self.served and self.served.card.location == location):
             return
-        self.served = await asyncio.get_running_loop().run_in_executor(None, Served.load, location, self.device)
+        try:
+            self.served = await asyncio.get_running_loop().run_in_executor(None, Served.load, location, self.device)
+            self.swap_error = None
+        except (checkpoint.CheckpointError, ImportError, ValueError, OSError) as err:
+            if self.served is None:
+                raise  # nothing to keep serving: the replica fails to start, naming the file
+            self.swap_error = f"checkpoint {location} was refused, {self.served.card.location} still serves: {err}"
+            logger.error(self.swap_error)
 
     def current(self) -> Served:
         if self.served is None:
-            raise RuntimeError("no checkpoint: give checkpoint= in the app's args or in its Colorizer deployment's user_config")
+            raise RuntimeError("no checkpoint: give checkpoint= in the app's args or in its Model deployment's user_config")
         return self.served
 
-    async def card(self) -> dict:
-        return self.current().card()
+    async def card(self) -> Card:
+        return self.current().card
 
     async def paint(self, job: Job) -> Painted:
         return await self.paint_batch(job)
 
     @serve.batch(max_batch_size=DEFAULTS.max_batch_size, batch_wait_timeout_s=DEFAULTS.batch_wait_s)
     async def paint_batch(self, jobs: list[Job]) -> list[Painted]:
-        """The requests that arrived together, coloured in one pass on the model thread. The Colorizer runs it in
-        chunks of its own batch size (8 on CPU): faster per image than whole large batches, and the allocator
-        sees at most eight tensor sizes, so memory stays flat under load."""
+        """Colour the requests that arrived together in one pass on the model thread.
+
+        The Colorizer runs it in chunks of its own batch size (8 on CPU): faster per image than whole large
+        batches, and the allocator sees at most eight tensor sizes, so memory stays flat under load.
+        """
         served = self.current()
         outlines = sum(len(job.colours) for job in jobs)
         self.batch_sizes = (self.batch_sizes + [outlines])[-100:]
@@ -428,48 +278,69 @@ class Model:
         return painted
 
     def paint_jobs(self, served: Served, jobs: list[Job]) -> list[Painted]:
-        """On the model thread: each colour's condition or the error refusing it, then one pass over every outline
-        whose colour was accepted; each condition in ``answers`` is replaced by its image."""
-        colorizer = served.colorizer
+        """Colour every outline whose colour is accepted, in one pass; on the model thread.
+
+        Each colour becomes its condition or the ClientError refusing it; each accepted condition in ``answers``
+        is then replaced by its image.
+        """
+        colorizer, size = served.colorizer, served.card.image_size
         answers = [[self.condition(colorizer, colour, job.client) for colour in job.colours] for job in jobs]
-        accepted = [(answer, i, fitted(outline, colorizer.image_size))
-                    for job, answer in zip(jobs, answers) for i, outline in enumerate(job.outlines) if not isinstance(answer[i], ClientError)]  # fmt: skip
+        accepted = [
+            (answer, i, fitted(outline, size))
+            for job, answer in zip(jobs, answers)
+            for i, outline in enumerate(job.outlines)
+            if not isinstance(answer[i], ClientError)
+        ]
         if accepted:
             outlines, conds = np.stack([o for _, _, o in accepted]), torch.stack([answer[i] for answer, i, _ in accepted])
             for (answer, i, _), image in zip(accepted, colorizer.colorize_arrays(outlines, conds)):
                 answer[i] = image
-        return [Painted(answer, served.location) for answer in answers]
+        return [Painted(answer, served.card.location) for answer in answers]
 
-    def condition(self, colorizer: Colorizer, colour: object, client: str) -> torch.Tensor | ClientError:
-        """The colour's condition, or the ClientError that refuses it: the colour is parsed here, once."""
-        if self.over_budget(colorizer, colour, client):
-            return ClientError(429, f"more than {self.cfg.max_new_phrases_per_s:g} new phrases a second from this client; "
-                                    "retry in a second, or send names the lexicons know (see /colors)", {"Retry-After": "1"}, field="color")  # fmt: skip
+    def condition(self, colorizer: Colorizer, colour: str, client: str) -> torch.Tensor | ClientError:
+        """Return the colour's condition, or the ClientError that refuses it: the colour is parsed here, once."""
+        if colorizer.costly(colour) and not self.budget.take(client):
+            message = (f"more than {self.cfg.max_new_phrases_per_s:g} new phrases a second from this client; "
+                       "retry in a second, or send names the lexicons know (see /colors)")  # fmt: skip
+            return ClientError(429, message, {"Retry-After": "1"}, field="color")
         try:
             return colorizer.condition([colour])[0]
         except ValueError as err:
             self.meters.unknown_colours.inc()
             return ClientError(422, str(err), reason="unknown_colour", field="color")
 
-    def over_budget(self, colorizer: Colorizer, colour: object, client: str) -> bool:
-        try:
-            costly = colorizer.model.condition.costly(colour, colorizer.palette)
-        except ValueError:
-            return False  # refused with the others
-        return costly and not self.budget.take(client)
+    async def check_health(self) -> dict:
+        """Run a tiny forward pass on the model thread, the path requests take, and return the replica's state.
 
-    async def check_health(self) -> list[int]:
-        """A tiny forward pass on the model thread, the path requests take: a wedged thread fails the check
-        (Serve then replaces the replica), where a pass on the event loop would have passed. For /healthz, the
-        outlines in recent batches."""
+        A wedged thread fails the check (Serve then replaces the replica), where a pass on the event loop would
+        have passed. The state: the checkpoint serving, outlines in recent batches, a refused swap's reason.
+        """
         served = self.current()
-        blank = np.zeros((1, served.colorizer.image_size, served.colorizer.image_size), bool)
-        probe = self.model_thread.submit(served.colorizer.colorize_arrays, blank, served.probe)
+        size = served.card.image_size
+        probe = self.model_thread.submit(served.colorizer.colorize_arrays, np.zeros((1, size, size), bool), served.probe)
         try:
             await asyncio.wait_for(asyncio.wrap_future(probe), HEALTH_TIMEOUT_S)
         except TimeoutError:
             raise RuntimeError(f"the model thread did not answer a health probe within {HEALTH_TIMEOUT_S} s") from None
-        return self.batch_sizes[-20:]
+        return {"checkpoint": served.card.location, "recent_batch_sizes": self.batch_sizes[-20:], "swap_error": self.swap_error}
+
+
+def fitted(outline: np.ndarray, size: int) -> np.ndarray:
+    """Return ``outline`` at ``size`` (already so, unless the ingress decoded it for a checkpoint swapped out since)."""
+    return outline if outline.shape[-1] == size else images.outline_of(outline, size)
+
+
+def refusal(err: ClientError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+@functools.cache
+def meters() -> Meters:
+    """The metrics of this replica's process (one replica per process), shared by its routes and error handlers."""
+    return Meters()
+
+
+app = api.make_app(on_refusal=lambda err: meters().answered(err.status, err.reason))
 
 
 @serve.deployment(name="Ingress")
@@ -482,38 +353,42 @@ class Ingress:
         self.cfg = ServeConfig(**config)
         self.model = model
         self.limit = int(self.cfg.max_body_mb * 1024 * 1024)
+        self.limits = images.Limits(self.cfg.max_pixels, self.cfg.max_side, formats=("PNG", "JPEG"))
         # One codec thread: the event loop never decodes or encodes, and one full-size image is held at a time.
         self.codec_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codec")
-        self.meters = Meters()
-        self.known: dict | None = None  # the model's card (see Served.card), fetched again after a swap
+        self.meters = meters()
+        self.known: Card | None = None  # the model's card, fetched again after a swap
         self.pages: dict[bool, str] = {}  # the demo page, with or without the public lexicons' names
 
-    async def card(self) -> dict:
+    async def card(self) -> Card:
         if self.known is None:
             self.known = await self.model.card.remote()
         return self.known
 
-    def decode(self, data: bytes, size: int, original: bool) -> tuple[tuple[tuple[int, int], np.ndarray] | None, np.ndarray]:
-        """(with ``original``, the image's ink at its own size, as its (H, W) and packed bits; the outline at the
-        model's size): all a request keeps of its image."""
+    def decode(self, data: bytes, size: int, original: bool) -> tuple[images.PackedInk | None, np.ndarray]:
+        """Return all a request keeps of its image: with ``original``, its ink at its own size (packed), and
+        its outline at the model's size."""
         started = time.perf_counter()
-        outline, ink = read_ink(decode_image(data, self.cfg.max_pixels), size, original)
+        try:
+            outline, ink = images.read_ink(images.decode(data, self.limits), size, original)
+        except images.ImageTooLarge as err:
+            raise ClientError(413, str(err)) from None
+        except images.UnsupportedFormat as err:
+            raise ClientError(415, str(err)) from None
+        except images.ImageError as err:
+            raise ClientError(422, str(err)) from None
         self.meters.decode_latency.observe(time.perf_counter() - started)
         return ink, outline
 
-    @app.post("/colorize", response_class=Response, responses={200: {"content": {"image/png": {}, "application/json": {}}}})
-    async def colorize(self, request: Request) -> Response:
-        """Multipart `image` (PNG/JPEG) + `color`, or JSON {"image": base64, "color": ...}; optional `size=original`.
-        Several images (repeated `image` fields, or a JSON list) get a JSON list, in order, of {"image": base64 PNG}
-        or, for an item that cannot be done, {"error": ..., "status": ...}."""
-        if not authorized(request):
-            self.meters.answered(401, REASONS[401])
-            return error(401, "missing or wrong API key; send Authorization: Bearer <key>")
-        try:
-            parsed = await parse_request(request, self.limit, self.cfg.max_images_per_request)
-        except ClientError as err:
-            self.meters.answered(err.status, err.reason)
-            return refusal(err)
+    @app.post("/colorize", response_class=Response, openapi_extra=api.COLORIZE_OPENAPI, responses=api.colorize_responses())
+    async def colorize(self, request: Request, _: Authorized) -> Response:
+        """Colour outlines: multipart `image` (PNG or JPEG) + `color`, or JSON {"image": base64, "color": ...}.
+
+        Optional `size=original` answers at the input's size. Several images (repeated `image` fields, or a JSON
+        list) get a JSON list, in order, of {"image": base64 PNG} or, for an item that cannot be done,
+        {"error": ..., "status": ...}.
+        """
+        parsed = await api.parse_colorize(request, self.limit, self.cfg.max_images_per_request)
         try:
             answers = await self.colorize_all(parsed, request.client.host if request.client else "unknown")
         except Exception:
@@ -527,81 +402,85 @@ class Ingress:
             return Response(answer, media_type="image/png") if isinstance(answer, bytes) else refusal(answer)
         return JSONResponse([{"image": base64.b64encode(a).decode()} if isinstance(a, bytes) else a.body() | {"status": a.status} for a in answers])
 
-    async def colorize_all(self, parsed: Parsed, client: str) -> list[bytes | ClientError]:
-        """Each outline as PNG bytes, or the ClientError that refuses it (the others go on): decoded one at a
+    async def colorize_all(self, parsed: api.Parsed, client: str) -> list[bytes | ClientError]:
+        """Return each outline as PNG bytes, or the ClientError that refuses it (the others go on): decoded one at a
         time, each body dropped once decoded, then coloured in one call to the model."""
         loop, card = asyncio.get_running_loop(), await self.card()
         answers: list = []
         for i, data in enumerate(parsed.images):
             parsed.images[i] = None
             try:
-                answers.append(data if isinstance(data, ClientError) else
-                               await loop.run_in_executor(self.codec_thread, self.decode, data, card["image_size"], parsed.original))  # fmt: skip
+                decoded = data if isinstance(data, ClientError) else await loop.run_in_executor(self.codec_thread, self.decode, data, card.image_size, parsed.original)
+                answers.append(decoded)
             except ClientError as err:
                 answers.append(err)
         todo = [i for i, answer in enumerate(answers) if not isinstance(answer, ClientError)]
         if todo:
             job = Job(np.stack([answers[i][1] for i in todo]), [parsed.colours[i] for i in todo], client)
             painted = await self.model.paint.remote(job)
-            if painted.location != card["location"]:
+            if painted.location != card.location:
                 self.known = None  # another checkpoint now: its card is fetched for the next request
             for i, image in zip(todo, painted.images):
-                answers[i] = image if isinstance(image, ClientError) else await loop.run_in_executor(self.codec_thread, encode_png, image, answers[i][0])
+                answers[i] = image if isinstance(image, ClientError) else await loop.run_in_executor(self.codec_thread, images.encode_png, image, answers[i][0])
         return answers
 
-    @app.get("/colors")
-    async def colors(self, request: Request) -> JSONResponse:
-        if not authorized(request):
-            return error(401, "missing or wrong API key; send Authorization: Bearer <key>")
+    @app.get("/colors", responses=api.error_responses(401))
+    async def colors(self, _: Authorized) -> JSONResponse:
+        """The checkpoint's palette and conditioning mode, and the lexicons, modifiers and notations it reads."""
         self.known = None  # asked each time: /colors describes the checkpoint serving now
-        return JSONResponse((await self.card())["colors"])
+        return JSONResponse(colors_listing(await self.card()))
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=api.error_responses(503))
     async def healthz(self) -> JSONResponse:
+        """200 when a tiny forward pass answers on the model thread; with the checkpoint serving and a refused swap."""
         try:
-            sizes = await asyncio.wait_for(self.model.check_health.remote(), HEALTH_TIMEOUT_S + 5)
+            state = await asyncio.wait_for(self.model.check_health.remote(), HEALTH_TIMEOUT_S + 5)
         except Exception as err:
-            return error(503, f"the model is not healthy: {getattr(err, 'cause', None) or type(err).__name__}")
-        return JSONResponse({"status": "ok", "recent_batch_sizes": sizes})
+            return api.error(503, f"the model is not healthy: {getattr(err, 'cause', None) or type(err).__name__}")
+        return JSONResponse({"status": "ok"} | state)
 
     @app.get("/", response_class=HTMLResponse)
     async def index(self) -> HTMLResponse:
-        public = bool((await self.card())["colors"]["lexicons"])
+        """The demo page: draw outlines, pick a colour, see them filled."""
+        public = (await self.card()).reads_lexicons
         if public not in self.pages:
             self.pages[public] = demo_page(public)
         return HTMLResponse(self.pages[public])
 
 
 def application(cfg: ServeConfig, model=Model, model_options: dict | None = None, ingress_options: dict | None = None):
-    """The two deployments bound together: the ingress, and the model deployment it calls. ``*_options`` go
-    over the defaults (``ray_actor_options`` key by key); tests use them for faults and resources."""
+    """Bind the two deployments: the ingress, and the model deployment it calls.
+
+    ``*_options`` go over the defaults (``ray_actor_options`` key by key); tests use them for faults and resources.
+    """
 
     def merged(defaults: dict, given: dict | None) -> dict:
         given = dict(given or {})
         return defaults | given | {"ray_actor_options": defaults["ray_actor_options"] | given.get("ray_actor_options", {})}
 
     model_defaults = {"max_ongoing_requests": cfg.max_ongoing_requests, **replica_options(cfg.replicas, cfg),
-                      "ray_actor_options": {"num_cpus": cfg.cpus, "num_gpus": 1 if cfg.gpu else 0}}
+                      "ray_actor_options": {"num_cpus": cfg.cpus, "num_gpus": 1 if cfg.gpu else 0}}  # fmt: skip
     ingress_defaults = {"max_ongoing_requests": cfg.max_ongoing_requests, "max_queued_requests": cfg.max_queued_requests,
-                        **replica_options(cfg.ingress_replicas, cfg), "ray_actor_options": {"num_cpus": cfg.ingress_cpus}}
+                        **replica_options(cfg.ingress_replicas, cfg), "ray_actor_options": {"num_cpus": cfg.ingress_cpus}}  # fmt: skip
     config = asdict(cfg)
     painter = model.options(**merged(model_defaults, model_options)).bind(config)
     return Ingress.options(**merged(ingress_defaults, ingress_options)).bind(config, painter)
 
 
 def build_app(args: dict):
-    """The one application builder: `serve run polycolor.serve:build_app checkpoint=...`, config files, main().
+    """Build the application: `serve run polycolor.serve:build_app checkpoint=...`, config files and main() all use it.
 
-    The checkpoint reaches the model's replicas as its deployment's ``user_config`` (``reconfigure``), never as their
-    arguments. In a Serve config file put it there (``deployments: [{name: Colorizer, user_config:
+    The checkpoint reaches the model's replicas as its deployment's ``user_config`` (``reconfigure``), never as
+    their arguments. In a Serve config file put it there (``deployments: [{name: Model, user_config:
     {checkpoint: ...}}]``): a changed ``args`` rebuilds the app and replaces its replicas, a changed
-    ``user_config`` swaps the checkpoint into the running ones."""
+    ``user_config`` swaps the checkpoint into the running ones.
+    """
     cfg = ServeConfig.from_args(dict(args))
     if not cfg.checkpoint:
         return application(cfg)
     # Fail start-up here, naming the file (or the missing extra), not in every replica; a half-written
     # checkpoint in a bucket fails its hash check here too.
-    checkpoint.load(cfg.checkpoint).model.condition.check_serving(load=False)
+    Colorizer.from_checkpoint(cfg.checkpoint, device="cpu")
     return application(replace(cfg, checkpoint=""), model_options={"user_config": {"checkpoint": cfg.checkpoint}})
 
 

@@ -14,6 +14,7 @@ import uuid
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow
 import pyarrow.fs as pafs
@@ -31,6 +32,20 @@ def default() -> str:
 
 def is_uri(location: str) -> bool:
     return "://" in location
+
+
+SECRETS = ("access_key", "secret_key", "session_token")  # pyarrow's S3 URI options that carry credentials
+
+
+def redact(location: str) -> str:
+    """Return ``location`` fit to print: a URI's user and password, and credentials in its query, as ``***``."""
+    if not is_uri(location):
+        return location
+    parts = urlsplit(location)
+    netloc = f"***@{parts.netloc.rsplit('@', 1)[1]}" if "@" in parts.netloc else parts.netloc
+    query = "&".join(f"{k}=***" if k.lower() in SECRETS else f"{k}={v}" if v or "=" in pair else k
+                     for pair in parts.query.split("&") if pair for k, _, v in [pair.partition("=")])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def resolve(location: str) -> str:
@@ -51,6 +66,16 @@ def parent(location: str) -> str:
     return f"{folder}?{query}" if query else folder
 
 
+def redact_text(text: str, location: str) -> str:
+    """Return ``text`` (an error pyarrow raised about ``location``) with the location's secrets replaced."""
+    parts = urlsplit(location) if is_uri(location) else None
+    secrets = [p.partition("=")[2] for p in (parts.query.split("&") if parts else []) if p.partition("=")[0].lower() in SECRETS]
+    secrets += [parts.password, parts.username] if parts and parts.password else []
+    for secret in filter(None, secrets):
+        text = text.replace(secret, "***")
+    return text
+
+
 def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it); StorageError naming the location when pyarrow cannot make one."""
     if not is_uri(location):  # a local path as it is: a URI would not take a space or a '#' in it
@@ -58,7 +83,7 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     try:
         return pafs.FileSystem.from_uri(location)
     except (pyarrow.ArrowException, OSError, ValueError) as err:  # pyarrow raises ArrowInvalid (a ValueError) for bad URIs
-        raise StorageError(f"{location}: not a usable storage location ({err})") from None
+        raise StorageError(f"{redact(location)}: not a usable storage location ({redact_text(str(err), location)})") from None
 
 
 def opened(location: str) -> tuple[pafs.FileSystem, str]:
@@ -86,7 +111,7 @@ def check_writable(location: str) -> None:
         fs.delete_file(marker)
     except (OSError, pyarrow.ArrowException) as err:
         cause = " ".join(str(err).split())
-        raise StorageError(f"{location}: cannot write there ({cause})") from None
+        raise StorageError(f"{redact(location)}: cannot write there ({redact_text(cause, location)})") from None
 
 
 def read_bytes(location: str) -> bytes:
@@ -105,17 +130,23 @@ def upload(files: list[Path], location: str) -> None:
 
 
 @contextmanager
-def local_copy(location: str):
-    """A local directory with the files at ``location``: the location itself when it is local, otherwise a
-    temporary copy, deleted on exit."""
+def local_copy(location: str, only: tuple[str, ...] = ()):
+    """Yield a local directory with the files at ``location``: the location itself when it is local, otherwise a
+    temporary copy, deleted on exit. With ``only``, just those files of the folder are copied (those that exist),
+    never what else lies there: a checkpoint is a few files, a run folder may hold hundreds of them."""
     if not is_uri(location) or location.startswith("file://"):
         yield Path(location.removeprefix("file://"))
         return
     fs, path = filesystem(location)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        raise StorageError(f"{location}: nothing there")
+        raise StorageError(f"{redact(location)}: nothing there")
     with tempfile.TemporaryDirectory(prefix="polycolor-") as tmp:
-        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        if only:
+            for info in fs.get_file_info([f"{path.rstrip('/')}/{name}" for name in only]):
+                if info.type == pafs.FileType.File:
+                    pafs.copy_files(info.path, f"{tmp}/{info.base_name}", source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        else:
+            pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         yield Path(tmp)
 
 
@@ -129,13 +160,3 @@ def listing(location: str, recursive: bool = False) -> dict[str, pafs.FileType]:
 def checkpoints(location: str, name: str) -> list[str]:
     """The names of the run's checkpoint_* directories, oldest first (Ray names them by time)."""
     return sorted(n for n, kind in listing(join(location, name)).items() if kind == pafs.FileType.Directory and n.startswith("checkpoint_"))
-
-
-def prune_orphans(result, location: str, name: str) -> list[str]:
-    """Remove checkpoint_* directories that Ray never registered (left by a driver killed mid-upload)."""
-    kept = {Path(c.path).name for c, _ in result.best_checkpoints or []}
-    fs, root = filesystem(join(location, name))
-    orphans = [f"{root}/{base}" for base in checkpoints(location, name) if base not in kept]
-    for path in orphans:
-        fs.delete_dir(path)
-    return orphans

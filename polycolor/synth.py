@@ -24,7 +24,8 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from polycolor.colors import CSS_COLORS, RGB, parse_color, to_hex
-from polycolor.data import IMAGE_SIZE, REAL_PALETTE, Split, paint
+from polycolor.data import REAL_PALETTE, Split
+from polycolor.images import IMAGE_SIZE, paint
 
 REAL_SHAPES = ("circle", "diamond", "hexagon", "octagon", "pentagon", "square", "star", "triangle")
 OTHER_SHAPES = ("ngon", "nstar", "convex", "concave", "cross", "ellipse")

@@ -24,16 +24,16 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
-from polycolor import checkpoint, storage
+from polycolor import checkpoint, ray_compat, storage
 from polycolor.colors import RGB
 from polycolor.conditioning import MODES
 from polycolor.config import FIELDS, PRESETS, SECTIONS, RunSettings, TrainConfig, add_flags, preset
 from polycolor.data import REAL_PALETTE, PolygonDataset
 from polycolor.drawings import DrawingDataset
 from polycolor.loop import evaluate, make_optimizer, metrics_from_sums, train_one_epoch
-from polycolor.metrics import SCORE, colour_line
+from polycolor.metrics import SCORE, best, colour_line
 from polycolor.model import ConditionalUNet
-from polycolor.runs import add_run_flags, check_location, init_ray, read_dataset, recover, resume_config
+from polycolor.runs import add_run_flags, check_location, init_ray, preset_of, prune_unregistered, read_dataset, recover, resume_config
 from polycolor.synth import NAMED_COLORS, SyntheticDataset
 
 # ---------------------------------------------------------------------------------------------------
@@ -207,9 +207,7 @@ def build_trainer(cfg: TrainConfig, location: str, callbacks: Sequence = (), loo
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
-
-    os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = str(startup_minutes * 60)  # Train's controller inherits it
+    ray_compat.set_worker_startup_timeout(startup_minutes * 60)  # Train's controller inherits it
     run, resources = cfg.run, worker_resources(cfg.run, ray.cluster_resources())
     wandb_dir = None if storage.is_uri(location) else str(Path(location) / run.name)
     return (trainer_cls or TorchTrainer)(
@@ -226,10 +224,10 @@ def build_trainer(cfg: TrainConfig, location: str, callbacks: Sequence = (), loo
 
 
 def best_of(result) -> tuple[object, dict]:
-    """(Checkpoint, metrics) of the best checkpoint by pixel_exact, then lowest l1."""
-    if not result.best_checkpoints:
+    """Return the (Checkpoint, metrics) of the run's best checkpoint (``metrics.best``)."""
+    if (chosen := best(result.best_checkpoints or [])) is None:
         raise RuntimeError("the run reported no checkpoint")
-    return max(result.best_checkpoints, key=lambda cm: (cm[1][SCORE], -cm[1]["l1"]))
+    return chosen
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -237,7 +235,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_flags(p, *SECTIONS.values())
     add_run_flags(p, "run")
     p.add_argument("--out", help="where to export best/: a directory or URI (default STORAGE/NAME)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.preset = preset_of(p, args)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -245,9 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     given = {k: v for k, v in vars(args).items() if k in FIELDS}
     location = storage.resolve(args.storage or storage.default())
     try:
-        cfg = preset(args.preset or "recipe").replace(**given).named()
+        cfg = preset(args.preset).replace(**given).named()
         if args.resume:
-            cfg = resume_config(location, cfg.run.name, PRESETS.get(args.preset, {}) | given, cfg)
+            cfg = resume_config(location, cfg.run.name, PRESETS[args.preset] | given, cfg)
         splits = read_dataset(cfg.data.data)
         check_location(location, cfg.run.name, args.resume, "run")
     except ValueError as err:  # StorageError is one
@@ -257,19 +257,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
 
     init_ray()
-    trainer = build_trainer(cfg, location, splits=ray.put(splits) if splits is not None else None)
+    try:
+        trainer = build_trainer(cfg, location, splits=ray.put(splits) if splits is not None else None)
+    except ValueError as err:  # a run whose checkpoints all fail to load is not started over
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     device = "GPU" if trainer.scaling_config.use_gpu else "CPU"
-    print(f"[polycolor] run {cfg.run.name}: {cfg.run.workers} worker(s) on {device}, storage {location}", flush=True)
+    print(f"[polycolor] run {cfg.run.name}: {cfg.run.workers} worker(s) on {device}, storage {storage.redact(location)}", flush=True)
     start = time.perf_counter()
     result = trainer.fit()
-    best, metrics = best_of(result)
-    if orphans := storage.prune_orphans(result, location, cfg.run.name):
+    chosen, metrics = best_of(result)
+    if orphans := prune_unregistered([c.path for c, _ in result.best_checkpoints or []], location, cfg.run.name):
         print(f"[polycolor] removed {len(orphans)} unregistered checkpoint(s) left by an interrupted driver")
     out = storage.join(args.out or storage.join(location, cfg.run.name), "best")
-    with best.as_directory() as directory:
+    with chosen.as_directory() as directory:
         checkpoint.export(directory, out)
     shown = {k: round(v, 6) for k, v in metrics.items() if isinstance(v, float)}
-    print(f"[polycolor] done in {time.perf_counter() - start:.0f}s; best epoch {metrics['epoch'] + 1} -> {out}")
+    print(f"[polycolor] done in {time.perf_counter() - start:.0f}s; best epoch {metrics['epoch'] + 1} -> {storage.redact(out)}")
     print(f"[polycolor] best metrics: {shown}")
     return 0
 

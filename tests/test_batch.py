@@ -64,7 +64,7 @@ def test_three_broken_rows_are_recorded_with_their_reasons_and_every_good_row_is
     errors = {e["output"]: e["error"] for e in map(json.loads, (out / "errors.jsonl").read_text().splitlines())}
     assert sorted(errors) == sorted(rows[i]["output_image"] for i in (3, 11, 20))
     assert errors[rows[3]["output_image"]].endswith("file does not exist")
-    assert "not a readable image" in errors[rows[11]["output_image"]]
+    assert "is not a readable image" in errors[rows[11]["output_image"]]
     assert "unknown colour 'no such colour'" in errors[rows[20]["output_image"]]
     written = {p.name for p in out.glob("*.png")}
     assert written == {r["output_image"] for i, r in enumerate(rows) if i not in (3, 11, 20)}

@@ -113,8 +113,14 @@ def test_serve_configs_validate_and_import():
 
             ServeConfig.from_args({k: v for k, v in application.args.items()})  # every arg is known
             (colorizer,) = application.deployments  # the checkpoint: in user_config, so a new one swaps in place
-            assert colorizer.name == "Colorizer" and colorizer.user_config["checkpoint"] and "checkpoint" not in application.args
+            assert colorizer.name == "Model" and colorizer.user_config["checkpoint"] and "checkpoint" not in application.args
     assert yaml.safe_load((ROOT / "cluster" / "serve.yaml").read_text())["http_options"]["host"] == "127.0.0.1"
+    # The RayService is reachable from the cluster's pods: it asks for an API key (from a Secret) and bounds requests.
+    assert yaml.safe_load(service["spec"]["serveConfigV2"])["http_options"]["request_timeout_s"] > 0
+    pods = [service["spec"]["rayClusterConfig"]["headGroupSpec"], *service["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
+    for pod in pods:
+        (container,) = pod["template"]["spec"]["containers"]
+        assert {"name": "POLYCOLOR_API_KEY", "valueFrom": {"secretKeyRef": {"name": "polycolor-api-key", "key": "key"}}} in container["env"]
 
 
 def test_named_commands_answer_help(capsys):
@@ -314,7 +320,7 @@ def test_two_serve_replicas_on_two_hosts_answer_another_host(net_cluster, tmp_pa
             if line.startswith("[serve] http"):
                 break
         nodes = net_cluster.state("print(len({a.node_id for a in list_actors(address=address, filters=[('class_name', '=', "
-                                  "'ServeReplica:polycolor:Colorizer'), ('state', '=', 'ALIVE')])}))")  # fmt: skip
+                                  "'ServeReplica:polycolor:Model'), ('state', '=', 'ALIVE')])}))")  # fmt: skip
         assert nodes == "2"
         buffer = io.BytesIO()
         Image.fromarray(np.where(synth.generate(1, seed=5).outlines[0], 0, 255).astype(np.uint8)).save(buffer, format="PNG")

@@ -8,7 +8,8 @@ from PIL import Image
 from scipy import ndimage
 
 from polycolor import data
-from polycolor.data import REAL_PALETTE, DatasetError, PolygonDataset, augment_pair, check, outline_array, read_split, target_array
+from polycolor.data import REAL_PALETTE, DatasetError, PolygonDataset, augment_pair, check, read_split
+from polycolor.images import outline_array, target_array
 
 
 def test_a_dataset_passes_check_and_loads_as_binary_outlines_and_one_colour_targets(dataset):
@@ -98,7 +99,7 @@ def _size(d, rows):
         (_drop_key, "validation row 1: missing key(s) ['colour']"),
         (_extra_key, "validation row 0: unexpected key(s) ['shape']"),
         (_missing_file, "validation row 2: outputs/"),
-        (_not_image, ": not a readable image"),
+        (_not_image, " is not a readable image"),
         (_colour_disagrees, "expected one RGB per colour name"),
         (_duplicate, "validation row 5: duplicates row 3"),
         (_size, "is 64x64, expected the size of inputs/"),

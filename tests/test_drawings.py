@@ -6,10 +6,10 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from polycolor.data import REAL_PALETTE, ink_mask, outline_array
+from polycolor.data import REAL_PALETTE
 from polycolor.drawings import DrawingDataset, draw, flood_fill, paint, score
 from polycolor.model import ConditionalUNet, ModelConfig
-from polycolor.predict import at_size
+from polycolor.images import at_size, ink_mask, outline_array
 from polycolor.synth import SyntheticDataset
 
 from conftest import overfit

@@ -117,7 +117,7 @@ def test_a_new_conditioning_mode_is_one_class_and_its_registration(monkeypatch, 
     colorizer = Colorizer.from_checkpoint(checkpoint.write(tmp_path / "grey", model, REAL_PALETTE), device="cpu")
     out = colorizer.colorize_arrays(synth.generate(2, seed=0).outlines, colorizer.condition(["teal", "#ff8800"]))
     assert out.shape == (2, 128, 128, 3)
-    assert model.condition.advertise(REAL_PALETTE)["conditioning"] == "grey"
+    assert colorizer.card().conditioning == "grey" and colorizer.card().reads_lexicons
 
 
 def test_only_a_phrase_neither_the_vocabulary_nor_the_lexicons_hold_costs_an_encoder_run():

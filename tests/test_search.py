@@ -50,7 +50,7 @@ def test_a_diverging_trial_is_marked_and_never_best(ray_session, tmp_path, monke
     from tune import search as module
 
     recipe = module.first_points()[0]
-    monkeypatch.setattr(module, "first_points", lambda: [recipe | {"lr": 1e6}, recipe])
+    monkeypatch.setattr(module, "first_points", lambda: [recipe | {"train/lr": 1e6}, recipe])
     assert module.main(["--smoke-test", "--storage", str(tmp_path), "--name", "nan"]) == 0
     results = json.loads((tmp_path / "nan" / "results.json").read_text())
     absurd = [t for t in results["trials"] if t["lr"] == 1e6]
@@ -107,24 +107,22 @@ def test_a_placement_group_whose_creator_died_is_named_as_leaked_and_released(ra
 
 
 class LeakWatch(threading.Thread):
-    """Reads the GCS's placement-group and actor tables (not the dashboard) every half second and keeps, for
+    """Reads the GCS's placement-group table (not the dashboard) every half second and keeps, for
     each worker group whose creating actor (a trial's Train controller) has died, how long it stayed held."""
 
     def __init__(self):
         super().__init__(daemon=True)
-        self.leaked: dict[bytes, list[float]] = {}  # group id -> [first seen, last seen]
+        self.leaked: dict[str, list[float]] = {}  # group id -> [first seen, last seen]
         self.done = threading.Event()
 
     def run(self):
-        from tune.resources import _ACTOR, _GROUP, _tables
+        from polycolor.ray_compat import placement_groups
 
         while not self.done.wait(0.5):
-            actors, groups = _tables()
-            dead = {a.actor_id for a in actors if a.state == _ACTOR.DEAD}
             now = time.monotonic()
-            for group in groups:
-                if group.state == _GROUP.CREATED and group.creator_actor_id in dead:
-                    self.leaked.setdefault(group.placement_group_id, [now, now])[1] = now
+            for group in placement_groups():
+                if group.state == "CREATED" and group.created_by_actor and group.creator_dead:
+                    self.leaked.setdefault(group.id, [now, now])[1] = now
 
     def longest_s(self) -> float:
         return max((last - first for first, last in self.leaked.values()), default=0.0)

@@ -5,9 +5,11 @@
     python -m tune.search --name s1 --resume       # continue an interrupted search
     ray job submit --working-dir . -- python -m tune.search --smoke-test
 
-Each trial is a function that builds a TorchTrainer and reports through TuneReportCallback. At the end:
-a table of every trial, the best config, the best checkpoint exported to STORAGE/NAME/best/,
-results.json, results.csv and curves.png.
+Tune's ``param_space`` holds only what is searched, under "train"; what every trial shares (the fixed training
+config, where to write, the bounds) reaches the trials through ``tune.with_parameters``. Each trial is a
+function that builds a TorchTrainer and reports through TuneReportCallback. At the end: a table of every
+trial, the best config, the best checkpoint exported to STORAGE/NAME/best/, results.json, results.csv and
+curves.png.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from polycolor import checkpoint, storage
+from polycolor import checkpoint, ray_compat, storage
 from polycolor.conditioning import MODES
 from polycolor.config import FIELDS, LOSSES, PRESETS, SECTIONS, Settings, TrainConfig, add_flags, preset, setting
-from polycolor.metrics import SCORE
-from polycolor.runs import add_run_flags, check_location, check_trusted, init_ray, read_dataset
+from polycolor.metrics import SCORE, best
+from polycolor.runs import add_run_flags, check_location, check_trusted, init_ray, preset_of, read_dataset
 from polycolor.train import build_trainer, worker_resources
 
 
@@ -36,9 +38,12 @@ from polycolor.train import build_trainer, worker_resources
 class SearchSettings(Settings):
     num_samples: int = setting(8, "trials in total (3 with --smoke-test unless given)", lambda v: v >= 1, ">= 1")
     gpus_per_trial: float | None = setting(None, "GPUs per trial, one per worker (default: when the cluster has GPUs)", type=float)
-    startup_minutes: float = setting(5.0, "a trial whose workers cannot be placed within this long fails, naming what holds the cluster",
-                                     lambda v: v > 0, "> 0")  # fmt: skip
-    max_trial_minutes: float = setting(60.0, "a trial still running after this long fails and the search goes on; 0: no limit", lambda v: v >= 0, ">= 0")
+    startup_minutes: float = setting(
+        5.0, "a trial whose workers cannot be placed within this long fails, naming what holds the cluster", lambda v: v > 0, "> 0"
+    )
+    max_trial_minutes: float = setting(
+        60.0, "a trial still running after this long fails and the search goes on; 0: no limit", lambda v: v >= 0, ">= 0"
+    )
 
 
 # Training settings a search fixes unless told (a laptop-sized budget), their flags' names here, what it searches.
@@ -48,51 +53,76 @@ SEARCHED = ("lr", "loss", "conditioning", "batch_size", "width")
 
 
 def search_space() -> dict:
+    """Return Tune's ``param_space``: the searched settings, under "train"."""
     from ray import tune
 
     installed = [name for name, mode in MODES.items() if mode.available()]
-    return {"lr": tune.loguniform(1e-4, 1e-2), "loss": tune.choice(list(LOSSES)), "conditioning": tune.choice(installed),
-            "batch_size": tune.choice([8, 16, 32]), "width": tune.choice([8, 16])}  # fmt: skip
+    train = {
+        "lr": tune.loguniform(1e-4, 1e-2),
+        "loss": tune.choice(list(LOSSES)),
+        "conditioning": tune.choice(installed),
+        "batch_size": tune.choice([8, 16, 32]),
+        "width": tune.choice([8, 16]),
+    }
+    return {"train": train}
 
 
 def first_points() -> list[dict]:
-    """The recipe's searched settings, tried before the sampler's own picks: a search never does worse than it."""
+    """Return the recipe's searched settings, tried before the sampler's own picks: a search never does worse.
+
+    Optuna takes a point of a nested space by its flattened names ("train/lr").
+    """
     recipe = preset("recipe").flat()
-    return [{k: recipe[k] for k in SEARCHED}]
+    return [{f"train/{k}": recipe[k] for k in SEARCHED}]
 
 
-def trainable(config: dict, splits=None) -> None:
-    """One trial: a TorchTrainer run named after the trial, so a restored trial resumes its own run. A
-    dataset's ``splits`` come through the object store (``tune.with_parameters``), as they go on to the workers.
+@dataclass(frozen=True)
+class TrialPlan:
+    """What every trial of a search shares: the fixed training config, the search's name and storage, its bounds."""
 
-    Bounded twice: workers that cannot be placed within ``startup_minutes`` fail the trial with what holds
-    the cluster, and a trial still running after ``max_trial_minutes`` (0: no limit) fails with that."""
+    base: TrainConfig
+    name: str
+    location: str
+    limits: SearchSettings
+
+
+def run_trial(config: dict, plan: TrialPlan, splits=None) -> None:
+    """Run one trial: a TorchTrainer run named after the trial, so that a restored trial resumes its own run.
+
+    ``config["train"]`` holds the trial's searched settings; a dataset's ``splits`` come through the object
+    store, as they go on to the workers. Bounded twice: workers that cannot be placed within
+    ``startup_minutes`` fail the trial with what holds the cluster, and a trial still running after
+    ``max_trial_minutes`` (0: no limit) fails with that.
+    """
     import ray
     from ray import tune
     from ray.train import ControllerError
-    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from tune.resources import SearchTrainer, holders
 
     trial_id = tune.get_context().get_trial_id()
-    searched = {k: config[k] for k in SEARCHED}
-    cfg = TrainConfig.from_dict(config["base"]).replace(**searched, name=f"{config['search_name']}-{trial_id}")
-    trainer = build_trainer(cfg, config["storage"], callbacks=[TuneReportCallback()], startup_minutes=config["startup_minutes"],
-                            trainer_cls=SearchTrainer, splits=ray.put(splits) if splits is not None else None)  # fmt: skip
+    cfg = plan.base.replace(**config["train"], name=f"{plan.name}-{trial_id}")
+    limits = plan.limits
+    trainer = build_trainer(
+        cfg, plan.location, callbacks=[TuneReportCallback()], startup_minutes=limits.startup_minutes,
+        trainer_cls=SearchTrainer, splits=ray.put(splits) if splits is not None else None,
+    )  # fmt: skip
     try:
-        fit_within(trainer, config["max_trial_minutes"])
+        fit_within(trainer, limits.max_trial_minutes)
     except ControllerError as err:
-        if not isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
+        if not ray_compat.is_startup_timeout(err.controller_failure):
             raise
         need = trainer.scaling_config.resources_per_worker
-        why = f"{cfg.run.workers} worker(s) of {need} could not be placed within {config['startup_minutes']:g} min"
+        why = f"{cfg.run.workers} worker(s) of {need} could not be placed within {limits.startup_minutes:g} min"
         raise TimeoutError(f"trial {trial_id}: {why}: {holders(need)}") from None
 
 
 def fit_within(trainer, minutes: float):
-    """``trainer.fit()``, or TimeoutError once it has run ``minutes`` (0: no limit). The abandoned run ends with
-    the trial's actor, and the search releases what it held."""
+    """Return ``trainer.fit()``, or raise TimeoutError once it has run ``minutes`` (0: no limit).
+
+    The abandoned run ends with the trial's actor, and the search releases what it held.
+    """
     outcome: dict = {}
 
     def fit():
@@ -112,8 +142,10 @@ def fit_within(trainer, minutes: float):
 
 
 def trial_rows(grid, max_epochs: int, location: str) -> list[dict]:
-    """One row per trial: its config, final and best metrics, and how it ended. A checkpoint path is one
-    inside ``location``'s filesystem (for s3://bucket/x it reads bucket/x/...)."""
+    """Return one row per trial: its searched settings, final and best metrics, best checkpoint, and how it ended.
+
+    A checkpoint path is one inside ``location``'s filesystem (for s3://bucket/x it reads bucket/x/...).
+    """
     import pyarrow.fs
 
     fs, _ = storage.filesystem(location)
@@ -124,25 +156,25 @@ def trial_rows(grid, max_epochs: int, location: str) -> list[dict]:
         epochs = int(frame["epoch"].max()) + 1 if frame is not None and "epoch" in frame else 0
         diverged = bool(metrics.get("diverged")) or not math.isfinite(metrics.get("train_loss", 0.0))
         status = "error" if result.error else "diverged" if diverged else "stopped early" if epochs < max_epochs else "finished"
-        best_path, best_score = None, -1.0
+        kept = []  # (checkpoint path, its metrics) of the checkpoints still on storage
         if frame is not None and "checkpoint_path" in frame and not diverged:
-            ranked = frame.dropna(subset=["checkpoint_path"]).sort_values([SCORE, "l1"], ascending=[False, True])
-            for _, row in ranked.iterrows():
+            for _, row in frame.dropna(subset=["checkpoint_path"]).iterrows():
                 if fs.get_file_info(row["checkpoint_path"]).type != pyarrow.fs.FileType.NotFound:
-                    best_path, best_score = row["checkpoint_path"], float(row[SCORE])
-                    break
+                    kept.append((row["checkpoint_path"], {SCORE: float(row[SCORE]), "l1": float(row["l1"])}))
+        chosen = best(kept)
         rows.append({
             "trial": result.path.rsplit("/", 1)[-1].split("_")[1] if result.path else "?",
-            **{k: result.config.get(k) for k in SEARCHED},
-            "epochs": epochs, "status": status, "best_" + SCORE: best_score,
+            **{k: result.config.get("train", {}).get(k) for k in SEARCHED},
+            "epochs": epochs, "status": status,
+            "best_" + SCORE: chosen[1][SCORE] if chosen else -1.0, "best_l1": chosen[1]["l1"] if chosen else math.inf,
             **{k: metrics.get(k) for k in (SCORE, "iou", "color_error", "l1", "psnr", "train_loss")},
-            "checkpoint": best_path, "error": error_line(result.error) if result.error else None,
+            "checkpoint": chosen[0] if chosen else None, "error": error_line(result.error) if result.error else None,
         })  # fmt: skip
     return rows
 
 
 def error_line(error: BaseException) -> str:
-    """The trial's own exception in one line, not Ray's wrapping of it (a task header and a traceback)."""
+    """Return the trial's own exception in one line, not Ray's wrapping of it (a task header and a traceback)."""
     cause = getattr(error, "cause", None) or error
     return f"{type(cause).__name__}: {cause}".splitlines()[0]
 
@@ -162,25 +194,26 @@ def write_outputs(rows: list[dict], grid, location: str, name: str) -> dict | No
     for r in rows:
         if r["error"]:
             print(f"trial {r['trial']} failed: {r['error']}")
-    candidates = [r for r in rows if r["status"] in ("finished", "stopped early") and r["checkpoint"]]
-    best = max(candidates, key=lambda r: r["best_" + SCORE], default=None)
+    usable = [(r, {SCORE: r["best_" + SCORE], "l1": r["best_l1"]}) for r in rows if r["status"] in ("finished", "stopped early") and r["checkpoint"]]
+    chosen = best(usable)
+    winner = chosen[0] if chosen else None
     out = storage.join(location, name)
     with tempfile.TemporaryDirectory() as tmp:
-        write_files(Path(tmp), rows, best, grid)
+        write_files(Path(tmp), rows, winner, grid)
         storage.upload(sorted(Path(tmp).iterdir()), out)
-    if best is None:
+    if winner is None:
         print("no trial produced a usable checkpoint")
         return None
     fs, _ = storage.filesystem(location)
-    with Checkpoint(best["checkpoint"], filesystem=fs).as_directory() as directory:
+    with Checkpoint(winner["checkpoint"], filesystem=fs).as_directory() as directory:
         checkpoint.export(directory, storage.join(out, "best"))
-    print(f"\nbest trial {best['trial']}: " + ", ".join(f"{k}={best[k]}" for k in SEARCHED))
-    print(f"best {SCORE} {best['best_' + SCORE]:.6f}; checkpoint exported to {storage.join(out, 'best')}")
-    return best
+    print(f"\nbest trial {winner['trial']}: " + ", ".join(f"{k}={winner[k]}" for k in SEARCHED))
+    print(f"best {SCORE} {winner['best_' + SCORE]:.6f}; checkpoint exported to {storage.redact(storage.join(out, 'best'))}")
+    return winner
 
 
-def write_files(out: Path, rows: list[dict], best: dict | None, grid) -> None:
-    """results.json, results.csv and curves.png into the local directory ``out``."""
+def write_files(out: Path, rows: list[dict], winner: dict | None, grid) -> None:
+    """Write results.json, results.csv and curves.png into the local directory ``out``."""
     import csv
 
     import matplotlib
@@ -188,7 +221,7 @@ def write_files(out: Path, rows: list[dict], best: dict | None, grid) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    (out / "results.json").write_text(json.dumps({"best": best, "trials": rows}, indent=2, default=str))
+    (out / "results.json").write_text(json.dumps({"best": winner, "trials": rows}, indent=2, default=str))
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial"])
         writer.writeheader()
@@ -206,7 +239,7 @@ def write_files(out: Path, rows: list[dict], best: dict | None, grid) -> None:
 
 
 def trial_concurrency(cluster: dict, workers: int, worker: dict) -> int:
-    """Trials that fit at once: each holds its driver's 0.25 CPU plus its workers' ``worker`` resources."""
+    """Return how many trials fit at once: each holds its driver's 0.25 CPU plus its workers' ``worker`` resources."""
     concurrency = max(1, int(cluster.get("CPU", 1) // (0.25 + workers * worker["CPU"])))
     if "GPU" in worker:
         concurrency = min(concurrency, max(1, int(cluster.get("GPU", 0) // workers)))
@@ -217,52 +250,49 @@ DRIVER_RESOURCE = "trial_driver"  # a head-node resource in cluster/aws.yaml and
 
 
 def driver_resources(cluster: dict) -> dict:
-    """A trial driver's share of a CPU (its workers reserve their own), on a node that offers ``DRIVER_RESOURCE``
-    when the ``cluster``'s resources include it."""
+    """Return a trial driver's share of a CPU (its workers reserve their own), on a node that offers
+    ``DRIVER_RESOURCE`` when the ``cluster``'s resources include it."""
     return {"CPU": 0.25} | ({DRIVER_RESOURCE: 1} if cluster.get(DRIVER_RESOURCE) else {})
 
 
-def trial_function(splits=None, cluster: dict | None = None):
-    """``trainable`` with a dataset's splits and its driver's resources."""
+def trial_function(plan: TrialPlan, splits=None, cluster: dict | None = None):
+    """Return ``run_trial`` bound to the search's ``plan`` and a dataset's splits, with its driver's resources."""
     from ray import tune
 
     placement = tune.PlacementGroupFactory([driver_resources(cluster or {})])
-    return tune.with_resources(tune.with_parameters(trainable, splits=splits), placement)
+    return tune.with_resources(tune.with_parameters(run_trial, plan=plan, splits=splits), placement)
 
 
-def param_space(name: str, location: str, base: dict, limits: SearchSettings, space: dict | None = None) -> dict:
-    """The search space (or ``space``) plus what every trial needs: the fixed ``base`` config, where to write,
-    and its ``limits`` (startup_minutes, max_trial_minutes)."""
-    bounds = {"startup_minutes": limits.startup_minutes, "max_trial_minutes": limits.max_trial_minutes}
-    return (space or search_space()) | {"base": base, "storage": location, "search_name": name} | bounds
+def make_tuner(plan: TrialPlan, num_samples: int, concurrency: int, searcher=None, scheduler=None, callbacks: Sequence = (),
+               space: dict | None = None, splits=None):  # fmt: skip
+    """Return a Tuner over ``run_trial``: the search space (or ``space``), a searcher and a scheduler.
 
-
-def make_tuner(name: str, location: str, base: dict, num_samples: int, concurrency: int, searcher=None, scheduler=None,
-               callbacks: Sequence = (), limits: SearchSettings = SearchSettings(), space: dict | None = None, splits=None):  # fmt: skip
-    """A Tuner over ``trainable``: the search space (or ``space``), the fixed ``base`` config, a searcher and scheduler.
-    Whatever an ended trial held is released by the search itself (``ReleaseEndedTrials``)."""
+    Whatever an ended trial held is released by the search itself (``ReleaseEndedTrials``).
+    """
     import ray
     from ray import tune
 
     from tune.resources import ReleaseEndedTrials
 
     return tune.Tuner(
-        trial_function(splits, ray.cluster_resources()),
-        param_space=param_space(name, location, base, limits, space),
+        trial_function(plan, splits, ray.cluster_resources()),
+        param_space=space or search_space(),
         tune_config=tune.TuneConfig(metric=SCORE, mode="max", search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
                                     max_concurrent_trials=concurrency, trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
-        run_config=tune.RunConfig(name=name, storage_path=location, callbacks=[ReleaseEndedTrials(), *callbacks],
+        run_config=tune.RunConfig(name=plan.name, storage_path=plan.location, callbacks=[ReleaseEndedTrials(), *callbacks],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )  # fmt: skip
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tune.search", description="Search polycolor's hyperparameters with Ray Tune and Optuna.")
-    add_flags(p, *SECTIONS.values(), only=("data", "train_pairs", "epochs", "workers", "threads", "max_failures", "name", "seed", "wandb"),
-              defaults=SEARCH_DEFAULTS, flags=FLAGS)  # fmt: skip
+    only = ("data", "train_pairs", "epochs", "workers", "threads", "max_failures", "name", "seed", "wandb")
+    add_flags(p, *SECTIONS.values(), only=only, defaults=SEARCH_DEFAULTS, flags=FLAGS)
     add_flags(p, SearchSettings)
     add_run_flags(p, "search")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.preset = preset_of(p, args)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -275,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         limits = SearchSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SearchSettings) if hasattr(args, f.name)})
         if limits.gpus_per_trial is not None:
             given["gpu"] = limits.gpus_per_trial > 0
-        base = TrainConfig().replace(**SEARCH_DEFAULTS).replace(**PRESETS[args.preset or "recipe"]).replace(**given, wandb=False)
+        base = TrainConfig().replace(**SEARCH_DEFAULTS).replace(**PRESETS[args.preset]).replace(**given, wandb=False)
         splits = read_dataset(base.data.data)
         check_location(location, name, args.resume, "search")
         if args.resume:
@@ -296,25 +326,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     worker = worker_resources(base.run, resources)
     concurrency = trial_concurrency(resources, base.run.workers, worker)
     data = f"{len(splits[0])} training / {len(splits[1])} validation pairs from {base.data.data}" if splits else "synthetic"
-    print(f"[search] {name}: {num_samples} trials, up to {concurrency} at once, {'GPU' if 'GPU' in worker else 'CPU'}, data {data}, storage {location}", flush=True)
+    device = "GPU" if "GPU" in worker else "CPU"
+    print(f"[search] {name}: {num_samples} trials, up to {concurrency} at once, {device}, data {data}, "
+          f"storage {storage.redact(location)}", flush=True)  # fmt: skip
 
+    plan = TrialPlan(base, name, location, limits)
     callbacks = []
     if wandb:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
         if not os.environ.get("WANDB_API_KEY"):
             os.environ.setdefault("WANDB_MODE", "offline")
-        callbacks.append(WandbLoggerCallback(project="polycolor", group=name, excludes=["base"]))
+        callbacks.append(WandbLoggerCallback(project="polycolor", group=name))
     if args.resume:
-        space = param_space(name, location, base.to_dict(), limits)
-        tuner = tune.Tuner.restore(storage.join(location, name), trial_function(splits, resources), resume_errored=True, param_space=space)
+        tuner = tune.Tuner.restore(storage.join(location, name), trial_function(plan, splits, resources), resume_errored=True,
+                                   param_space=search_space())  # fmt: skip
     else:
         searcher = OptunaSearch(points_to_evaluate=first_points(), seed=base.data.seed)
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base.optim.epochs, grace_period=1, reduction_factor=2)
-        tuner = make_tuner(name, location, base.to_dict(), num_samples, concurrency, searcher, scheduler, callbacks, limits, splits=splits)
+        tuner = make_tuner(plan, num_samples, concurrency, searcher, scheduler, callbacks, splits=splits)
     grid = tuner.fit()
-    best = write_outputs(trial_rows(grid, base.optim.epochs, location), grid, location, name)
-    return 0 if best is not None else 1
+    winner = write_outputs(trial_rows(grid, base.optim.epochs, location), grid, location, name)
+    return 0 if winner is not None else 1
 
 
 if __name__ == "__main__":
