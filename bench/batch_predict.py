@@ -30,7 +30,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from polycolor import batch, checkpoint, synth
+from polycolor import checkpoint, synth
 from polycolor.config import preset
 from polycolor.model import ConditionalUNet
 from polycolor.predict import Colorizer
@@ -88,7 +88,9 @@ def in_process(split_dir: Path, ckpt: Path, out: Path, threads: int) -> float:
     start = time.perf_counter()
     for first in range(0, len(rows), 64):
         chunk = rows[first : first + 64]
-        images = colorizer.colorize_batch([split_dir / "inputs" / r["input_polygon"] for r in chunk], [r["colour"] for r in chunk])
+        images = colorizer.colorize_batch(
+            [split_dir / "inputs" / r["input_polygon"] for r in chunk], [r["colour"] for r in chunk]
+        )
         for row, image in zip(chunk, images):
             image.save(out / row["output_image"])
     return len(rows) / (time.perf_counter() - start)
@@ -96,8 +98,23 @@ def in_process(split_dir: Path, ckpt: Path, out: Path, threads: int) -> float:
 
 def pipelined(split_dir: Path, ckpt: Path, out: Path, actors: int, cpus: int, address: str) -> tuple[float, PeakRSS]:
     """``python -m polycolor.predict --data`` as its own driver on the running Ray: (images/s, peak memory)."""
-    command = [sys.executable, "-m", "polycolor.predict", "--checkpoint", str(ckpt), "--data", str(split_dir), "--out", str(out),
-               "--concurrency", str(actors), "--cpus-per-actor", str(cpus / actors), "--gpus-per-actor", "0"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "polycolor.predict",
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        str(split_dir),
+        "--out",
+        str(out),
+        "--concurrency",
+        str(actors),
+        "--cpus-per-actor",
+        str(cpus / actors),
+        "--gpus-per-actor",
+        "0",
+    ]
     env = os.environ | {"RAY_ADDRESS": address}
     driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     with PeakRSS(driver.pid) as peak:
@@ -107,7 +124,10 @@ def pipelined(split_dir: Path, ckpt: Path, out: Path, actors: int, cpus: int, ad
     if driver.returncode or not found or int(found[1]) != rows:
         sys.exit(f"error: the pipeline did not colour all {rows} rows (exit {driver.returncode}): {stdout[-500:]}")
     if len(peak.actors_seen) < actors or not peak.driver:
-        sys.exit(f"error: saw {len(peak.actors_seen)} actor processes (expected {actors}) and driver {peak.driver} B; no memory figure to print")
+        sys.exit(
+            f"error: saw {len(peak.actors_seen)} actor processes (expected {actors}) and driver {peak.driver} B; no "
+            "memory figure to print"
+        )
     return float(found[3]), peak
 
 
@@ -123,12 +143,17 @@ def main() -> int:
     try:
         data = {n: dataset(work / f"data{n}", n) for n in {args.images, args.small}}
         ckpt = checkpoint.write(work / "ckpt", ConditionalUNet(preset("recipe").model_config()), synth.NAMED_COLORS)
-        print(f"{args.images} rows of 128x128 outlines, recipe-sized model, {args.cpus} CPUs (this machine: {os.cpu_count()})")
+        print(
+            f"{args.images} rows of 128x128 outlines, recipe-sized model, {args.cpus} CPUs (this machine: "
+            f"{os.cpu_count()})"
+        )
         local = in_process(data[args.images], ckpt, work / "out-local", args.cpus)
         context = ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, logging_level="WARNING")
         rows = [("in-process", args.images, local, None)]
         for actors, n in ((1, args.images), (2, args.images), (2, args.small)):
-            rate, peak = pipelined(data[n], ckpt, work / f"out-{actors}-{n}", actors, args.cpus, context.address_info["gcs_address"])
+            rate, peak = pipelined(
+                data[n], ckpt, work / f"out-{actors}-{n}", actors, args.cpus, context.address_info["gcs_address"]
+            )
             rows.append((f"{actors} actor{'s' * (actors > 1)}", n, rate, peak))
         ray.shutdown()
     finally:
@@ -138,7 +163,10 @@ def main() -> int:
         memory = f"{peak.driver / 2**20:>10.0f} {peak.actor / 2**20:>9.0f}" if peak else f"{'':>10} {'':>9}"
         print(f"{name:<12} {n:>7} {rate:>9.1f} {rate / local:>9.2f} {memory}")
     big, small = rows[2][3], rows[3][3]
-    print(f"peak memory at {args.images} / at {args.small} rows: driver {big.driver / small.driver:.2f}x, actor {big.actor / small.actor:.2f}x (goal: 1.0)")
+    print(
+        f"peak memory at {args.images} / at {args.small} rows: driver {big.driver / small.driver:.2f}x, actor "
+        f"{big.actor / small.actor:.2f}x (goal: 1.0)"
+    )
     return 0
 
 

@@ -49,7 +49,13 @@ def main() -> int:
     if text.available():
         encoder = text.load()
         encoder.lexicon()  # done at replica start-up
-        modes["text"] = ModelConfig(conditioning="text", base_width=8, vocabulary=tuple(REAL_PALETTE), text_encoder=text.DEFAULT_ENCODER, text_dim=encoder.dim)
+        modes["text"] = ModelConfig(
+            conditioning="text",
+            base_width=8,
+            vocabulary=tuple(REAL_PALETTE),
+            text_encoder=text.DEFAULT_ENCODER,
+            text_dim=encoder.dim,
+        )
     rng = np.random.default_rng(0)
     syllables = ["zor", "pla", "mek", "tiv", "qua", "bron", "sel", "dar", "vex", "lum"]
     print(f"{'mode':<8}{'known ms':>10}{'unknown ms':>12}{'unknown / known':>17}")
@@ -57,9 +63,14 @@ def main() -> int:
         model = ConditionalUNet(cfg)
         model.condition.fit(REAL_PALETTE)
         colorizer = Colorizer(model, REAL_PALETTE)
-        unknown = [" ".join("".join(rng.choice(syllables, 3)) for _ in range(2)) + f" {i}" for i in range(args.requests)]
+        unknown = [
+            " ".join("".join(rng.choice(syllables, 3)) for _ in range(2)) + f" {i}" for i in range(args.requests)
+        ]
         per_request_ms(colorizer, ["navy blue"] * 10)  # warm-up
-        known_ms, unknown_ms = per_request_ms(colorizer, ["navy blue"] * args.requests), per_request_ms(colorizer, unknown)
+        known_ms, unknown_ms = (
+            per_request_ms(colorizer, ["navy blue"] * args.requests),
+            per_request_ms(colorizer, unknown),
+        )
         print(f"{mode:<8}{known_ms:>10.2f}{unknown_ms:>12.2f}{unknown_ms / known_ms:>17.2f}")
     return 0
 

@@ -1,6 +1,7 @@
 """Compare the conditioning modes at one training budget and seed, on seen colours, unseen names and phrases.
 
-    python bench/conditioning.py [--epochs 3] [--pairs 2000] [--out bench/results/conditioning]   # pip install -e '.[bench]'
+    pip install -e '.[bench]'
+    python bench/conditioning.py [--epochs 3] [--pairs 2000] [--out bench/results/conditioning]
 
 Every run trains with the plain-PyTorch core (``polycolor.loop``; no Ray: the comparison is about the
 model) on the same synthetic pairs, whose colours are CSS names minus a held-out set. Each run is then
@@ -35,11 +36,36 @@ from polycolor.loop import make_optimizer, train_one_epoch
 from polycolor.predict import Colorizer
 from polycolor.train import build_model
 
-HELD_OUT = ("darkblue", "skyblue", "crimson", "tomato", "teal", "orchid", "gold", "seagreen", "slateblue", "chocolate",
-            "hotpink", "olivedrab", "steelblue", "indianred", "darkorange", "mediumpurple")  # fmt: skip
-PARAPHRASES = {"crimson red": "crimson", "a deep red": "darkred", "navy blue": "navy", "bright yellow": "yellow",
-               "deep blue": "darkblue", "pale sky blue": "lightskyblue", "tomato red": "tomato", "hot pink colour": "hotpink",
-               "sea green paint": "seagreen", "golden yellow": "gold"}  # fmt: skip
+HELD_OUT = (
+    "darkblue",
+    "skyblue",
+    "crimson",
+    "tomato",
+    "teal",
+    "orchid",
+    "gold",
+    "seagreen",
+    "slateblue",
+    "chocolate",
+    "hotpink",
+    "olivedrab",
+    "steelblue",
+    "indianred",
+    "darkorange",
+    "mediumpurple",
+)
+PARAPHRASES = {
+    "crimson red": "crimson",
+    "a deep red": "darkred",
+    "navy blue": "navy",
+    "bright yellow": "yellow",
+    "deep blue": "darkblue",
+    "pale sky blue": "lightskyblue",
+    "tomato red": "tomato",
+    "hot pink colour": "hotpink",
+    "sea green paint": "seagreen",
+    "golden yellow": "gold",
+}
 RUNS = [  # (label, TrainConfig overrides): ours first, then the published design and its failure
     ("concat", dict(conditioning="concat")),
     ("film", dict(conditioning="film")),
@@ -50,9 +76,18 @@ RUNS = [  # (label, TrainConfig overrides): ours first, then the published desig
     ("text, rgb head, l1, lr 3e-3", dict(conditioning="text", head="rgb", loss="l1")),
 ]
 # Phrases no lexicon holds, with common reference RGBs (the named things' usual colour values).
-PHRASES = {"fire truck red": "#ce2029", "school bus yellow": "#ffd800", "coca cola red": "#f40009", "denim jeans blue": "#1560bd",
-           "emerald gemstone": "#50c878", "ruby gemstone": "#e0115f", "sapphire gemstone": "#0f52ba", "canary bird yellow": "#ffff99",
-           "halloween pumpkin": "#ff7518", "chocolate bar brown": "#7b3f00"}  # fmt: skip
+PHRASES = {
+    "fire truck red": "#ce2029",
+    "school bus yellow": "#ffd800",
+    "coca cola red": "#f40009",
+    "denim jeans blue": "#1560bd",
+    "emerald gemstone": "#50c878",
+    "ruby gemstone": "#e0115f",
+    "sapphire gemstone": "#0f52ba",
+    "canary bird yellow": "#ffff99",
+    "halloween pumpkin": "#ff7518",
+    "chocolate bar brown": "#7b3f00",
+}
 SETS = ("seen", "blue", "unseen names", "paraphrases", "held-out phrases")
 
 
@@ -91,7 +126,10 @@ def train(cfg: TrainConfig, vocabulary: tuple[str, ...], out: Path) -> tuple[Pat
     for epoch in range(optim.epochs):
         data.set_epoch(epoch)
         stats = train_one_epoch(model, loader, optimizer, scheduler, optim.loss, palette, torch.device("cpu"))
-        print(f"  epoch {epoch + 1}/{optim.epochs}  loss {stats['train_loss']:.4f}  {stats['images_per_s']:.0f} img/s", flush=True)
+        print(
+            f"  epoch {epoch + 1}/{optim.epochs}  loss {stats['train_loss']:.4f}  {stats['images_per_s']:.0f} img/s",
+            flush=True,
+        )
     seconds = time.perf_counter() - start
     return checkpoint.write(out, model, palette, train=cfg.to_dict()), seconds
 
@@ -102,7 +140,9 @@ def score(path: Path, sets: dict[str, Split]) -> dict[str, dict | None]:
     for name, split in sets.items():
         try:
             metrics, per, _ = evaluate_split(colorizer, split)
-            inside, true = (np.stack([per[f"{what}_{c}"] for c in "rgb"], axis=1) / 255 for what in ("inside", "true"))  # (N, 3) each
+            inside, true = (
+                np.stack([per[f"{what}_{c}"] for c in "rgb"], axis=1) / 255 for what in ("inside", "true")
+            )  # (N, 3) each
             ciede = float(deltaE_ciede2000(rgb2lab(inside[None]), rgb2lab(true[None])).mean())
             scores[name] = {k: metrics[k] for k in ("pixel_exact", "iou", "color_error")} | {"ciede2000": ciede}
         except ValueError as err:  # this mode cannot take these colours at all
@@ -118,7 +158,11 @@ def table(results: list[dict]) -> str:
         cells = []
         for s in SETS:
             m = r["scores"][s]
-            cells.append("n/a" if m is None else f"{m['pixel_exact']:.4f} / {m['iou']:.4f} / {m['color_error'] * 255:.1f} / {m['ciede2000']:.1f}")
+            cells.append(
+                "n/a"
+                if m is None
+                else f"{m['pixel_exact']:.4f} / {m['iou']:.4f} / {m['color_error'] * 255:.1f} / {m['ciede2000']:.1f}"
+            )
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -136,8 +180,10 @@ def main(argv=None) -> int:
         print(f"error: {text.INSTALL_HINT}", file=sys.stderr)
         return 2
     vocabulary, sets = training_phrases(), eval_sets(args.eval_pairs)
-    print(f"{len(vocabulary)} training phrases, {len(HELD_OUT)} held-out names, {len(PARAPHRASES)} paraphrases; "
-          f"{args.epochs} epochs x {args.pairs} pairs per run")  # fmt: skip
+    print(
+        f"{len(vocabulary)} training phrases, {len(HELD_OUT)} held-out names, {len(PARAPHRASES)} paraphrases; "
+        f"{args.epochs} epochs x {args.pairs} pairs per run"
+    )
     results = []
     for i, (label, overrides) in enumerate(runs):
         cfg = TrainConfig().replace(epochs=args.epochs, train_pairs=args.pairs, **overrides)
@@ -146,9 +192,14 @@ def main(argv=None) -> int:
         results.append({"label": label, "config": overrides, "train_s": seconds, "scores": score(path, sets)})
         print(table(results[-1:]).splitlines()[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"epochs": args.epochs, "pairs": args.pairs, "runs": results}, indent=2))
+    (args.out / "results.json").write_text(
+        json.dumps({"epochs": args.epochs, "pairs": args.pairs, "runs": results}, indent=2)
+    )
     print("\n" + table(results))
-    print("\ncolour error is the mean absolute channel error inside the polygon, in 8-bit levels; exact = pixels within 16/255")
+    print(
+        "\ncolour error is the mean absolute channel error inside the polygon, in 8-bit levels; exact = pixels "
+        "within 16/255"
+    )
     return 0
 
 

@@ -33,10 +33,18 @@ def training(cfg: TrainConfig, device: torch.device, pairs: int, loader_workers:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         torch.cuda.reset_peak_memory_stats()
-    loader = DataLoader(SyntheticDataset(pairs, seed=(0, 0, 0)), batch_size=cfg.optim.batch_size, drop_last=True,
-                        num_workers=loader_workers, persistent_workers=loader_workers > 0, pin_memory=device.type == "cuda")  # fmt: skip
+    loader = DataLoader(
+        SyntheticDataset(pairs, seed=(0, 0, 0)),
+        batch_size=cfg.optim.batch_size,
+        drop_last=True,
+        num_workers=loader_workers,
+        persistent_workers=loader_workers > 0,
+        pin_memory=device.type == "cuda",
+    )
     optimizer, scheduler = make_optimizer(model, cfg.optim, 2 * len(loader))
-    train_one_epoch(model, loader, optimizer, scheduler, cfg.optim.loss, REAL_PALETTE, device)  # warm-up: kernels, allocator, loader processes
+    train_one_epoch(
+        model, loader, optimizer, scheduler, cfg.optim.loss, REAL_PALETTE, device
+    )  # warm-up: kernels, allocator, loader processes
     stats = train_one_epoch(model, loader, optimizer, scheduler, cfg.optim.loss, REAL_PALETTE, device)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
     return {"images_per_s": stats["images_per_s"], "peak_mib": peak}
@@ -62,24 +70,42 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=4096, help="images per inference measurement")
     parser.add_argument("--batch-sizes", default="16,64,256")
     parser.add_argument("--widths", default="8,16")
-    parser.add_argument("--out", default=str(Path(os.environ.get("OUT", Path(__file__).parent / "results")) / "gpu.json"))
+    parser.add_argument(
+        "--out", default=str(Path(os.environ.get("OUT", Path(__file__).parent / "results")) / "gpu.json")
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     loader_workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
-    print(f"device {name}, torch {torch.__version__}, {os.cpu_count()} CPUs, {loader_workers} loader processes", flush=True)
+    print(
+        f"device {name}, torch {torch.__version__}, {os.cpu_count()} CPUs, {loader_workers} loader processes",
+        flush=True,
+    )
     rows = []
     for width in map(int, args.widths.split(",")):
         for batch in map(int, args.batch_sizes.split(",")):
             cfg = TrainConfig().replace(width=width, batch_size=batch)
             train = training(cfg, device, args.pairs, loader_workers)
             infer = inference(width, batch, device, args.images)
-            rows.append({"width": width, "batch": batch, "train_images_per_s": train["images_per_s"],
-                         "train_peak_mib": train["peak_mib"], "infer_images_per_s": infer})  # fmt: skip
-            print(f"width {width:>2} batch {batch:>3}: train {train['images_per_s']:8.0f} img/s (peak {train['peak_mib']:6.0f} MiB), "
-                  f"inference {infer:8.0f} img/s", flush=True)  # fmt: skip
+            rows.append(
+                {
+                    "width": width,
+                    "batch": batch,
+                    "train_images_per_s": train["images_per_s"],
+                    "train_peak_mib": train["peak_mib"],
+                    "infer_images_per_s": infer,
+                }
+            )
+            print(
+                f"width {width:>2} batch {batch:>3}: train {train['images_per_s']:8.0f} img/s (peak "
+                f"{train['peak_mib']:6.0f} MiB), "
+                f"inference {infer:8.0f} img/s",
+                flush=True,
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"device": name, "torch": torch.__version__, "pairs": args.pairs, "rows": rows}, indent=2))
+    Path(args.out).write_text(
+        json.dumps({"device": name, "torch": torch.__version__, "pairs": args.pairs, "rows": rows}, indent=2)
+    )
     return 0
 
 

@@ -40,9 +40,22 @@ LINKS = {  # name: (bandwidth bytes/s per GPU in a ring, latency s per hop)
 
 
 # Operators that launch no GPU kernel (allocation, views, metadata) or exist only on CPU (oneDNN layout copies).
-NO_KERNEL = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::as_strided", "aten::as_strided_", "aten::resize_",
-             "aten::detach", "aten::detach_", "aten::alias", "aten::lift_fresh", "aten::view", "aten::to", "aten::copy_",
-             "aten::_local_scalar_dense"}  # fmt: skip
+NO_KERNEL = {
+    "aten::empty",
+    "aten::empty_strided",
+    "aten::empty_like",
+    "aten::as_strided",
+    "aten::as_strided_",
+    "aten::resize_",
+    "aten::detach",
+    "aten::detach_",
+    "aten::alias",
+    "aten::lift_fresh",
+    "aten::view",
+    "aten::to",
+    "aten::copy_",
+    "aten::_local_scalar_dense",
+}
 ADAMW_KERNELS = 12  # assumed: AdamW's multi-tensor (foreach) step, its CUDA default, for all parameters at once
 
 
@@ -82,10 +95,13 @@ def measure(cfg: TrainConfig, batch_size: int) -> dict:
     cpu_images_per_s = batch_size * len(batches[3:]) / (time.perf_counter() - start)
     params = sum(p.numel() for p in model.parameters())
     return {
-        "batch_size": batch_size, "parameters": params, "gradient_bytes": 4 * params,
-        "flops_per_image": flops.get_total_flops() / batch_size, "launches_per_step": launches,
+        "batch_size": batch_size,
+        "parameters": params,
+        "gradient_bytes": 4 * params,
+        "flops_per_image": flops.get_total_flops() / batch_size,
+        "launches_per_step": launches,
         "cpu_images_per_s": cpu_images_per_s,
-    }  # fmt: skip
+    }
 
 
 def generation_rate(n: int = 400) -> float:
@@ -106,11 +122,18 @@ def predict(m: dict, gpu_flops: float, launch_s: float, loader_workers: int, pai
         for n in (1, 2, 4, 8):
             comm = 0.0 if n == 1 else 2 * (n - 1) / n * m["gradient_bytes"] / bandwidth + 2 * (n - 1) * latency
             per_gpu = m["batch_size"] / (step + comm)
-            rows.append({
-                "link": link, "gpus": n, "step_ms": 1e3 * (step + comm), "allreduce_ms": 1e3 * comm,
-                "bound": "launches" if launches > compute else "flops", "efficiency": step / (step + comm),
-                "images_per_s": n * min(per_gpu, data_cap), "data_bound": per_gpu > data_cap,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "link": link,
+                    "gpus": n,
+                    "step_ms": 1e3 * (step + comm),
+                    "allreduce_ms": 1e3 * comm,
+                    "bound": "launches" if launches > compute else "flops",
+                    "efficiency": step / (step + comm),
+                    "images_per_s": n * min(per_gpu, data_cap),
+                    "data_bound": per_gpu > data_cap,
+                }
+            )
     return rows
 
 
@@ -119,32 +142,59 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--levels", type=int, default=3)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 128])
-    parser.add_argument("--gpu-tflops", type=float, default=40.0, help="achieved bf16 TFLOP/s on these small convolutions (assumed)")
-    parser.add_argument("--launch-us", type=float, default=6.0, help="cost of one kernel launch, microseconds (assumed; CUDA graphs cut it)")
-    parser.add_argument("--loader-workers", type=int, default=4, help="DataLoader processes per GPU (the GPU recipe's default)")
+    parser.add_argument(
+        "--gpu-tflops", type=float, default=40.0, help="achieved bf16 TFLOP/s on these small convolutions (assumed)"
+    )
+    parser.add_argument(
+        "--launch-us",
+        type=float,
+        default=6.0,
+        help="cost of one kernel launch, microseconds (assumed; CUDA graphs cut it)",
+    )
+    parser.add_argument(
+        "--loader-workers", type=int, default=4, help="DataLoader processes per GPU (the GPU recipe's default)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/scaling.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one worker's CPU share, as in a 1-CPU-per-worker Ray Train run
 
     cfg = TrainConfig().replace(width=args.width, levels=args.levels)
     rate = generation_rate()
-    print(f"synthetic data: {rate:.0f} pairs/s per CPU core; {args.loader_workers} loader workers -> {args.loader_workers * rate:.0f} pairs/s per GPU")
-    print(f"assumed: {args.gpu_tflops:.0f} TFLOP/s achieved, {args.launch_us:.0f} us per kernel launch; links: "
-          + ", ".join(f"{k} {bw / 1e9:.1f} GB/s {lat * 1e6:.0f} us" for k, (bw, lat) in LINKS.items()))  # fmt: skip
+    print(
+        f"synthetic data: {rate:.0f} pairs/s per CPU core; {args.loader_workers} loader workers -> "
+        f"{args.loader_workers * rate:.0f} pairs/s per GPU"
+    )
+    print(
+        f"assumed: {args.gpu_tflops:.0f} TFLOP/s achieved, {args.launch_us:.0f} us per kernel launch; links: "
+        + ", ".join(f"{k} {bw / 1e9:.1f} GB/s {lat * 1e6:.0f} us" for k, (bw, lat) in LINKS.items())
+    )
     results = []
     for batch_size in args.batch_sizes:
         m = measure(cfg, batch_size)
         rows = predict(m, args.gpu_tflops * 1e12, args.launch_us * 1e-6, args.loader_workers, rate)
         results.append({"measured": m, "predicted": rows})
-        print(f"\nwidth {args.width}, {args.levels} levels, batch {batch_size}/GPU: {m['parameters']:,} parameters, "
-              f"{m['gradient_bytes'] / 1e6:.2f} MB of gradients per step, {m['flops_per_image'] / 1e9:.2f} GFLOP per image (fwd+bwd), "
-              f"{m['launches_per_step']} op launches per step; CPU (1 thread): {m['cpu_images_per_s']:.1f} img/s")  # fmt: skip
-        print(f"{'link':<18}{'GPUs':>5}{'step ms':>9}{'allreduce ms':>14}{'bound':>10}{'efficiency':>12}{'img/s':>9}{'data-bound':>12}")
+        print(
+            f"\nwidth {args.width}, {args.levels} levels, batch {batch_size}/GPU: {m['parameters']:,} parameters, "
+            f"{m['gradient_bytes'] / 1e6:.2f} MB of gradients per step, {m['flops_per_image'] / 1e9:.2f} GFLOP per "
+            "image (fwd+bwd), "
+            f"{m['launches_per_step']} op launches per step; CPU (1 thread): {m['cpu_images_per_s']:.1f} img/s"
+        )
+        print(
+            f"{'link':<18}{'GPUs':>5}{'step ms':>9}{'allreduce ms':>14}{'bound':>10}"
+            f"{'efficiency':>12}{'img/s':>9}{'data-bound':>12}"
+        )
         for r in rows:
-            print(f"{r['link']:<18}{r['gpus']:>5}{r['step_ms']:>9.2f}{r['allreduce_ms']:>14.3f}{r['bound']:>10}"
-                  f"{r['efficiency']:>12.3f}{r['images_per_s']:>9.0f}{str(r['data_bound']):>12}")  # fmt: skip
+            print(
+                f"{r['link']:<18}{r['gpus']:>5}{r['step_ms']:>9.2f}{r['allreduce_ms']:>14.3f}{r['bound']:>10}"
+                f"{r['efficiency']:>12.3f}{r['images_per_s']:>9.0f}{str(r['data_bound']):>12}"
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"pairs_per_core_per_s": rate, "assumptions": vars(args) | {"out": str(args.out)}, "results": results}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {"pairs_per_core_per_s": rate, "assumptions": vars(args) | {"out": str(args.out)}, "results": results},
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -80,8 +80,17 @@ async def load(url: str, body: bytes, concurrency: int, requests: int, seconds: 
         await asyncio.gather(*(user(client) for _ in range(concurrency)))
     wall = time.perf_counter() - start
     p = np.percentile(latencies, [50, 95, 99]) * 1000
-    return {"concurrency": concurrency, "images_per_request": images, "requests": len(latencies), "rps": len(latencies) / wall,
-            "images_per_s": images * len(latencies) / wall, "p50_ms": p[0], "p95_ms": p[1], "p99_ms": p[2], "errors": errors}  # fmt: skip
+    return {
+        "concurrency": concurrency,
+        "images_per_request": images,
+        "requests": len(latencies),
+        "rps": len(latencies) / wall,
+        "images_per_s": images * len(latencies) / wall,
+        "p50_ms": p[0],
+        "p95_ms": p[1],
+        "p99_ms": p[2],
+        "errors": errors,
+    }
 
 
 async def full_queue(url: str, replicas: dict[str, psutil.Process], cfg: ServeConfig) -> dict:
@@ -89,7 +98,9 @@ async def full_queue(url: str, replicas: dict[str, psutil.Process], cfg: ServeCo
     outline at ``max_pixels``): each replica's peak RSS over its idle RSS, sampled every 20 ms."""
     side = int(cfg.max_pixels**0.5)
     image = Image.new("L", (side, side), 255)
-    ImageDraw.Draw(image).rectangle((side // 8, side // 8, side * 7 // 8, side * 7 // 8), outline=0, width=max(1, side // 128))
+    ImageDraw.Draw(image).rectangle(
+        (side // 8, side // 8, side * 7 // 8, side * 7 // 8), outline=0, width=max(1, side // 128)
+    )
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     body, done = buffer.getvalue(), asyncio.Event()
@@ -104,12 +115,25 @@ async def full_queue(url: str, replicas: dict[str, psutil.Process], cfg: ServeCo
 
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=cfg.max_ongoing_requests)) as client:
         watcher = asyncio.create_task(watch())
-        answers = await asyncio.gather(*(client.post(url, files={"image": ("big.png", body, "image/png")}, data={"color": "red"})
-                                         for _ in range(cfg.max_ongoing_requests)))  # fmt: skip
+        answers = await asyncio.gather(
+            *(
+                client.post(url, files={"image": ("big.png", body, "image/png")}, data={"color": "red"})
+                for _ in range(cfg.max_ongoing_requests)
+            )
+        )
         done.set()
         await watcher
-    return {"image": f"{side}x{side}", "png_bytes": len(body), "requests": len(answers), "ok": sum(a.status_code == 200 for a in answers),
-            **{f"{name}_{when}_rss_mb": measured(f"{name}_{when}_rss_mb", rss[name] / 2**20) for name in replicas for when, rss in (("idle", idle), ("peak", peak))}}  # fmt: skip
+    return {
+        "image": f"{side}x{side}",
+        "png_bytes": len(body),
+        "requests": len(answers),
+        "ok": sum(a.status_code == 200 for a in answers),
+        **{
+            f"{name}_{when}_rss_mb": measured(f"{name}_{when}_rss_mb", rss[name] / 2**20)
+            for name in replicas
+            for when, rss in (("idle", idle), ("peak", peak))
+        },
+    }
 
 
 def actor_process(class_name: str) -> psutil.Process:
@@ -118,7 +142,10 @@ def actor_process(class_name: str) -> psutil.Process:
     import ray
     from ray.util.state import list_actors
 
-    found = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE"), ("class_name", "=", class_name)])
+    found = list_actors(
+        address=ray.get_runtime_context().gcs_address,
+        filters=[("state", "=", "ALIVE"), ("class_name", "=", class_name)],
+    )
     if len(found) != 1:
         raise SystemExit(f"error: found {len(found)} live {class_name} actors, expected one; no figure printed")
     return psutil.Process(found[0].pid)
@@ -154,8 +181,18 @@ def main() -> int:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
     parser.add_argument("--seconds", type=float, default=30, help="time cap per concurrency level")
-    parser.add_argument("--rounds", type=int, default=4, help="passes over the levels after the warm-up (memory must not grow between them)")
-    parser.add_argument("--model-cpus", type=float, default=1, help="CPUs of the model replica (Ray gives it as many torch threads); the ingress reserves none")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="passes over the levels after the warm-up (memory must not grow between them)",
+    )
+    parser.add_argument(
+        "--model-cpus",
+        type=float,
+        default=1,
+        help="CPUs of the model replica (Ray gives it as many torch threads); the ingress reserves none",
+    )
     args = parser.parse_args()
 
     import ray
@@ -166,15 +203,23 @@ def main() -> int:
     colorizer = Colorizer.from_checkpoint(args.checkpoint, device="cpu")
     body, whole = outline_png(), in_process(colorizer, threads)
     baseline = in_process(colorizer, 1)
-    print(f"in-process Colorizer batch throughput: {baseline:.1f} images/s with 1 thread (a 1-CPU model replica's share), {whole:.1f} with {threads}; "
-          f"{1000 / baseline:.1f} ms of CPU per image")  # fmt: skip
+    print(
+        f"in-process Colorizer batch throughput: {baseline:.1f} images/s with 1 thread (a 1-CPU model replica's "
+        f"share), {whole:.1f} with {threads}; "
+        f"{1000 / baseline:.1f} ms of CPU per image"
+    )
     report = {"in_process_images_per_s": baseline, f"in_process_images_per_s_{threads}_threads": whole, "runs": []}
     levels = ((1, 1), (8, 1), (32, 1), (32, 16))  # (concurrency, outlines per request)
     for batching, batch_size in (("on", 32), ("off", 1)):
-        cfg = ServeConfig(checkpoint=args.checkpoint, max_batch_size=batch_size, batch_wait_s=0.01, cpus=args.model_cpus)
+        cfg = ServeConfig(
+            checkpoint=args.checkpoint, max_batch_size=batch_size, batch_wait_s=0.01, cpus=args.model_cpus
+        )
         serve.run(application(cfg), name="load", route_prefix="/")
         url = f"http://127.0.0.1:{port}/colorize"
-        replicas = {"ingress": actor_process("ServeReplica:load:Ingress"), "model": actor_process("ServeReplica:load:Model")}
+        replicas = {
+            "ingress": actor_process("ServeReplica:load:Ingress"),
+            "model": actor_process("ServeReplica:load:Model"),
+        }
         processes = {"client": psutil.Process(), "proxy": actor_process("ProxyActor")} | replicas
         for concurrency, images in levels:  # warm-up: a pass at every level, so the allocator has seen every batch size
             asyncio.run(load(url, body, concurrency, args.requests, args.seconds, images))
@@ -183,17 +228,31 @@ def main() -> int:
             for concurrency, images in levels:
                 cpu = {name: cpu_seconds(p) for name, p in processes.items()}
                 row = asyncio.run(load(url, body, concurrency, args.requests, args.seconds, images))
-                cpu_ms = {name: measured(f"{name} CPU", (cpu_seconds(p) - cpu[name]) * 1000 / row["requests"]) for name, p in processes.items()}
+                cpu_ms = {
+                    name: measured(f"{name} CPU", (cpu_seconds(p) - cpu[name]) * 1000 / row["requests"])
+                    for name, p in processes.items()
+                }
                 for name, p in replicas.items():
                     memory[name].append(measured(f"{name}_rss_mb", p.memory_info().rss / 2**20))
-                row |= {"batching": batching, "round": round_, "ratio_to_in_process": row["images_per_s"] / baseline,
-                        f"ratio_to_{threads}_threads": row["images_per_s"] / whole, "cpu_ms_per_request": cpu_ms,
-                        "rss_mb": {name: m[-1] for name, m in memory.items()}}  # fmt: skip
+                row |= {
+                    "batching": batching,
+                    "round": round_,
+                    "ratio_to_in_process": row["images_per_s"] / baseline,
+                    f"ratio_to_{threads}_threads": row["images_per_s"] / whole,
+                    "cpu_ms_per_request": cpu_ms,
+                    "rss_mb": {name: m[-1] for name, m in memory.items()},
+                }
                 report["runs"].append(row)
-                print(f"batching {batching:>3}  round {round_}  c={concurrency:<3} x{images:<2} {row['images_per_s']:6.1f} images/s  "
-                      f"p50 {row['p50_ms']:5.0f} ms  p95 {row['p95_ms']:5.0f} ms  p99 {row['p99_ms']:5.0f} ms  errors {row['errors']}  "
-                      f"ratio {row['ratio_to_in_process']:.2f} (to {threads} threads {row[f'ratio_to_{threads}_threads']:.2f})  "
-                      f"CPU ms/request: {', '.join(f'{name} {ms:.1f}' for name, ms in cpu_ms.items())}", flush=True)  # fmt: skip
+                print(
+                    f"batching {batching:>3}  round {round_}  c={concurrency:<3} x{images:<2} "
+                    f"{row['images_per_s']:6.1f} images/s  "
+                    f"p50 {row['p50_ms']:5.0f} ms  p95 {row['p95_ms']:5.0f} ms  p99 {row['p99_ms']:5.0f} ms  errors "
+                    f"{row['errors']}  "
+                    f"ratio {row['ratio_to_in_process']:.2f} (to {threads} threads "
+                    f"{row[f'ratio_to_{threads}_threads']:.2f})  "
+                    f"CPU ms/request: {', '.join(f'{name} {ms:.1f}' for name, ms in cpu_ms.items())}",
+                    flush=True,
+                )
         report[f"rss_mb_batching_{batching}"] = memory
         # L4's budget, from the same run: at concurrency c a single outline's p95 is within c times its p50 alone
         # (no request waits longer than every other client's served before it, one by one).
@@ -202,16 +261,28 @@ def main() -> int:
         mine = [r for r in mine if r["concurrency"] > 1]
         for r in mine:
             r["p95_budget_ms"] = r["concurrency"] * alone
-        print(f"p95 budget (concurrency x {alone:.0f} ms alone): " + ", ".join(f"c={r['concurrency']} {r['p95_ms']:.0f} of {r['p95_budget_ms']:.0f} ms"
-              for r in mine) + f": {'within' if all(r['p95_ms'] <= r['p95_budget_ms'] for r in mine) else 'NOT within'}")  # fmt: skip
+        print(
+            f"p95 budget (concurrency x {alone:.0f} ms alone): "
+            + ", ".join(f"c={r['concurrency']} {r['p95_ms']:.0f} of {r['p95_budget_ms']:.0f} ms" for r in mine)
+            + f": {'within' if all(r['p95_ms'] <= r['p95_budget_ms'] for r in mine) else 'NOT within'}"
+        )
         if batching == "on":
             full = report["full_queue"] = asyncio.run(full_queue(url, replicas, cfg))
-            print(f"every slot taken: {full['requests']} requests at once, each a {full['image']} outline ({full['png_bytes']} bytes of PNG), "
-                  f"{full['ok']} answered 200; RSS idle -> peak: "
-                  + ", ".join(f"{name} {full[f'{name}_idle_rss_mb']:.0f} -> {full[f'{name}_peak_rss_mb']:.0f} MB" for name in replicas), flush=True)  # fmt: skip
+            print(
+                f"every slot taken: {full['requests']} requests at once, each a {full['image']} outline "
+                f"({full['png_bytes']} bytes of PNG), "
+                f"{full['ok']} answered 200; RSS idle -> peak: "
+                + ", ".join(
+                    f"{name} {full[f'{name}_idle_rss_mb']:.0f} -> {full[f'{name}_peak_rss_mb']:.0f} MB"
+                    for name in replicas
+                ),
+                flush=True,
+            )
         for name, m in memory.items():
-            print(f"{name} memory after warm-up, then after each level: {' -> '.join(f'{v:.0f}' for v in m)} MB; "
-                  f"end of each round vs warm-up: {', '.join(f'{v - m[0]:+.0f}' for v in m[:: len(levels)][1:])} MB")  # fmt: skip
+            print(
+                f"{name} memory after warm-up, then after each level: {' -> '.join(f'{v:.0f}' for v in m)} MB; "
+                f"end of each round vs warm-up: {', '.join(f'{v - m[0]:+.0f}' for v in m[:: len(levels)][1:])} MB"
+            )
         serve.delete("load")
     serve.shutdown()
     ray.shutdown()

@@ -33,7 +33,9 @@ def plain(cfg: TrainConfig, threads: int) -> float:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = ConditionalUNet(cfg.model_config())
-    loader = DataLoader(SyntheticDataset(cfg.data.train_pairs, seed=(0, 0, 0)), batch_size=cfg.optim.batch_size, drop_last=True)
+    loader = DataLoader(
+        SyntheticDataset(cfg.data.train_pairs, seed=(0, 0, 0)), batch_size=cfg.optim.batch_size, drop_last=True
+    )
     optimizer, scheduler = make_optimizer(model, cfg.optim, 2 * len(loader))
     for _ in range(2):  # a warm-up epoch, then the timed one
         stats = train_one_epoch(model, loader, optimizer, scheduler, cfg.optim.loss, REAL_PALETTE, torch.device("cpu"))
@@ -41,7 +43,13 @@ def plain(cfg: TrainConfig, threads: int) -> float:
 
 
 def ray_loop(cfg: TrainConfig, workers: int, threads: int, storage: str) -> float:
-    cfg = cfg.replace(workers=workers, threads=threads, epochs=2, train_pairs=cfg.data.train_pairs * workers, name=f"throughput-{workers}")
+    cfg = cfg.replace(
+        workers=workers,
+        threads=threads,
+        epochs=2,
+        train_pairs=cfg.data.train_pairs * workers,
+        name=f"throughput-{workers}",
+    )
     result = build_trainer(cfg, storage).fit()
     return result.metrics["images_per_s_per_worker"]  # the second (warm) epoch
 
@@ -52,17 +60,24 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--width", type=int, default=8)
     args = parser.parse_args()
-    cfg = TrainConfig().replace(train_pairs=args.pairs, batch_size=args.batch_size, width=args.width, val_pairs=PRESETS["smoke"]["val_pairs"])
+    cfg = TrainConfig().replace(
+        train_pairs=args.pairs, batch_size=args.batch_size, width=args.width, val_pairs=PRESETS["smoke"]["val_pairs"]
+    )
     cpus = os.cpu_count() or 2
 
     figures = {f"plain, {t} thread(s)": plain(cfg, t) for t in sorted({1, cpus})}
     init_ray(num_cpus=cpus)
     with tempfile.TemporaryDirectory() as storage:
         figures[f"ray, 1 worker x {cpus} threads"] = ray_loop(cfg, 1, cpus, storage)
-        figures[f"ray, 2 workers x {max(1, cpus // 2)} thread(s), per worker"] = ray_loop(cfg, 2, max(1, cpus // 2), storage)
+        figures[f"ray, 2 workers x {max(1, cpus // 2)} thread(s), per worker"] = ray_loop(
+            cfg, 2, max(1, cpus // 2), storage
+        )
     ratios = {
-        "ray 1 worker / plain (same threads)": figures[f"ray, 1 worker x {cpus} threads"] / figures[f"plain, {cpus} thread(s)"],
-        "ray 2 workers, per worker / plain (same threads)": figures[f"ray, 2 workers x {max(1, cpus // 2)} thread(s), per worker"]
+        "ray 1 worker / plain (same threads)": figures[f"ray, 1 worker x {cpus} threads"]
+        / figures[f"plain, {cpus} thread(s)"],
+        "ray 2 workers, per worker / plain (same threads)": figures[
+            f"ray, 2 workers x {max(1, cpus // 2)} thread(s), per worker"
+        ]
         / figures[f"plain, {max(1, cpus // 2)} thread(s)"],
     }
     for label, value in figures.items():
@@ -71,7 +86,9 @@ def main() -> int:
         print(f"{label:<45} {value:8.3f}  (goal >= 0.95)")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_throughput.json").write_text(json.dumps({"config": vars(args), "images_per_s": figures, "ratios": ratios}, indent=2))
+    (out / "train_throughput.json").write_text(
+        json.dumps({"config": vars(args), "images_per_s": figures, "ratios": ratios}, indent=2)
+    )
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import hmac
 import json
 import os
@@ -27,15 +28,25 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 SIZES = ("model", "original")
-REASONS = {400: "malformed", 401: "unauthorized", 408: "timeout", 413: "too_large", 415: "unsupported_type",
-           422: "invalid", 429: "rate_limited", 503: "unavailable"}  # fmt: skip
+REASONS = {
+    400: "malformed",
+    401: "unauthorized",
+    408: "timeout",
+    413: "too_large",
+    415: "unsupported_type",
+    422: "invalid",
+    429: "rate_limited",
+    503: "unavailable",
+}
 
 
 class ClientError(Exception):
     """A refusal the client caused: its 4xx status, the message it reads, a short reason for the metrics (from
     the status unless given, as "unknown_colour" is), and the request's field at fault when it is the colour."""
 
-    def __init__(self, status: int, message: str, headers: dict | None = None, reason: str = "", field: str | None = None):
+    def __init__(
+        self, status: int, message: str, headers: dict | None = None, reason: str = "", field: str | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.headers, self.field = status, message, headers, field
         self.reason = reason or REASONS.get(status, "other")
@@ -58,7 +69,9 @@ class ErrorBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     error: str = Field(description="what is wrong, and what was expected")
-    field: Literal["color"] | None = Field(None, description="present when the colour is at fault, for a form to show it there")
+    field: Literal["color"] | None = Field(
+        None, description="present when the colour is at fault, for a form to show it there"
+    )
 
 
 class ItemAnswer(BaseModel):
@@ -78,8 +91,12 @@ class ColorizeJSON(BaseModel):
     """The JSON body of ``POST /colorize``."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    image: str | Annotated[list[str], Field(min_length=1)] = Field(description="a base64 PNG or JPEG, or a list of them")
-    color: str | Colours | None = Field(None, description="a colour (name, #hex, rgb(), hsl()) for all, or one per image")
+    image: str | Annotated[list[str], Field(min_length=1)] = Field(
+        description="a base64 PNG or JPEG, or a list of them"
+    )
+    color: str | Colours | None = Field(
+        None, description="a colour (name, #hex, rgb(), hsl()) for all, or one per image"
+    )
     colour: str | Colours | None = Field(None, description="the same as color")
     size: Literal["model", "original"] = Field("model", description="original: answer at the input's size")
 
@@ -88,46 +105,82 @@ COLOUR_TEXT = {"type": "string", "maxLength": 64, "description": "a name, modifi
 MULTIPART = {
     "type": "object",
     "properties": {
-        "image": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
-                  "description": "PNG or JPEG outlines, any mode; repeat the field for several"},
-        "color": {"type": "array", "items": COLOUR_TEXT, "minItems": 1, "description": "one colour for all, or one per image"},
+        "image": {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "minItems": 1,
+            "description": "PNG or JPEG outlines, any mode; repeat the field for several",
+        },
+        "color": {
+            "type": "array",
+            "items": COLOUR_TEXT,
+            "minItems": 1,
+            "description": "one colour for all, or one per image",
+        },
         "colour": {"type": "array", "items": COLOUR_TEXT, "minItems": 1, "description": "the same as color"},
-        "size": {"type": "string", "enum": list(SIZES), "default": "model", "description": "original: answer at the input's size"},
+        "size": {
+            "type": "string",
+            "enum": list(SIZES),
+            "default": "model",
+            "description": "original: answer at the input's size",
+        },
     },
     "required": ["image"],
     "additionalProperties": False,
-}  # fmt: skip
+}
 
 
 def error_responses(*statuses: int) -> dict:
-    """The OpenAPI ``responses`` entries of ``statuses``, each an ``ErrorBody``."""
-    said = {400: "malformed body (JSON, multipart or base64)", 401: "missing or wrong API key (when the server has one)",
-            408: "the request took longer than the server's timeout (Serve's proxy: plain text)",
-            413: "body, image or image count over its limit", 415: "content type or image format not accepted",
-            422: "a field is missing, of the wrong type, or its value cannot be used (an unknown colour suggests names)",
-            429: "too many phrases that need a text encoder run, from this client", 500: "internal error",
-            503: "the service is overloaded or not ready; retry with backoff (Serve's proxy: plain text)"}  # fmt: skip
+    """Return the OpenAPI ``responses`` entries of ``statuses``, each an ``ErrorBody``."""
+    said = {
+        400: "malformed body (JSON, multipart or base64)",
+        401: "missing or wrong API key (when the server has one)",
+        408: "the request took longer than the server's timeout (Serve's proxy: plain text)",
+        413: "body, image or image count over its limit",
+        415: "content type or image format not accepted",
+        422: "a field is missing, of the wrong type, or its value cannot be used (an unknown colour suggests names)",
+        429: "too many phrases that need a text encoder run, from this client",
+        500: "internal error",
+        503: "the service is overloaded or not ready; retry with backoff (Serve's proxy: plain text)",
+    }
     content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
     plain = content | {"text/plain": {"schema": {"type": "string"}}}
-    return {status: {"description": said[status], "content": plain if status in (408, 503) else content} for status in statuses}
+    return {
+        status: {"description": said[status], "content": plain if status in (408, 503) else content}
+        for status in statuses
+    }
 
 
+SQUARE = (  # a 24x24 square outline, as a PNG in base64: the JSON body's example
+    "iVBORw0KGgoAAAANSUhEUgAAABgAAAAYAQAAAADIDABVAAAAI0lEQVR42mP8z8DAxIDADB8Y+FnY/39AFiMWM3xg4GdEMw8AaFYGHwxFUsMAAAAASUVORK5CYII="
+)
 COLORIZE_OPENAPI = {
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": {"schema": MULTIPART, "encoding": {"image": {"contentType": "image/png, image/jpeg"}}},
-            "application/json": {"schema": ColorizeJSON.model_json_schema(ref_template="#/components/schemas/{model}")},
+            "multipart/form-data": {
+                "schema": MULTIPART,
+                "encoding": {"image": {"contentType": "image/png, image/jpeg"}},
+            },
+            "application/json": {
+                "schema": ColorizeJSON.model_json_schema(ref_template="#/components/schemas/{model}"),
+                "example": {"image": SQUARE, "color": "teal"},
+            },
         },
     },
 }
 
 
 def colorize_responses() -> dict:
-    """``POST /colorize``'s answers: a PNG for one outline, a JSON list for several, and its refusals."""
+    """Return ``POST /colorize``'s answers: a PNG for one outline, a JSON list for several, and its refusals."""
     many = {"type": "array", "items": {"$ref": "#/components/schemas/ItemAnswer"}}
-    ok = {"description": "one outline: the PNG; several: a JSON list in order",
-          "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}, "application/json": {"schema": many}}}  # fmt: skip
+    ok = {
+        "description": "one outline: the PNG; several: a JSON list in order",
+        "content": {
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": many},
+        },
+    }
     return {200: ok} | error_responses(400, 401, 408, 413, 415, 422, 429, 500, 503)
 
 
@@ -164,7 +217,10 @@ async def parse_colorize(request: Request, limit: int, max_images: int) -> Parse
     """Return the outlines, colours and size of a ``POST /colorize``, multipart or JSON (see ``COLORIZE_OPENAPI``)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in ("application/json", "multipart/form-data"):
-        raise ClientError(415, f"content type {content_type or 'none'!r} is not accepted; send multipart/form-data or application/json")
+        raise ClientError(
+            415,
+            f"content type {content_type or 'none'!r} is not accepted; send multipart/form-data or application/json",
+        )
     body = await read_body(request, limit)
     if content_type == "application/json":
         return parse_json(body, max_images)
@@ -195,17 +251,23 @@ def parse_json(body: bytes, max_images: int) -> Parsed:
 
 
 def invalid(err: ValidationError) -> ClientError:
-    """The 422 naming the first field a JSON body got wrong, and what it expected."""
+    """Return the 422 naming the first field a JSON body got wrong, and what it expected."""
     first = err.errors(include_url=False)[0]
     where = ".".join(str(part) for part in first["loc"][:2] if not str(part).startswith(("list[", "str", "literal")))
     kind = first["type"]
     if kind == "extra_forbidden":
         return ClientError(422, f'field "{where}" is not known; expected image, color (or colour) and size')
-    expected = {"image": "a base64 string or a list of them", "color": "a string or a list of strings", "colour": "a string or a list of strings",
-                "size": '"model" or "original"'}.get(where.split(".")[0], "")  # fmt: skip
+    expected = {
+        "image": "a base64 string or a list of them",
+        "color": "a string or a list of strings",
+        "colour": "a string or a list of strings",
+        "size": '"model" or "original"',
+    }.get(where.split(".")[0], "")
     if kind == "missing":
         return ClientError(422, f'field "{where}" is missing; expected {expected}')
-    return ClientError(422, f'field "{where}" is not valid; expected {expected}', field="color" if where.startswith("colo") else None)
+    return ClientError(
+        422, f'field "{where}" is not valid; expected {expected}', field="color" if where.startswith("colo") else None
+    )
 
 
 async def parse_form(request: Request, body: bytes, max_images: int) -> Parsed:
@@ -224,7 +286,9 @@ async def parse_form(request: Request, body: bytes, max_images: int) -> Parsed:
         raise ClientError(400, "body is not a valid multipart form") from None
     try:
         if unknown := sorted(set(form.keys()) - {"image", "color", "colour", "size"}):
-            raise ClientError(422, f'form field "{unknown[0]}" is not known; expected image, color (or colour) and size')
+            raise ClientError(
+                422, f'form field "{unknown[0]}" is not known; expected image, color (or colour) and size'
+            )
         uploads = form.getlist("image")
         if not uploads or not all(isinstance(u, UploadFile) for u in uploads):
             raise ClientError(422, 'form field "image" is missing or not a file')
@@ -236,25 +300,32 @@ async def parse_form(request: Request, body: bytes, max_images: int) -> Parsed:
         if len(sizes) > 1 or not all(isinstance(s, str) for s in sizes):
             raise ClientError(422, 'form field "size" must be given at most once, as text: "model" or "original"')
         images = [await u.read() for u in uploads]
-        return finish(images, one_of(colours.get("color"), colours.get("colour")), sizes[0] if sizes else "model", len(uploads) > 1)
+        return finish(
+            images,
+            one_of(colours.get("color"), colours.get("colour")),
+            sizes[0] if sizes else "model",
+            len(uploads) > 1,
+        )
     finally:
         await form.close()  # the images are in ``images`` now: the uploads' files are let go
 
 
 def one_of(color, colour):
-    """The colour given as ``color`` or as ``colour``; 422 when both are."""
+    """Return the colour given as ``color`` or as ``colour``; 422 when both are."""
     if color is not None and colour is not None:
         raise ClientError(422, 'give the colour as "color" or as "colour", not both', field="color")
     return color if color is not None else colour
 
 
 def finish(images: list, colour: str | list[str] | None, size: str, many: bool) -> Parsed:
-    """The Parsed request, once its colours match its images and its size is known."""
+    """Return the Parsed request, once its colours match its images and its size is known."""
     colours = colour if isinstance(colour, list) else [colour]
     if colour is None:
         raise ClientError(422, 'field "color" is missing; expected a name, #hex or rgb(r, g, b)', field="color")
     if len(colours) not in (1, len(images)):
-        raise ClientError(422, f"{len(images)} images and {len(colours)} colours; send one colour for all, or one per image")
+        raise ClientError(
+            422, f"{len(images)} images and {len(colours)} colours; send one colour for all, or one per image"
+        )
     if size not in SIZES:
         raise ClientError(422, f'field "size" must be "model" or "original", got {str(size)[:20]!r}')
     return Parsed(images, colours * len(images) if len(colours) == 1 else colours, size == "original", many)
@@ -277,7 +348,7 @@ def check_count(count: int, max_images: int) -> None:
 
 
 def api_key() -> str | None:
-    """The key clients must send (POLYCOLOR_API_KEY), or None when the service is open."""
+    """Return the key clients must send (POLYCOLOR_API_KEY), or None when the service is open."""
     return os.environ.get("POLYCOLOR_API_KEY") or None
 
 
@@ -286,7 +357,9 @@ def require_key(request: Request) -> None:
     key = api_key()
     given = request.headers.get("authorization", "")
     if key and not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-        raise ClientError(401, "missing or wrong API key; send Authorization: Bearer <key>", {"WWW-Authenticate": "Bearer"})
+        raise ClientError(
+            401, "missing or wrong API key; send Authorization: Bearer <key>", {"WWW-Authenticate": "Bearer"}
+        )
 
 
 Authorized = Annotated[None, Depends(require_key)]
@@ -301,9 +374,13 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
 
 
 def make_app(on_refusal=lambda err: None) -> FastAPI:
-    """The FastAPI app with its error handlers; ``on_refusal(ClientError)`` sees every 4xx (for the metrics)."""
-    app = FastAPIOffline(title="polycolor", description="Colour polygon outlines by colour name.", redoc_url=None,
-                         static_url="/docs/assets")  # fmt: skip
+    """Return the FastAPI app with its error handlers; ``on_refusal(ClientError)`` sees every 4xx (for the metrics)."""
+    app = FastAPIOffline(
+        title="polycolor",
+        description="Colour polygon outlines by colour name.",
+        redoc_url=None,
+        static_url="/docs/assets",
+    )
     app.state.on_refusal = on_refusal
 
     @app.exception_handler(ClientError)
@@ -313,8 +390,13 @@ def make_app(on_refusal=lambda err: None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        messages = {404: f"no such path {request.url.path!r}; see /docs", 405: f"method {request.method} is not allowed on {request.url.path}"}
-        return error(exc.status_code, messages.get(exc.status_code, str(exc.detail)), headers=exc.headers)  # 405 keeps Allow
+        messages = {
+            404: f"no such path {request.url.path!r}; see /docs",
+            405: f"method {request.method} is not allowed on {request.url.path}",
+        }
+        return error(
+            exc.status_code, messages.get(exc.status_code, str(exc.detail)), headers=exc.headers
+        )  # 405 keeps Allow
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -327,7 +409,7 @@ def make_app(on_refusal=lambda err: None) -> FastAPI:
     default_openapi = app.openapi
 
     def openapi() -> dict:
-        schema = default_openapi()
+        schema = copy.deepcopy(default_openapi())  # FastAPI caches its schema: the key's scheme is added to a copy
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for model in (ErrorBody, ItemAnswer):
             components[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")

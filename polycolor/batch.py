@@ -49,7 +49,8 @@ class Source:
 
 
 def relative_name(name: object, where: str) -> str:
-    """``name`` as a path inside its folder; DatasetError for an absolute path, ``..`` or anything not a string."""
+    """Return ``name`` as a path inside its folder; DatasetError for an absolute path, ``..`` or anything not a
+    string."""
     parts = PurePosixPath(name).parts if isinstance(name, str) else ()
     if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
         raise DatasetError(f"{where}: {name!r} must be a relative path inside the folder, without '..'")
@@ -57,31 +58,49 @@ def relative_name(name: object, where: str) -> str:
 
 
 def find_source(src: str, colour: str | None) -> Source:
-    """The rows of ``src`` (see the module docstring); DatasetError naming the file, row or flag that is wrong."""
+    """Return the rows of ``src`` (see the module docstring); DatasetError naming the file, row or flag that is
+    wrong."""
     fs, path = storage.filesystem(src)
     kind = fs.get_file_info(path).type
     if kind == pafs.FileType.NotFound:
         raise DatasetError(f"--data {storage.redact(src)}: nothing there")
     if kind == pafs.FileType.File:
         if colour:
-            raise DatasetError(f"--data {storage.redact(src)}: a list names each row's colour; --color is for a folder of outlines")
+            raise DatasetError(
+                f"--data {storage.redact(src)}: a list names each row's colour; --color is for a folder of outlines"
+            )
         return from_list(src, fs, path)
     if fs.get_file_info(f"{path}/data.json").type == pafs.FileType.File:
         if colour:
-            raise DatasetError(f"--data {storage.redact(src)}: its data.json names each row's colour; --color is for a folder of outlines")
+            raise DatasetError(
+                f"--data {storage.redact(src)}: its data.json names each row's colour; "
+                "--color is for a folder of outlines"
+            )
         return from_split(src)
     if not colour:
-        raise DatasetError(f"--data {storage.redact(src)}: a folder of outlines needs --color (or give a split with data.json, or a CSV/JSON list)")
-    names = sorted(n for n, kind in storage.listing(src, recursive=True).items()
-                   if kind in (pafs.FileType.File, pafs.FileType.Unknown) and n.lower().endswith(IMAGE_SUFFIXES))  # Unknown: a FIFO, named when read
+        raise DatasetError(
+            f"--data {storage.redact(src)}: a folder of outlines needs --color "
+            "(or give a split with data.json, or a CSV/JSON list)"
+        )
+    names = sorted(
+        n
+        for n, kind in storage.listing(src, recursive=True).items()
+        if kind in (pafs.FileType.File, pafs.FileType.Unknown) and n.lower().endswith(IMAGE_SUFFIXES)
+    )  # Unknown: a FIFO, named when read
     if not names:
         raise DatasetError(f"--data {storage.redact(src)}: no images there (expected {', '.join(IMAGE_SUFFIXES)})")
-    return Source(src, table(names, [colour] * len(names), [as_png(n) for n in names], where=f"--data {storage.redact(src)}"))
+    return Source(
+        src, table(names, [colour] * len(names), [as_png(n) for n in names], where=f"--data {storage.redact(src)}")
+    )
 
 
 def from_split(src: str) -> Source:
     where, rows = storage.join(src, "data.json"), read_rows(src)
-    bad = [f"row {i}" for i, r in enumerate(rows) if not isinstance(r, dict) or not {"input_polygon", "colour", "output_image"} <= set(r)]
+    bad = [
+        f"row {i}"
+        for i, r in enumerate(rows)
+        if not isinstance(r, dict) or not {"input_polygon", "colour", "output_image"} <= set(r)
+    ]
     if bad:
         raise DatasetError(f"{where}: {', '.join(bad[:5])} lack input_polygon, colour or output_image")
     columns = {
@@ -94,19 +113,28 @@ def from_split(src: str) -> Source:
 
 
 def from_list(src: str, fs: pafs.FileSystem, path: str) -> Source:
-    """A CSV (header ``image,colour[,output]``) or a JSON list of such objects."""
+    """Return a CSV (header ``image,colour[,output]``) or a JSON list of such objects."""
     with fs.open_input_stream(path) as stream:
         text = stream.read().decode("utf-8-sig")
     if path.lower().endswith(".json"):
         rows = parse_rows(text.encode(), src)
     else:
         rows = list(csv.DictReader(io.StringIO(text)))
-    bad = [f"row {i}" for i, r in enumerate(rows) if not isinstance(r, dict) or not r.get("image") or not (r.get("colour") or r.get("color"))]
+    bad = [
+        f"row {i}"
+        for i, r in enumerate(rows)
+        if not isinstance(r, dict) or not r.get("image") or not (r.get("colour") or r.get("color"))
+    ]
     if bad:
-        raise DatasetError(f"{storage.redact(src)}: {', '.join(bad[:5])} lack an image or a colour; expected image,colour[,output]")
+        raise DatasetError(
+            f"{storage.redact(src)}: {', '.join(bad[:5])} lack an image or a colour; expected image,colour[,output]"
+        )
     images = [relative_name(r["image"], f"{storage.redact(src)} row {i} image") for i, r in enumerate(rows)]
     outputs = [r.get("output") or as_png(image) for r, image in zip(rows, images)]
-    return Source(storage.parent(src), table(images, [r.get("colour") or r["color"] for r in rows], outputs, where=storage.redact(src)))
+    return Source(
+        storage.parent(src),
+        table(images, [r.get("colour") or r["color"] for r in rows], outputs, where=storage.redact(src)),
+    )
 
 
 def as_png(name: str) -> str:
@@ -118,7 +146,7 @@ def table(images: list[str], colours: list[str], outputs: list[str], where: str)
 
 
 def checked(rows: pa.Table, where: str) -> pa.Table:
-    """``rows`` whose outputs are distinct relative paths; DatasetError naming the first clash."""
+    """Return ``rows`` whose outputs are distinct relative paths; DatasetError naming the first clash."""
     outputs = [relative_name(o, f"{where} row {i} output") for i, o in enumerate(rows["output"].to_pylist())]
     seen: dict[str, int] = {}
     for i, output in enumerate(outputs):
@@ -149,12 +177,16 @@ def decode(batch: dict, root: str, size: int, targets: bool = False, original_si
                 truths[i] = target_array(open_image(root, batch["target"][i]), size)
         except (DatasetError, ImageError) as err:  # a bad row is a row in errors.jsonl, never a failed job
             errors[i] = str(err)
-    out = {k: v for k, v in batch.items() if k != "target"} | {"outline": outlines, "error": np.array(errors, dtype=object)}
+    out = {k: v for k, v in batch.items() if k != "target"} | {
+        "outline": outlines,
+        "error": np.array(errors, dtype=object),
+    }
     return out | ({"truth": truths} if targets else {}) | ({"shape": shapes, "ink": inks} if original_size else {})
 
 
 class Painter:
-    """A Ray Data actor: one Colorizer, loaded once, colouring each batch's good rows, then ``finish``ing them when given."""
+    """A Ray Data actor: one Colorizer, loaded once, colouring each batch's good rows, then ``finish``ing them
+    when given."""
 
     def __init__(self, checkpoint: str, device: str, threads: int, finish=None):
         from polycolor.predict import Colorizer
@@ -164,7 +196,7 @@ class Painter:
         self.condition = lru_cache(maxsize=4096)(self.one_condition)
 
     def one_condition(self, colour: str) -> torch.Tensor | str:
-        """The colour's condition row, or the reason this checkpoint cannot paint it."""
+        """Return the colour's condition row, or the reason this checkpoint cannot paint it."""
         try:
             return self.colorizer.condition([colour])
         except ValueError as err:
@@ -186,7 +218,8 @@ class Painter:
 
 
 def write(batch: dict, dst: str, original_size: bool) -> dict:
-    """Encode each good row as PNG (at its input's size with ``original_size``) and write it to ``dst``, whole or not at all."""
+    """Encode each good row as PNG (at its input's size with ``original_size``) and write it to ``dst``, whole or
+    not at all."""
     fs, base = storage.opened(dst)
     local = isinstance(fs, pafs.LocalFileSystem)
     errors = batch["error"].copy()
@@ -199,7 +232,9 @@ def write(batch: dict, dst: str, original_size: bool) -> dict:
             fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
             # A local file is written beside its name and renamed into place; an object store publishes an
             # object only when its upload completes.
-            staging = f"{path.rsplit('/', 1)[0]}/.{PurePosixPath(path).name}.tmp-{uuid.uuid4().hex[:8]}" if local else path
+            staging = (
+                f"{path.rsplit('/', 1)[0]}/.{PurePosixPath(path).name}.tmp-{uuid.uuid4().hex[:8]}" if local else path
+            )
             with fs.open_output_stream(staging) as stream:
                 stream.write(encoded)
             if local:
@@ -210,7 +245,7 @@ def write(batch: dict, dst: str, original_size: bool) -> dict:
 
 
 def score(batch: dict) -> dict:
-    """The per-image metrics (``polycolor.metrics``) of each good row against its truth."""
+    """Return the per-image metrics (``polycolor.metrics``) of each good row against its truth."""
     from polycolor.metrics import per_image
 
     pred = torch.from_numpy(batch["rgb"]).permute(0, 3, 1, 2).float() / 255
@@ -233,7 +268,8 @@ class Plan:
     cpus_per_actor: float = 1.0
 
     def resolved(self) -> Plan:
-        """Defaults from the cluster: one actor per GPU when there are GPUs, else as many as the CPUs hold."""
+        """Return this plan with its defaults from the cluster: one actor per GPU when there are GPUs, else as many as
+        the CPUs hold."""
         import ray
 
         total = ray.cluster_resources()
@@ -243,7 +279,7 @@ class Plan:
 
 
 def pipeline(source: Source, checkpoint: str, image_size: int, plan: Plan, finish, targets: bool = False, **kwargs):
-    """The Ray Data dataset of ``source``'s rows (with ``row``, their index) decoded, coloured and then passed
+    """Return the Ray Data dataset of ``source``'s rows (with ``row``, their index) decoded, coloured and then passed
     through the ``finish`` stage (``write`` or ``score``) with ``kwargs``."""
     import ray
 
@@ -255,15 +291,38 @@ def pipeline(source: Source, checkpoint: str, image_size: int, plan: Plan, finis
     on_gpu = bool(plan.gpus_per_actor)
     coloured = (
         ray.data.from_arrow([rows.slice(start, step) for start in range(0, len(rows), step)])
-        .map_batches(decode, fn_kwargs={"root": source.root, "size": image_size, "targets": targets, "original_size": kwargs.get("original_size", False)},
-                     batch_size=plan.batch_size,
-                     batch_format="numpy", num_cpus=1 if on_gpu else plan.cpus_per_actor)
-        .map_batches(Painter, fn_constructor_kwargs={"checkpoint": checkpoint, "device": "cuda" if on_gpu else "cpu",
-                                                     "threads": max(1, int(plan.cpus_per_actor)), "finish": None if on_gpu else partial(finish, **kwargs)},
-                     batch_size=plan.batch_size, batch_format="numpy", concurrency=plan.concurrency,
-                     num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor)
-    )  # fmt: skip
-    return coloured.map_batches(finish, fn_kwargs=kwargs, batch_size=plan.batch_size, batch_format="numpy") if on_gpu else coloured
+        .map_batches(
+            decode,
+            fn_kwargs={
+                "root": source.root,
+                "size": image_size,
+                "targets": targets,
+                "original_size": kwargs.get("original_size", False),
+            },
+            batch_size=plan.batch_size,
+            batch_format="numpy",
+            num_cpus=1 if on_gpu else plan.cpus_per_actor,
+        )
+        .map_batches(
+            Painter,
+            fn_constructor_kwargs={
+                "checkpoint": checkpoint,
+                "device": "cuda" if on_gpu else "cpu",
+                "threads": max(1, int(plan.cpus_per_actor)),
+                "finish": None if on_gpu else partial(finish, **kwargs),
+            },
+            batch_size=plan.batch_size,
+            batch_format="numpy",
+            concurrency=plan.concurrency,
+            num_cpus=plan.cpus_per_actor,
+            num_gpus=plan.gpus_per_actor,
+        )
+    )
+    return (
+        coloured.map_batches(finish, fn_kwargs=kwargs, batch_size=plan.batch_size, batch_format="numpy")
+        if on_gpu
+        else coloured
+    )
 
 
 @dataclass
@@ -275,17 +334,25 @@ class Summary:
 
     def line(self) -> str:
         rate = self.done / self.seconds if self.seconds else 0.0
-        return f"done {self.done}, failed {self.failed}, skipped {self.skipped} in {self.seconds:.1f} s ({rate:.1f} images/s)"
+        counts = f"done {self.done}, failed {self.failed}, skipped {self.skipped}"
+        return f"{counts} in {self.seconds:.1f} s ({rate:.1f} images/s)"
 
 
 def failed_rows(batch: dict) -> list[dict]:
-    """The rows of a result batch that failed, as JSON-ready dicts with their reason."""
+    """Return the rows of a result batch that failed, as JSON-ready dicts with their reason."""
     keys = [k for k in ("image", "colour", "output", "error") if k in batch]
     return [{k: str(batch[k][i]) for k in keys} for i, e in enumerate(batch["error"]) if e]
 
 
-def colour_all(source: Source, checkpoint: str, image_size: int, dst: str, plan: Plan = Plan(), resume: bool = False,
-               original_size: bool = False) -> Summary:  # fmt: skip
+def colour_all(
+    source: Source,
+    checkpoint: str,
+    image_size: int,
+    dst: str,
+    plan: Plan = Plan(),
+    resume: bool = False,
+    original_size: bool = False,
+) -> Summary:
     """Colour every row of ``source`` into ``dst``; failed rows go to ``dst/errors.jsonl``. ``resume`` skips rows
     whose output exists; without it, ``dst`` may hold none of them (nothing already written is overwritten)."""
     started, summary = time.perf_counter(), Summary()
@@ -294,7 +361,10 @@ def colour_all(source: Source, checkpoint: str, image_size: int, dst: str, plan:
     clean_partials(dst, there)
     done_before = np.array([o in there for o in source.rows["output"].to_pylist()], dtype=bool)
     if done_before.any() and not resume:
-        raise DatasetError(f"--out {storage.redact(dst)} already holds {int(done_before.sum())} of the outputs; pass --resume to do only the rest, or pick another --out")
+        raise DatasetError(
+            f"--out {storage.redact(dst)} already holds {int(done_before.sum())} of the outputs; "
+            "pass --resume to do only the rest, or pick another --out"
+        )
     summary.skipped = int(done_before.sum())
     todo = Source(source.root, source.rows.filter(pa.array(~done_before)))
     errors = []
@@ -319,8 +389,10 @@ def clean_partials(dst: str, there: set[str]) -> None:
         there.discard(name)
 
 
-def score_all(source: Source, checkpoint: str, image_size: int, plan: Plan = Plan()) -> tuple[dict[str, np.ndarray], np.ndarray, list[dict]]:
-    """(per-image metrics of the rows that could be scored, those rows' indices, the rows that could not), in
+def score_all(
+    source: Source, checkpoint: str, image_size: int, plan: Plan = Plan()
+) -> tuple[dict[str, np.ndarray], np.ndarray, list[dict]]:
+    """Return (per-image metrics of the rows that could be scored, those rows' indices, the rows that could not), in
     ``source``'s order."""
     from polycolor.metrics import METRICS
 

@@ -74,7 +74,7 @@ def config_sha256(model_config: dict, palette: dict) -> str:
 
 
 def unwrap(model: torch.nn.Module) -> ConditionalUNet:
-    """The ConditionalUNet inside DDP / torch.compile wrappers."""
+    """Return the ConditionalUNet inside DDP / torch.compile wrappers."""
     while not isinstance(model, ConditionalUNet):
         model = getattr(model, "module", None) or getattr(model, "_orig_mod")
     return model
@@ -126,8 +126,14 @@ def exchange(a: Path, b: Path) -> None:
     os.replace(old, a)
 
 
-def write(path: str | Path, model: torch.nn.Module, palette: dict[str, RGB], metrics: dict | None = None,
-          train_state: dict | None = None, train: dict | None = None) -> Path:  # fmt: skip
+def write(
+    path: str | Path,
+    model: torch.nn.Module,
+    palette: dict[str, RGB],
+    metrics: dict | None = None,
+    train_state: dict | None = None,
+    train: dict | None = None,
+) -> Path:
     """Write a checkpoint directory at ``path`` atomically, replacing any previous one there."""
     with atomic_directory(path) as tmp:
         write_into(tmp, model, palette, metrics, train_state, train)
@@ -147,8 +153,14 @@ def export(source: str | Path, path: str | Path) -> Loaded:
     return loaded
 
 
-def write_into(directory: Path, model: torch.nn.Module, palette: dict[str, RGB], metrics: dict | None = None,
-               train_state: dict | None = None, train: dict | None = None) -> None:  # fmt: skip
+def write_into(
+    directory: Path,
+    model: torch.nn.Module,
+    palette: dict[str, RGB],
+    metrics: dict | None = None,
+    train_state: dict | None = None,
+    train: dict | None = None,
+) -> None:
     """Write the checkpoint files into an existing (e.g. temporary) directory; ``train``: how it was trained."""
     directory, model = Path(directory), unwrap(model)
     model_config = model.cfg.to_dict()
@@ -181,7 +193,9 @@ def read_config(path: str | Path, shown: str | None = None) -> dict:
     if not isinstance(config, dict):
         raise CheckpointError(f"{named}: expected a JSON object")
     if config.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{named}: format_version {config.get('format_version')!r} is not supported; expected {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{named}: format_version {config.get('format_version')!r} is not supported; expected {FORMAT_VERSION}"
+        )
     missing = {"model", "palette", "weights_sha256"} - set(config)
     if missing:
         raise CheckpointError(f"{named}: missing field(s) {sorted(missing)}")
@@ -202,17 +216,25 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
 
 
 def refuse_a_folder_of_checkpoints(location: str) -> None:
-    """CheckpointError when ``location`` is a run's or a search's folder holding checkpoints, not one checkpoint."""
+    """Raise CheckpointError when ``location`` is a run's or a search's folder holding checkpoints, not one
+    checkpoint."""
     if storage.exists(storage.join(location, CONFIG)):
         return
-    inner = sorted(n for n, kind in storage.listing(location).items() if kind == pafs.FileType.Directory and (n == "best" or n.startswith("checkpoint_")))
+    inner = sorted(
+        n
+        for n, kind in storage.listing(location).items()
+        if kind == pafs.FileType.Directory and (n == "best" or n.startswith("checkpoint_"))
+    )
     if inner:
         shown = storage.redact(location)
-        raise CheckpointError(f"{shown}: a folder of {len(inner)} checkpoints, not a checkpoint; pass one of them, e.g. {storage.join(shown, inner[-1])}")
+        raise CheckpointError(
+            f"{shown}: a folder of {len(inner)} checkpoints, not a checkpoint; "
+            f"pass one of them, e.g. {storage.join(shown, inner[-1])}"
+        )
 
 
 def load_directory(path: Path, device: str | torch.device = "cpu", shown: str | None = None) -> Loaded:
-    """``load`` of a local directory; messages name ``shown`` (the location the user gave) in its place."""
+    """Load a local directory as ``load`` does; messages name ``shown`` (the location the user gave) in its place."""
     if not path.is_dir():
         raise CheckpointError(f"{shown or path}: not a checkpoint directory (expected {CONFIG} and {WEIGHTS} inside)")
     shown = shown or str(path)
@@ -221,7 +243,10 @@ def load_directory(path: Path, device: str | torch.device = "cpu", shown: str | 
     if not weights.is_file():
         raise CheckpointError(f"{storage.join(shown, WEIGHTS)}: missing")
     if file_sha256(weights) != config["weights_sha256"]:
-        raise CheckpointError(f"{storage.join(shown, WEIGHTS)}: sha256 does not match {CONFIG}'s weights_sha256; the file is truncated or altered (or still being written)")
+        raise CheckpointError(
+            f"{storage.join(shown, WEIGHTS)}: sha256 does not match {CONFIG}'s weights_sha256; "
+            "the file is truncated or altered (or still being written)"
+        )
     try:
         cfg = ModelConfig(**config["model"])
     except (TypeError, ValueError) as err:
@@ -233,23 +258,30 @@ def load_directory(path: Path, device: str | torch.device = "cpu", shown: str | 
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{storage.join(shown, WEIGHTS)}: not a readable safetensors file ({err})") from None
     if recorded != config_sha256(config["model"], config["palette"]):
-        raise CheckpointError(f"{storage.join(shown, WEIGHTS)}: was saved with a different model config or palette than {storage.join(shown, CONFIG)} records")
+        raise CheckpointError(
+            f"{storage.join(shown, WEIGHTS)}: was saved with a different model config or palette "
+            f"than {storage.join(shown, CONFIG)} records"
+        )
     model = ConditionalUNet(cfg)
     try:
         model.load_state_dict(tensors)
     except RuntimeError as err:
-        raise CheckpointError(f"{storage.join(shown, WEIGHTS)}: weights do not fit the model config ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{storage.join(shown, WEIGHTS)}: weights do not fit the model config ({str(err).splitlines()[0]})"
+        ) from None
     palette = {name: tuple(rgb) for name, rgb in config["palette"].items()}
     return Loaded(model.to(device).eval(), palette, config.get("metrics", {}), shown)
 
 
 def load_train_state(path: str | Path, shown: str | None = None) -> dict:
-    """The optimiser / schedule / epoch state saved beside the weights; CheckpointError naming the file
+    """Return the optimiser / schedule / epoch state saved beside the weights; CheckpointError naming the file
     (``shown`` in place of ``path``) when it is missing or unsafe."""
     file = Path(path) / TRAIN_STATE
     if not file.is_file():
-        raise CheckpointError(f"{storage.join(shown or str(path), TRAIN_STATE)}: missing, so training cannot continue from this "
-                              "checkpoint; restore the file, or start a new run (another --name) from scratch")  # fmt: skip
+        raise CheckpointError(
+            f"{storage.join(shown or str(path), TRAIN_STATE)}: missing, so training cannot continue from this "
+            "checkpoint; restore the file, or start a new run (another --name) from scratch"
+        )
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or non-tensor pickles

@@ -4,7 +4,7 @@
 
     with Client("http://127.0.0.1:8000", api_key=None) as client:
         client.colorize("outline.png", "teal").save("teal.png")
-        answers = client.colorize_many(["a.png", "b.png"], ["teal", "red"])   # images, or ServiceError for a refused one
+        answers = client.colorize_many(["a.png", "b.png"], ["teal", "red"])  # an image, or a ServiceError, each
 
 408, 429 and 503 mean "not now": they are retried with exponential backoff and full jitter, waiting at least
 what ``Retry-After`` asks, as are dropped connections (``/colorize`` changes nothing, so a retry is safe).
@@ -85,8 +85,12 @@ def images_of(answer: httpx.Response, many: bool) -> list[Image.Image | ServiceE
     if not many:
         return [Image.open(io.BytesIO(answer.content))]
     items = answer.json()
-    return [Image.open(io.BytesIO(base64.b64decode(item["image"]))) if "image" in item else
-            ServiceError(item.get("status", 422), item.get("error", ""), item.get("field")) for item in items]  # fmt: skip
+    return [
+        Image.open(io.BytesIO(base64.b64decode(item["image"])))
+        if "image" in item
+        else ServiceError(item.get("status", 422), item.get("error", ""), item.get("field"))
+        for item in items
+    ]
 
 
 class Client:
@@ -126,7 +130,9 @@ class Client:
         """Return ``picture`` (a PIL image, PNG or JPEG bytes, or a path) coloured ``colour``."""
         return images_of(self.request("POST", "/colorize", **form([picture], [colour], original_size)), many=False)[0]
 
-    def colorize_many(self, pictures: Sequence[Picture], colours: str | Sequence[str], original_size: bool = False) -> list:
+    def colorize_many(
+        self, pictures: Sequence[Picture], colours: str | Sequence[str], original_size: bool = False
+    ) -> list:
         """Return each picture coloured, in order, in one request: its image, or the ServiceError refusing it alone."""
         colours = [colours] if isinstance(colours, str) else colours
         answer = self.request("POST", "/colorize", **form(pictures, colours, original_size))
@@ -144,7 +150,14 @@ class Client:
 class AsyncClient(Client):
     """``Client`` for asyncio: the same methods, awaited."""
 
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0, retry: Retry = Retry(), connections: int = 100):
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retry: Retry = Retry(),
+        connections: int = 100,
+    ):
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=connections)
         self.http = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout, limits=limits)
@@ -173,11 +186,17 @@ class AsyncClient(Client):
         raise refused(answer)
 
     async def colorize(self, picture: Picture, colour: str, original_size: bool = False) -> Image.Image:
-        return images_of(await self.request("POST", "/colorize", **form([picture], [colour], original_size)), many=False)[0]
+        return images_of(
+            await self.request("POST", "/colorize", **form([picture], [colour], original_size)), many=False
+        )[0]
 
-    async def colorize_many(self, pictures: Sequence[Picture], colours: str | Sequence[str], original_size: bool = False) -> list:
+    async def colorize_many(
+        self, pictures: Sequence[Picture], colours: str | Sequence[str], original_size: bool = False
+    ) -> list:
         colours = [colours] if isinstance(colours, str) else colours
-        return images_of(await self.request("POST", "/colorize", **form(pictures, colours, original_size)), many=len(pictures) > 1)
+        return images_of(
+            await self.request("POST", "/colorize", **form(pictures, colours, original_size)), many=len(pictures) > 1
+        )
 
     async def colors(self) -> dict:
         return (await self.request("GET", "/colors")).json()

@@ -45,7 +45,8 @@ _FUNC = re.compile(rf"(rgba?|hsla?)\({_NUMBER}(?:deg)?[,\s]{_NUMBER}[,\s]{_NUMBE
 
 
 def normalize_name(text: str) -> str:
-    """The lookup key of a name: lower case, no leading article, letters and digits only ("A Light-Blue" -> "lightblue")."""
+    """Return a name's lookup key: lower case, no leading article, letters and digits only ("A Light-Blue" ->
+    "lightblue")."""
     return re.sub(r"[^a-z0-9]", "", _ARTICLE.sub("", text.strip().lower()))
 
 
@@ -58,7 +59,9 @@ def _xkcd() -> dict[str, RGB]:
 XKCD_COLORS: dict[str, RGB] = _xkcd()
 LEXICONS = {"css": CSS_COLORS, "xkcd": XKCD_COLORS}  # in the order they are consulted, after a dataset's palette
 # key -> (name as written, RGB); an earlier lexicon wins a key both hold
-LEXICON: dict[str, tuple[str, RGB]] = {normalize_name(n): (n, rgb) for table in reversed(LEXICONS.values()) for n, rgb in table.items()}
+LEXICON: dict[str, tuple[str, RGB]] = {
+    normalize_name(n): (n, rgb) for table in reversed(LEXICONS.values()) for n, rgb in table.items()
+}
 
 
 def parse_color(text: object, palette: Mapping[str, RGB] | None = None) -> RGB:
@@ -70,7 +73,7 @@ def parse_color(text: object, palette: Mapping[str, RGB] | None = None) -> RGB:
 
 
 def read_color(text: object, palette: Mapping[str, RGB] | None = None) -> RGB | None:
-    """``parse_color`` without the search for suggestions: None for a phrase no lexicon reads."""
+    """Return what ``parse_color`` does, without its search for suggestions: None for a phrase no lexicon reads."""
     check_phrase(text)
     if (rgb := notation(text)) is not None or (rgb := lookup(text, palette)) is not None:
         return rgb
@@ -91,7 +94,8 @@ def lookup(name: str, palette: Mapping[str, RGB] | None = None) -> RGB | None:
 
 
 def notation(text: str) -> RGB | None:
-    """The RGB of a hex, rgb()/rgba() or hsl()/hsla() string, None if it is none of them; ValueError if malformed."""
+    """Return the RGB of a hex, rgb()/rgba() or hsl()/hsla() string, None if it is none of them; ValueError if
+    malformed."""
     compact = text.strip().lower()
     if match := _HEX.fullmatch(compact.replace(" ", "")):
         digits = match.group(1)
@@ -110,7 +114,9 @@ def notation(text: str) -> RGB | None:
         channels = [v / 100 if p else v / 255 for v, p in zip(values[:3], percent[:3])]
     else:
         if not (percent[1] and percent[2]):
-            raise ValueError(f"colour {text!r}: hsl() takes saturation and lightness in percent, e.g. hsl(120, 100%, 50%)")
+            raise ValueError(
+                f"colour {text!r}: hsl() takes saturation and lightness in percent, e.g. hsl(120, 100%, 50%)"
+            )
         channels = list(colorsys.hls_to_rgb(values[0] % 360 / 360, values[2] / 100, values[1] / 100))
     if max(channels) > 1 or alpha > 1:
         raise ValueError(f"colour {text!r}: each component must be 0-255 (or 0-100%), alpha 0-1")
@@ -124,22 +130,38 @@ def over_white(channels, alpha: float) -> RGB:
 # ---------------------------------------------------------------------------------------------------
 # Modifiers in OKLab (Björn Ottosson's matrices): lightness and chroma change, hue stays.
 
-_M1 = np.array([[0.4122214708, 0.5363325363, 0.0514459929], [0.2119034982, 0.6806995451, 0.1073969566], [0.0883024619, 0.2817188376, 0.6299787005]])
-_M2 = np.array([[0.2104542553, 0.7936177850, -0.0040720468], [1.9779984951, -2.4285922050, 0.4505937099], [0.0259040371, 0.7827717662, -0.8086757660]])
+_M1 = np.array(
+    [
+        [0.4122214708, 0.5363325363, 0.0514459929],
+        [0.2119034982, 0.6806995451, 0.1073969566],
+        [0.0883024619, 0.2817188376, 0.6299787005],
+    ]
+)
+_M2 = np.array(
+    [
+        [0.2104542553, 0.7936177850, -0.0040720468],
+        [1.9779984951, -2.4285922050, 0.4505937099],
+        [0.0259040371, 0.7827717662, -0.8086757660],
+    ]
+)
 STEPS = {  # modifier -> (share of the way to white, lightness factor, chroma factor)
-    "light": (0.35, 1.0, 0.85), "dark": (0.0, 0.7, 1.0), "pale": (0.5, 1.0, 0.5), "deep": (0.0, 0.85, 1.2), "bright": (0.1, 1.0, 1.3),
-}  # fmt: skip
+    "light": (0.35, 1.0, 0.85),
+    "dark": (0.0, 0.7, 1.0),
+    "pale": (0.5, 1.0, 0.5),
+    "deep": (0.0, 0.85, 1.2),
+    "bright": (0.1, 1.0, 1.3),
+}
 
 
 def to_oklab(rgb) -> np.ndarray:
-    """(..., 3) 8-bit sRGB -> (..., 3) OKLab."""
+    """Return the OKLab (..., 3) of (..., 3) 8-bit sRGB."""
     c = np.asarray(rgb, dtype=float) / 255
     linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
     return np.cbrt(linear @ _M1.T) @ _M2.T
 
 
 def from_oklab(lab: np.ndarray) -> RGB:
-    """The sRGB colour of ``lab``, its chroma lowered (hue and lightness kept) until it fits."""
+    """Return the sRGB colour of ``lab``, its chroma lowered (hue and lightness kept) until it fits."""
     for _ in range(30):
         linear = np.linalg.solve(_M1, np.linalg.solve(_M2, lab) ** 3)
         if linear.min() >= -1e-4 and linear.max() <= 1 + 1e-4:
@@ -155,7 +177,7 @@ def scale_chroma(lab: np.ndarray, factor: float) -> np.ndarray:
 
 
 def ish(word: str, palette: Mapping[str, RGB] | None = None) -> RGB | None:
-    """The colour X of "Xish" ("reddish", "bluish", "orangeish"), or None."""
+    """Return the colour X of "Xish" ("reddish", "bluish", "orangeish"), or None."""
     if not word.endswith("ish") or len(word) < 5:
         return None
     stem = word[:-3]
@@ -170,7 +192,7 @@ def is_modifier(word: str, palette: Mapping[str, RGB] | None = None) -> bool:
 
 
 def modified(rgb: RGB, modifiers: list[str], palette: Mapping[str, RGB] | None = None) -> RGB:
-    """``rgb`` under ``modifiers``, the one nearest the name first; "very" repeats the modifier after it."""
+    """Return ``rgb`` under ``modifiers``, the one nearest the name first; "very" repeats the modifier after it."""
     steps, times = [], 1
     for word in modifiers:
         if word == "very":
@@ -189,7 +211,7 @@ def modified(rgb: RGB, modifiers: list[str], palette: Mapping[str, RGB] | None =
 
 
 def check_phrase(text: object) -> str:
-    """``text`` if it is a non-empty string of at most MAX_COLOR_LENGTH characters, else ValueError."""
+    """Return ``text`` if it is a non-empty string of at most MAX_COLOR_LENGTH characters, else ValueError."""
     if not isinstance(text, str):
         raise ValueError(f"colour must be a string such as 'red' or '#ff8800', got {type(text).__name__}")
     if not text.strip():
@@ -202,7 +224,7 @@ def check_phrase(text: object) -> str:
 
 
 def name_distance(lab: np.ndarray, other: np.ndarray) -> float:
-    """How far apart two OKLab colours are as names go: hue difference in full, chroma at half and lightness at
+    """Return how far apart two OKLab colours are as names go: hue difference in full, chroma at half and lightness at
     a quarter, since names follow hue first (teal is nearer cyan than purple, though cyan is far lighter)."""
     chroma, chroma_other = np.hypot(lab[1], lab[2]), np.hypot(other[1], other[2])
     hue2 = max(0.0, float(np.sum((lab[1:] - other[1:]) ** 2)) - (chroma - chroma_other) ** 2)  # ΔH² = Δa² + Δb² − ΔC²
@@ -210,7 +232,8 @@ def name_distance(lab: np.ndarray, other: np.ndarray) -> float:
 
 
 def suggestion(text: str, palette: Mapping[str, RGB] | None = None, only: Iterable[str] | None = None) -> str:
-    """'; did you mean ...?' for the three names nearest ``text`` among the lexicons and the palette (or ``only``
+    """Return '; did you mean ...?' with the three names nearest ``text`` among the lexicons and the palette (or
+    ``only``
     those names: a closed vocabulary): a near spelling first (a typo), then, of the names sharing most of its
     words (any name, in a closed vocabulary), those whose colour is nearest in OKLab the colour the phrase or
     its colour words name ("zorp red" -> the reds), then the closest spellings; else a hint on what is accepted."""
@@ -223,24 +246,42 @@ def suggestion(text: str, palette: Mapping[str, RGB] | None = None, only: Iterab
         whole = read_color(text, palette)  # a colour a closed vocabulary lacks ("teal") is still a colour
     except ValueError:
         whole = None
-    named = [to_oklab(whole)] if whole is not None else [to_oklab(rgb) for w in words if (rgb := lookup(w, palette) or ish(w, palette)) is not None]
+    named = (
+        [to_oklab(whole)]
+        if whole is not None
+        else [to_oklab(rgb) for w in words if (rgb := lookup(w, palette) or ish(w, palette)) is not None]
+    )
     meaning = np.mean(named, axis=0) if named else None
     ranked = sorted(
-        (-len(words & set(n.lower().split())), name_distance(to_oklab(rgb), meaning) if meaning is not None else 0.0, len(n), k)
-        for k, (n, rgb) in names.items() if words & set(n.lower().split()) or (only is not None and meaning is not None)
-    )  # fmt: skip
+        (
+            -len(words & set(n.lower().split())),
+            name_distance(to_oklab(rgb), meaning) if meaning is not None else 0.0,
+            len(n),
+            k,
+        )
+        for k, (n, rgb) in names.items()
+        if words & set(n.lower().split()) or (only is not None and meaning is not None)
+    )
     typo = difflib.get_close_matches(normalize_name(text), names, n=1, cutoff=0.85)  # a near spelling leads: a typo
     close = list(dict.fromkeys(typo + [k for *_, k in ranked[:3]]))
     close += [k for k in difflib.get_close_matches(normalize_name(text), names, n=3, cutoff=0.6) if k not in close]
     if close:
         return "; did you mean " + ", ".join(repr(names[c][0]) for c in close[:3]) + "?"
     if only is not None:
-        return "; expected one of " + ", ".join(repr(n) for n, _ in list(names.values())[:12]) + (", ..." if len(names) > 12 else "")
-    return "; expected a colour name (e.g. 'red', 'navy blue', 'light teal'), '#rrggbb', 'rgb(r, g, b)' or 'hsl(h, s%, l%)'"
+        return (
+            "; expected one of "
+            + ", ".join(repr(n) for n, _ in list(names.values())[:12])
+            + (", ..." if len(names) > 12 else "")
+        )
+    return (
+        "; expected a colour name (e.g. 'red', 'navy blue', 'light teal'), '#rrggbb', 'rgb(r, g, b)' or "
+        "'hsl(h, s%, l%)'"
+    )
 
 
 # The words CSS names are made of, for ``phrase``; a compound that is one word stays one ("goldenrod").
-_WORDS = set("""
+_WORDS = set(
+    """
 alice almond antique aqua aquamarine azure beige bisque black blanched blue blush brick brown burly wood
 cadet chartreuse chiffon chocolate coral cornflower cornsilk cream crimson cyan dark deep dim dodger drab
 fire floral forest fuchsia gainsboro ghost gold goldenrod gray green grey honeydew hot indian indigo ivory
@@ -248,16 +289,22 @@ khaki lace lavender lawn lemon light lime linen magenta maroon medium midnight m
 navy old olive orange orchid pale papaya peach peru pink plum powder puff purple rebecca red rose rosy
 royal saddle salmon sandy sea seashell sienna silver sky slate smoke snow spring steel tan teal thistle
 tomato turquoise violet wheat whip white yellow
-""".split())
+""".split()
+)
 
 
 def phrase(name: str) -> str:
-    """A CSS name as words ("lightseagreen" -> "light sea green"), for text encoders; unchanged if it will not split."""
+    """Return a CSS name as words ("lightseagreen" -> "light sea green"), for text encoders; unchanged if it will not
+    split."""
     best: list[list[str] | None] = [[]] + [None] * len(name)  # best[i]: fewest words spelling name[:i]
     for end in range(1, len(name) + 1):
         for start in range(end):
             word = name[start:end]
-            if best[start] is not None and word in _WORDS and (best[end] is None or len(best[start]) + 1 < len(best[end])):
+            if (
+                best[start] is not None
+                and word in _WORDS
+                and (best[end] is None or len(best[start]) + 1 < len(best[end]))
+            ):
                 best[end] = best[start] + [word]
     return " ".join(best[-1]) if best[-1] else name
 

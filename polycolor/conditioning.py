@@ -1,9 +1,9 @@
 """Conditioning modes: each is one class that owns how a colour reaches the UNet.
 
-A mode turns colour strings into its condition tensor (``prepare``), names the vocabulary it needs,
-says which colours it reads (``reads_lexicons``, ``free_text``), and is itself the module the UNet consumes: extra input channels
-(``concat``) or one vector that FiLM applies in every block (the others). ``paint`` is the colour the
-mask head paints. A new mode is one class here plus its line in ``MODES``.
+A mode turns colour strings into its condition tensor (``prepare``), names the vocabulary it needs, says
+which colours it reads (``reads_lexicons``, ``free_text``), and is itself the module the UNet consumes:
+extra input channels (``concat``) or one vector that FiLM applies in every block (the others). ``paint`` is
+the colour the mask head paints. A new mode is one class here plus its line in ``MODES``.
 
     concat      (B, 3) RGB in [0, 1], appended as 3 constant input channels (the published recommendation)
     film        (B, 3) RGB in [0, 1] -> MLP -> FiLM vector
@@ -26,7 +26,7 @@ from polycolor.colors import RGB, check_phrase, normalize_name, parse_color, phr
 
 
 def rgb_of(colours: Sequence[str], palette: Mapping[str, RGB]) -> torch.Tensor:
-    """(B, 3) RGB in [0, 1] of colour strings, the palette's names first; ValueError for an unknown one."""
+    """Return (B, 3) RGB in [0, 1] of colour strings, the palette's names first; ValueError for an unknown one."""
     return torch.tensor([parse_color(c, palette) for c in colours], dtype=torch.float32).reshape(-1, 3) / 255
 
 
@@ -46,18 +46,18 @@ class Conditioning(nn.Module):
 
     @staticmethod
     def vocabulary(palette: Mapping[str, RGB], named: Iterable[str] = ()) -> tuple[str, ...]:
-        """The names the mode must know before training, from the data's palette (and ``named`` colours)."""
+        """Return the names the mode must know before training, from the data's palette (and ``named`` colours)."""
         return ()
 
     @classmethod
     def check(cls, cfg) -> None:
-        """ValueError for a model config the mode cannot be built from."""
+        """Raise ValueError for a model config the mode cannot be built from."""
         if cls.needs_vocabulary and not cfg.vocabulary:
             raise ValueError(f"conditioning {cls.name!r} needs a non-empty vocabulary of colour names")
 
     @classmethod
     def require(cls) -> None:
-        """ImportError with the install command when the mode needs an extra that is missing."""
+        """Raise ImportError with the install command when the mode needs an extra that is missing."""
 
     @classmethod
     def available(cls) -> bool:
@@ -69,33 +69,33 @@ class Conditioning(nn.Module):
 
     @classmethod
     def model_fields(cls, text_encoder: str) -> dict:
-        """The ModelConfig fields the mode adds to a run's settings (loading what it must to know them)."""
+        """Return the ModelConfig fields the mode adds to a run's settings (loading what it must to know them)."""
         return {}
 
     def fit(self, palette: Mapping[str, RGB]) -> None:
         """Learn before training what the mode knows of its vocabulary (colours, embeddings) from ``palette``."""
 
     def check_serving(self, load: bool = True) -> None:
-        """ValueError when serving would load something from outside this machine; ``load`` it now."""
+        """Raise ValueError when serving would load something from outside this machine; ``load`` it now."""
 
     def costly(self, colour: str, palette: Mapping[str, RGB]) -> bool:
-        """Whether preparing ``colour`` costs more than a known name's lookup (Serve budgets such phrases per client)."""
+        """Return whether preparing ``colour`` costs more than a known name's lookup (Serve budgets such phrases)."""
         return False
 
     def tokens(self, colours: Sequence[str]) -> list[int]:
-        """The vocabulary index of each colour, -1 where it has none."""
+        """Return the vocabulary index of each colour, -1 where it has none."""
         return [self.index.get(normalize_name(check_phrase(c)), -1) for c in colours]
 
     def prepare(self, colours: Sequence[str], palette: Mapping[str, RGB]) -> torch.Tensor:
-        """Colour strings -> the condition tensor (B, ...); ValueError naming one this mode cannot paint."""
+        """Return the condition tensor (B, ...) of colour strings; ValueError naming one this mode cannot paint."""
         return rgb_of(colours, palette)
 
     def forward(self, outline: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(UNet input, FiLM vector (B, dim) or None)."""
+        """Return (UNet input, FiLM vector (B, dim) or None)."""
         return outline, self.encode(cond)
 
     def paint(self, cond: torch.Tensor) -> torch.Tensor:
-        """(B, 3) the colour the mask head paints, in [0, 1]."""
+        """Return (B, 3) the colour the mask head paints, in [0, 1]."""
         return cond.float()
 
 
@@ -135,11 +135,14 @@ class Embedding(Conditioning):
         self.rgb.copy_(rgb_of(self.cfg.vocabulary, palette))
 
     def prepare(self, colours, palette):
-        """(B,) vocabulary indices."""
+        """Return (B,) vocabulary indices."""
         tokens = self.tokens(colours)
         if -1 in tokens:
             colour = colours[tokens.index(-1)]
-            raise ValueError(f"colour {colour!r} is not in this checkpoint's vocabulary{suggestion(colour, palette, only=self.cfg.vocabulary)}")
+            raise ValueError(
+                f"colour {colour!r} is not in this checkpoint's vocabulary"
+                + suggestion(colour, palette, only=self.cfg.vocabulary)
+            )
         return torch.tensor(tokens, dtype=torch.long)
 
     def paint(self, cond):
@@ -153,7 +156,9 @@ class Text(Conditioning):
         super().__init__(cfg)
         # The frozen encoder's embeddings of the vocabulary: saved with the weights, never trained.
         self.register_buffer("phrases", torch.zeros(len(cfg.vocabulary), cfg.text_dim))
-        self.encode = nn.Sequential(nn.Linear(cfg.text_dim, cfg.cond_dim), nn.SiLU(), nn.Linear(cfg.cond_dim, cfg.cond_dim))
+        self.encode = nn.Sequential(
+            nn.Linear(cfg.text_dim, cfg.cond_dim), nn.SiLU(), nn.Linear(cfg.cond_dim, cfg.cond_dim)
+        )
 
     @staticmethod
     def vocabulary(palette, named=()):
@@ -185,7 +190,7 @@ class Text(Conditioning):
         self.phrases.copy_(text_encoders.load(self.cfg.text_encoder).embed(self.cfg.vocabulary))
 
     def prepare(self, colours, palette):
-        """(B, text_dim + 3): an embedding of the phrase and its RGB in [0, 1]. The RGB is read through the
+        """Return (B, text_dim + 3): an embedding of the phrase and its RGB in [0, 1]. The RGB is read through the
         lexicons (``read_color``: the palette, CSS and survey names, modifiers, notations) wherever they can,
         and such a phrase outside the vocabulary borrows the saved embedding of the vocabulary phrase nearest
         its colour (the mask's shape does not depend on it). Only a phrase the lexicons cannot read goes to the
@@ -204,7 +209,7 @@ class Text(Conditioning):
         return torch.cat([embeddings, torch.tensor(rgb, dtype=torch.float32) / 255], dim=1)
 
     def costly(self, colour, palette):
-        """A phrase neither the vocabulary nor the lexicons hold: it takes an encoder run."""
+        """Return a phrase neither the vocabulary nor the lexicons hold: it takes an encoder run."""
         return self.tokens([colour]) == [-1] and read_color(colour, palette) is None
 
     def forward(self, outline, cond):
@@ -212,7 +217,6 @@ class Text(Conditioning):
 
     def paint(self, cond):
         return cond[:, -3:].float()
-
 
 
 MODES: dict[str, type[Conditioning]] = {mode.name: mode for mode in (Concat, FiLMRGB, Embedding, Text)}

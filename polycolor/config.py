@@ -25,7 +25,7 @@ LOSSES = ("bce", "l1", "mse")
 
 
 def setting(default: Any, help: str, check=None, expect: str = "", **flag) -> Any:
-    """A field with its flag's ``help``; ``check(value)`` must hold (``expect`` says what it wants). ``flag``
+    """Return a field with its flag's ``help``; ``check(value)`` must hold (``expect`` says what it wants). ``flag``
     may give ``choices``, ``type`` (where the default's is not it) and ``off`` (a flag setting a bool False)."""
     return field(default=default, metadata={"help": help, "check": check, "expect": expect, **flag})
 
@@ -52,7 +52,9 @@ class ModelSettings(Settings):
     head: str = setting("mask", "mask paints the colour exactly, rgb predicts it", choices=HEADS)
     width: int = setting(8, "channels of the first level", lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8")
     levels: int = setting(3, "encoder/decoder levels", positive, ">= 1")
-    text_encoder: str = setting(text.DEFAULT_ENCODER, "--conditioning text: the frozen encoder, a Hugging Face name or path")
+    text_encoder: str = setting(
+        text.DEFAULT_ENCODER, "--conditioning text: the frozen encoder, a Hugging Face name or path"
+    )
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,13 @@ class DataSettings(Settings):
     data: str = setting("synthetic", "'synthetic' (generated on every worker), or a dataset directory or URI")
     train_pairs: int = setting(2000, "training pairs per epoch, all workers together", positive, ">= 1")
     val_pairs: int = setting(256, "synthetic validation pairs", positive, ">= 1")
-    scenes: float = setting(0.6, "share of synthetic pairs that are drawings as people make them (polycolor.drawings: several shapes, "
-                            "nested, anti-aliased, ink, JPEG, gaps)", lambda v: 0 <= v <= 1, "between 0 and 1")  # fmt: skip
+    scenes: float = setting(
+        0.6,
+        "share of synthetic pairs that are drawings as people make them (polycolor.drawings: several shapes, "
+        "nested, anti-aliased, ink, JPEG, gaps)",
+        lambda v: 0 <= v <= 1,
+        "between 0 and 1",
+    )
     seed: int = setting(0, "seed of the data, the initialisation and the search")
 
 
@@ -70,7 +77,9 @@ class OptimSettings(Settings):
     epochs: int = setting(22, "epochs", positive, ">= 1")
     batch_size: int = setting(16, "pairs per step on each worker", positive, ">= 1")
     optimizer: str = setting("adamw", "the optimiser", choices=("adamw", "adam"))
-    lr: float = setting(3e-3, "learning rate (the one-cycle schedule's peak)", lambda v: v > 0 and math.isfinite(v), "> 0")
+    lr: float = setting(
+        3e-3, "learning rate (the one-cycle schedule's peak)", lambda v: v > 0 and math.isfinite(v), "> 0"
+    )
     schedule: str = setting("onecycle", "learning-rate schedule", choices=("onecycle", "constant"))
     loss: str = setting("bce", "bce on the mask, or l1/mse on the image", choices=LOSSES)
     bf16: bool = setting(True, "bf16 autocast on GPU", off="--no-bf16")
@@ -81,8 +90,12 @@ class RunSettings(Settings):
     name: str = setting("", "run name (default polycolor-TIMESTAMP); with --resume, the run to continue")
     workers: int = setting(1, "Ray Train workers (DDP ranks)", positive, ">= 1")
     gpu: bool | None = setting(None, "one GPU per worker (default: when the cluster has one)", type=bool, off="--cpu")
-    threads: int = setting(0, "CPUs (torch threads) per worker; 0: the cluster's CPUs / workers (1 on GPU)", lambda v: v >= 0, ">= 0")
-    loader_workers: int | None = setting(None, "DataLoader processes per worker (default: 4 on GPU, 0 on CPU)", type=int)
+    threads: int = setting(
+        0, "CPUs (torch threads) per worker; 0: the cluster's CPUs / workers (1 on GPU)", lambda v: v >= 0, ">= 0"
+    )
+    loader_workers: int | None = setting(
+        None, "DataLoader processes per worker (default: 4 on GPU, 0 on CPU)", type=int
+    )
     compile: bool = setting(False, "torch.compile the model")
     wandb: bool = setting(False, "log to Weights & Biases (offline unless WANDB_API_KEY is set)")
     max_failures: int = setting(0, "restarts from the last checkpoint after a worker failure", lambda v: v >= 0, ">= 0")
@@ -106,7 +119,9 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.data.train_pairs < self.run.workers:
-            raise ValueError(f"train_pairs = {self.data.train_pairs} is out of range; expected >= workers ({self.run.workers})")
+            raise ValueError(
+                f"train_pairs = {self.data.train_pairs} is out of range; expected >= workers ({self.run.workers})"
+            )
         self.model_config(vocabulary=("_",), text_encoder=self.model.text_encoder)  # validates the widths
         try:
             MODES[self.model.conditioning].require()
@@ -127,35 +142,47 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def flat(self) -> dict:
-        """Every setting by its (unique) name."""
+        """Return every setting by its (unique) name."""
         return {k: v for section in self.to_dict().values() for k, v in section.items()}
 
     def replace(self, **values) -> TrainConfig:
-        """A copy with the named settings changed; ValueError for a name that is no setting."""
+        """Return a copy with the named settings changed; ValueError for a name that is no setting."""
         if unknown := set(values) - set(FIELDS):
             raise ValueError(f"unknown setting(s) {sorted(unknown)}")
-        changed = {s: dataclasses.replace(getattr(self, s), **{k: v for k, v in values.items() if FIELDS[k] == s}) for s in SECTIONS}
+        changed = {
+            s: dataclasses.replace(getattr(self, s), **{k: v for k, v in values.items() if FIELDS[k] == s})
+            for s in SECTIONS
+        }
         return TrainConfig(**changed)
 
     def differences(self, other: TrainConfig, sections=TRAINING) -> dict[str, tuple]:
-        """{setting: (this value, other's)} where the two differ in ``sections``."""
+        """Return {setting: (this value, other's)} where the two differ in ``sections``."""
         mine, theirs = self.flat(), other.flat()
         return {k: (mine[k], theirs[k]) for k in mine if FIELDS[k] in sections and mine[k] != theirs[k]}
 
     def named(self) -> TrainConfig:
-        """This config with a run name: the given one, or polycolor-TIMESTAMP."""
+        """Return this config with a run name: the given one, or polycolor-TIMESTAMP."""
         return self if self.run.name else self.replace(name=f"polycolor-{datetime.now():%Y%m%d-%H%M%S}")
 
     def model_config(self, vocabulary=(), **mode_fields) -> ModelConfig:
-        """The network's config: these settings, the mode's ``vocabulary`` and its fields (``Conditioning.model_fields``)."""
+        """Return the network's config: these settings, the mode's ``vocabulary`` and its fields
+        (``Conditioning.model_fields``)."""
         m = self.model
-        return ModelConfig(conditioning=m.conditioning, head=m.head, base_width=m.width, multipliers=tuple(2**i for i in range(m.levels)),
-                           vocabulary=tuple(vocabulary), **mode_fields)  # fmt: skip
+        return ModelConfig(
+            conditioning=m.conditioning,
+            head=m.head,
+            base_width=m.width,
+            multipliers=tuple(2**i for i in range(m.levels)),
+            vocabulary=tuple(vocabulary),
+            **mode_fields,
+        )
 
 
 PRESETS: dict[str, dict] = {
     "recipe": {},
-    "published": dict(head="rgb", loss="l1", optimizer="adam", lr=1e-4, schedule="constant", batch_size=16, epochs=50, scenes=0.0),
+    "published": dict(
+        head="rgb", loss="l1", optimizer="adam", lr=1e-4, schedule="constant", batch_size=16, epochs=50, scenes=0.0
+    ),
     "smoke": dict(epochs=2, width=8, levels=2, train_pairs=64, val_pairs=32, batch_size=8, scenes=0.0),
 }
 
@@ -166,8 +193,10 @@ def preset(name: str) -> TrainConfig:
     return TrainConfig().replace(**PRESETS[name])
 
 
-def add_flags(parser: argparse.ArgumentParser, *classes: type, only=None, defaults: dict | None = None, flags: dict | None = None) -> None:
-    """A flag per field of each dataclass (or of those in ``only``): ``--field-name`` (or ``flags[name]``) with
+def add_flags(
+    parser: argparse.ArgumentParser, *classes: type, only=None, defaults: dict | None = None, flags: dict | None = None
+) -> None:
+    """Return a flag per field of each dataclass (or of those in ``only``): ``--field-name`` (or ``flags[name]``) with
     the field's help and default (``defaults`` overrides the one shown). A flag not given stays out of the
     parsed namespace, so ``vars(args)`` holds exactly what the user set."""
     for cls in classes:
@@ -182,7 +211,9 @@ def add_flags(parser: argparse.ArgumentParser, *classes: type, only=None, defaul
             if kind is bool:
                 parser.add_argument(*names, action="store_const", const=True, help=f"{meta['help']}", **common)
                 if "off" in meta:
-                    parser.add_argument(meta["off"], action="store_const", const=False, help=f"the opposite of {names[0]}", **common)
+                    parser.add_argument(
+                        meta["off"], action="store_const", const=False, help=f"the opposite of {names[0]}", **common
+                    )
             else:
                 metavar = "{" + ",".join(meta["choices"]) + "}" if "choices" in meta else None
                 default = f" (default: {shown})" if shown not in ("", None) else ""

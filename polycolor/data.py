@@ -36,9 +36,15 @@ KEYS = ("input_polygon", "colour", "output_image")
 # The real dataset's palette (its "green" is pure (0, 255, 0)): a fact about that data, what a checkpoint
 # trained on synthetic data records, and what wins over CSS names of the same spelling.
 REAL_PALETTE: dict[str, RGB] = {
-    "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
-    "orange": (255, 165, 0), "purple": (128, 0, 128), "cyan": (0, 255, 255), "magenta": (255, 0, 255),
-}  # fmt: skip
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "orange": (255, 165, 0),
+    "purple": (128, 0, 128),
+    "cyan": (0, 255, 255),
+    "magenta": (255, 0, 255),
+}
 
 
 class DatasetError(ValueError):
@@ -83,7 +89,7 @@ class Split:
 
     @property
     def palette(self) -> dict[str, RGB]:
-        """Each colour name -> the RGB its targets actually use."""
+        """Return each colour name's RGB, as its targets use it."""
         palette: dict[str, RGB] = {}
         for name, target in zip(self.colors, self.targets):
             if name not in palette and (rgb := fill_color(target)) is not None:
@@ -92,16 +98,18 @@ class Split:
 
 
 def read_rows(split: str | Path) -> list[dict]:
-    """The rows of a split's data.json, in a folder or at a URI."""
+    """Return the rows of a split's data.json, in a folder or at a URI."""
     where = storage.join(str(split), "data.json")
     try:
         return parse_rows(storage.read_bytes(where), where)
     except FileNotFoundError:
-        raise DatasetError(f"{where}: file does not exist (expected a split with data.json, inputs/, outputs/)") from None
+        raise DatasetError(
+            f"{where}: file does not exist (expected a split with data.json, inputs/, outputs/)"
+        ) from None
 
 
 def parse_rows(data: bytes, where: str) -> list[dict]:
-    """The JSON list of rows in ``data`` (read from ``where``); DatasetError when it is not one."""
+    """Return the JSON list of rows in ``data`` (read from ``where``); DatasetError when it is not one."""
     try:
         rows = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
@@ -110,8 +118,13 @@ def parse_rows(data: bytes, where: str) -> list[dict]:
         raise DatasetError(f"{where}: expected a JSON list of rows, got {type(rows).__name__}")
     # A row names files inside the split, never a path: "../../x.png" or "/etc/passwd" would read or, for
     # predict --data, write outside it.
-    paths = [f"row {i} {key} {row[key]!r}" for i, row in enumerate(rows) if isinstance(row, dict)
-             for key in ("input_polygon", "output_image") if isinstance(row.get(key), str) and not plain_name(row[key])]  # fmt: skip
+    paths = [
+        f"row {i} {key} {row[key]!r}"
+        for i, row in enumerate(rows)
+        if isinstance(row, dict)
+        for key in ("input_polygon", "output_image")
+        if isinstance(row.get(key), str) and not plain_name(row[key])
+    ]
     if paths:
         raise DatasetError(f"{where}: file names must be plain names inside the split, not paths: " + "; ".join(paths))
     return rows
@@ -131,9 +144,13 @@ def read_split(split_dir: str | Path, size: int = IMAGE_SIZE) -> Split:
 
 
 def load_split(split_dir: Path, size: int = IMAGE_SIZE) -> Split:
-    """``read_split`` without its check, for a split ``check_split`` has passed: each image is read once more."""
+    """Return ``read_split``'s split without its check, for a split ``check_split`` has passed: each image is read
+    once more."""
     rows = read_rows(split_dir)
-    outlines = {name: outline_array(open_image(split_dir, f"inputs/{name}"), size) for name in {r["input_polygon"] for r in rows}}
+    outlines = {
+        name: outline_array(open_image(split_dir, f"inputs/{name}"), size)
+        for name in {r["input_polygon"] for r in rows}
+    }
     return Split(
         outlines=np.stack([outlines[r["input_polygon"]] for r in rows]),
         targets=np.stack([target_array(open_image(split_dir, f"outputs/{r['output_image']}"), size) for r in rows]),
@@ -186,7 +203,8 @@ def check_split(split_dir: Path) -> list[str]:
         if images["inputs"].size != images["outputs"].size:
             problems.append(
                 f"{where}: outputs/{row['output_image']} is {images['outputs'].size[0]}x{images['outputs'].size[1]}, "
-                f"expected the size of inputs/{row['input_polygon']} ({images['inputs'].size[0]}x{images['inputs'].size[1]})"
+                f"expected the size of inputs/{row['input_polygon']} "
+                f"({images['inputs'].size[0]}x{images['inputs'].size[1]})"
             )
         rgb = fill_color(np.asarray(to_rgb(images["outputs"])))
         if rgb is None:
@@ -202,7 +220,7 @@ def check_split(split_dir: Path) -> list[str]:
 
 
 def check(root: str | Path) -> tuple[list[str], list[str]]:
-    """(summary lines, problems) for a dataset root holding training/ and/or validation/."""
+    """Return (summary lines, problems) for a dataset root holding training/ and/or validation/."""
     root = Path(root)
     if not root.is_dir():
         return [], [f"{root}: directory does not exist"]
@@ -216,7 +234,10 @@ def check(root: str | Path) -> tuple[list[str], list[str]]:
         if split_problems:
             continue
         split = load_split(root / name)
-        sizes = Counter("x".join(map(str, open_image(root / name, f"outputs/{p.name}").size)) for p in (root / name / "outputs").glob("*.png"))
+        sizes = Counter(
+            "x".join(map(str, open_image(root / name, f"outputs/{p.name}").size))
+            for p in (root / name / "outputs").glob("*.png")
+        )
         summary.append(f"{name}: {len(split)} pairs, {len(set(split.inputs))} outlines, image sizes {dict(sizes)}")
         for colour, rgb in sorted(split.palette.items()):
             summary.append(f"  {colour:<12} {rgb}  x{split.colors.count(colour)}")
@@ -249,8 +270,10 @@ class PolygonDataset(Dataset):
         return outline, target, self.split.colors[i]
 
 
-def augment_pair(outline: torch.Tensor, target: torch.Tensor, affine: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same random geometric transform on (1, H, W) outline and (3, H, W) target."""
+def augment_pair(
+    outline: torch.Tensor, target: torch.Tensor, affine: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the same random geometric transform on (1, H, W) outline and (3, H, W) target."""
     if torch.rand(()) < 0.5:
         outline, target = outline.flip(-1), target.flip(-1)
     k = int(torch.randint(4, ()))
@@ -259,8 +282,12 @@ def augment_pair(outline: torch.Tensor, target: torch.Tensor, affine: bool = Fal
         angle = float(torch.empty(()).uniform_(-15, 15))
         shift = [int(v) for v in torch.randint(-8, 9, (2,))]
         nearest = TF.InterpolationMode.NEAREST
-        outline = TF.affine(outline, angle=angle, translate=shift, scale=1.0, shear=[0.0], interpolation=nearest, fill=0.0)
-        target = TF.affine(target, angle=angle, translate=shift, scale=1.0, shear=[0.0], interpolation=nearest, fill=1.0)
+        outline = TF.affine(
+            outline, angle=angle, translate=shift, scale=1.0, shear=[0.0], interpolation=nearest, fill=0.0
+        )
+        target = TF.affine(
+            target, angle=angle, translate=shift, scale=1.0, shear=[0.0], interpolation=nearest, fill=1.0
+        )
     return outline.contiguous(), target.contiguous()
 
 

@@ -42,7 +42,13 @@ from polycolor.images import ink_mask, outline_array, paint
 from polycolor.synth import OTHER_SHAPES, REAL_SHAPES, SyntheticDataset, random_color, shape_points
 
 STYLES = ("clean", "antialiased", "ink", "jpeg", "gaps")
-TRAINING_MIX = (1 / 8, 1 / 8, 1 / 8, 1 / 8, 1 / 2)  # each style's share of the drawings trained on: closing a gap is the hardest
+TRAINING_MIX = (
+    1 / 8,
+    1 / 8,
+    1 / 8,
+    1 / 8,
+    1 / 2,
+)  # each style's share of the drawings trained on: closing a gap is the hardest
 SUPERSAMPLE = 4
 
 
@@ -59,12 +65,12 @@ class Drawing:
 
     @property
     def target(self) -> np.ndarray:
-        """(H, W, 3) uint8: the truth painted in the drawing's colour on white."""
+        """Return (H, W, 3) uint8: the truth painted in the drawing's colour on white."""
         return paint(self.truth, self.rgb)
 
 
 def rasterize(polylines: Sequence[np.ndarray], width: int, shape: tuple[int, int], scale: int = 1) -> np.ndarray:
-    """(H * scale, W * scale) bool: the closed ``polylines`` (canvas pixels) drawn ``width`` px wide, without
+    """Return (H * scale, W * scale) bool: the closed ``polylines`` (canvas pixels) drawn ``width`` px wide, without
     anti-aliasing, at ``scale`` times the canvas's resolution."""
     height, wide = shape
     image = Image.new("L", (wide * scale, height * scale), 0)
@@ -76,12 +82,14 @@ def rasterize(polylines: Sequence[np.ndarray], width: int, shape: tuple[int, int
 
 
 def fill(outline: np.ndarray) -> np.ndarray:
-    """The outline plus everything it encloses (4-connected from the border, as the real targets are)."""
+    """Return the outline plus everything it encloses (4-connected from the border, as the real targets are)."""
     return ndimage.binary_fill_holes(outline)
 
 
-def place(rng: np.random.Generator, shape: tuple[int, int], count: int, nested: bool, width: int) -> list[np.ndarray] | None:
-    """``count`` shapes (the second inside the first when ``nested``, clear of its outline) that each enclose
+def place(
+    rng: np.random.Generator, shape: tuple[int, int], count: int, nested: bool, width: int
+) -> list[np.ndarray] | None:
+    """Return ``count`` shapes (the second inside the first when ``nested``, clear of its outline) that each enclose
     something, anywhere on the canvas (up to its border), their bounding circles at most just touching (so two
     outlines sometimes meet); None when this draw did not fit."""
     height, wide = shape
@@ -123,8 +131,10 @@ def place(rng: np.random.Generator, shape: tuple[int, int], count: int, nested: 
     return polylines
 
 
-def erase_gaps(outline: np.ndarray, polylines: Sequence[np.ndarray], width: int, rng: np.random.Generator) -> np.ndarray:
-    """A copy of ``outline`` with 1-3 gaps of 1-3 px cut across its lines at random points."""
+def erase_gaps(
+    outline: np.ndarray, polylines: Sequence[np.ndarray], width: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Return a copy of ``outline`` with 1-3 gaps of 1-3 px cut across its lines at random points."""
     image = Image.fromarray(np.where(outline, 255, 0).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.integers(1, 4))):
@@ -141,19 +151,26 @@ def erase_gaps(outline: np.ndarray, polylines: Sequence[np.ndarray], width: int,
 
 
 def coverage(fine: np.ndarray) -> np.ndarray:
-    """The share of each canvas pixel that a ``SUPERSAMPLE``-times finer bool mask covers."""
+    """Return the share of each canvas pixel that a ``SUPERSAMPLE``-times finer bool mask covers."""
     h, w = fine.shape[0] // SUPERSAMPLE, fine.shape[1] // SUPERSAMPLE
     return fine.reshape(h, SUPERSAMPLE, w, SUPERSAMPLE).mean(axis=(1, 3))
 
 
 def on_paper(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """(H, W, 3) uint8: ink of coverage ``ink`` (0-1) in a dark blue, grey or pencil tone on off-white or grey
+    """Return (H, W, 3) uint8: ink of coverage ``ink`` (0-1) in a dark blue, grey or pencil tone on off-white or grey
     paper, with mild noise and lighting that falls off across the sheet."""
     height, wide = ink.shape
-    paper = np.array([rng.uniform(225, 255), rng.uniform(222, 252), rng.uniform(210, 248)]) if rng.random() < 0.6 else np.full(3, rng.uniform(205, 235))
+    paper = (
+        np.array([rng.uniform(225, 255), rng.uniform(222, 252), rng.uniform(210, 248)])
+        if rng.random() < 0.6
+        else np.full(3, rng.uniform(205, 235))
+    )
     tone = rng.choice(["blue", "grey", "pencil"])
-    pen = {"blue": np.array([rng.uniform(10, 50), rng.uniform(20, 60), rng.uniform(90, 150)]),
-           "grey": np.full(3, rng.uniform(40, 100)), "pencil": np.full(3, rng.uniform(70, 115))}[tone]  # fmt: skip
+    pen = {
+        "blue": np.array([rng.uniform(10, 50), rng.uniform(20, 60), rng.uniform(90, 150)]),
+        "grey": np.full(3, rng.uniform(40, 100)),
+        "pencil": np.full(3, rng.uniform(70, 115)),
+    }[tone]
     if tone == "pencil":  # graphite leaves grain: the stroke's darkness varies along it
         ink = ink * rng.uniform(0.75, 1.0, ink.shape)
     y, x = np.mgrid[0:height, 0:wide] / max(height, wide)
@@ -170,9 +187,14 @@ def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
     return np.asarray(Image.open(buffer).convert("RGB"))
 
 
-def draw(seed: Sequence[int] | int, style: str = "clean", shapes: int | None = None, nested: bool = False,
-         size: tuple[int, int] = (128, 128)) -> Drawing:  # fmt: skip
-    """One drawing from its own seed: ``shapes`` (1-4; random when None) shapes, the second inside the first
+def draw(
+    seed: Sequence[int] | int,
+    style: str = "clean",
+    shapes: int | None = None,
+    nested: bool = False,
+    size: tuple[int, int] = (128, 128),
+) -> Drawing:
+    """Return one drawing from its own seed: ``shapes`` (1-4; random when None) shapes, the second inside the first
     when ``nested``, line widths 1-6 px, on a (height, width) canvas, in ``style``."""
     if style not in STYLES:
         raise ValueError(f"style {style!r} is unknown; expected one of {STYLES}")
@@ -196,7 +218,11 @@ def draw(seed: Sequence[int] | int, style: str = "clean", shapes: int | None = N
             inside = coverage(fill(fine))
             truth, care = inside >= 0.5, (inside == 0) | (inside == 1)
             ink = coverage(fine)
-            image = on_paper(ink, rng) if style == "ink" else np.repeat(np.rint(255 * (1 - ink)).astype(np.uint8)[..., None], 3, axis=2)
+            image = (
+                on_paper(ink, rng)
+                if style == "ink"
+                else np.repeat(np.rint(255 * (1 - ink)).astype(np.uint8)[..., None], 3, axis=2)
+            )
             if style == "jpeg":
                 image = jpeg(image, int(rng.integers(40, 91)))
         color, rgb = random_color(rng)
@@ -204,13 +230,13 @@ def draw(seed: Sequence[int] | int, style: str = "clean", shapes: int | None = N
 
 
 def flood_fill(image: np.ndarray) -> np.ndarray:
-    """The algorithm's answer for a drawing: its ink (read as the model's input is, ``ink_mask``) and everything
+    """Return the algorithm's answer for a drawing: its ink (read as the model's input is, ``ink_mask``) and everything
     that ink encloses."""
     return fill(ink_mask(Image.fromarray(image)))
 
 
 def score(painted: np.ndarray, drawing: Drawing) -> dict[str, float]:
-    """Over the pixels scored: pixel_exact (the share exactly the truth's colour) and the IoU of what is painted
+    """Return, over the pixels scored, pixel_exact (the share exactly the truth's colour) and the IoU of what is painted
     (not white) with the truth, of an (H, W, 3) answer."""
     right = (painted == drawing.target).all(axis=2)[drawing.care]
     filled = (painted != 255).any(axis=2) & drawing.care

@@ -2,7 +2,8 @@
 
     python -m polycolor.evaluate --checkpoint CKPT --data SPLIT_DIR [--report DIR] [--ray]
 
-A large split, one in object storage, or any with ``--ray`` is scored on Ray Data (``polycolor.batch``), its metrics summed the same way.
+A large split, one in object storage, or any with ``--ray`` is scored on Ray Data (``polycolor.batch``), its
+metrics summed the same way.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ LARGE = 2000  # pairs above which a split is scored on Ray Data, streamed, not r
 
 
 def evaluate_split(colorizer, split) -> tuple[dict[str, float], dict[str, np.ndarray], np.ndarray]:
-    """(metrics, per-image metrics, predictions (N, H, W, 3) uint8) of ``colorizer`` on a ``Split``."""
+    """Return (metrics, per-image metrics, predictions (N, H, W, 3) uint8) of ``colorizer`` on a ``Split``."""
     predictions = colorizer.colorize_arrays(split.outlines, colorizer.condition(split.colors))
     pred = torch.from_numpy(predictions).permute(0, 3, 1, 2).float() / 255
     target = torch.from_numpy(split.targets).permute(0, 3, 1, 2).float() / 255
@@ -33,11 +34,16 @@ def evaluate_split(colorizer, split) -> tuple[dict[str, float], dict[str, np.nda
     return metrics, {k: v.numpy() for k, v in values.items()}, predictions
 
 
-def write_report(report: Path, names: list[str], colours: list[str], per: dict[str, np.ndarray], arrays, rows: int = 6) -> None:
-    """per_sample.json and a grid (outline | truth | prediction | error) of the worst and best samples;
+def write_report(
+    report: Path, names: list[str], colours: list[str], per: dict[str, np.ndarray], arrays, rows: int = 6
+) -> None:
+    """Write per_sample.json and a grid (outline | truth | prediction | error) of the worst and best samples;
     ``arrays(indices)`` gives those samples' (outlines, targets, predictions)."""
     report.mkdir(parents=True, exist_ok=True)
-    samples = [{"input": name, "colour": colour} | {k: round(float(v[i]), 6) for k, v in per.items()} for i, (name, colour) in enumerate(zip(names, colours))]
+    samples = [
+        {"input": name, "colour": colour} | {k: round(float(v[i]), 6) for k, v in per.items()}
+        for i, (name, colour) in enumerate(zip(names, colours))
+    ]
     (report / "per_sample.json").write_text(json.dumps(samples, indent=2))
     order = np.argsort(per["pixel_exact"], kind="stable")
     picked = list(dict.fromkeys([*order[:rows], *order[::-1][:rows]]))
@@ -51,12 +57,20 @@ def write_report(report: Path, names: list[str], colours: list[str], per: dict[s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m polycolor.evaluate", description="Score a checkpoint on a dataset split.")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or URI (model.safetensors + config.json)")
+    parser = argparse.ArgumentParser(
+        prog="python -m polycolor.evaluate", description="Score a checkpoint on a dataset split."
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint directory or URI (model.safetensors + config.json)"
+    )
     parser.add_argument("--data", required=True, help="a split directory or URI holding data.json, inputs/, outputs/")
     parser.add_argument("--report", help="write per-sample metrics and a worst/best PNG grid here")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--ray", action="store_true", help=f"score on Ray Data whatever the size (the default above {LARGE} pairs, and for a URI)")
+    parser.add_argument(
+        "--ray",
+        action="store_true",
+        help=f"score on Ray Data whatever the size (the default above {LARGE} pairs, and for a URI)",
+    )
     args = parser.parse_args(argv)
 
     from polycolor import batch, storage
@@ -95,13 +109,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = summarize({k: float(v.sum()) for k, v in per.items()}, len(names))
     if args.report:
         write_report(Path(args.report), names, colours, per, arrays)
-    print(json.dumps({"data": str(args.data), "pairs": len(names)} | ({"failed": len(failed)} if failed else {})
-                     | {k: round(v, 6) for k, v in metrics.items()}, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {"data": str(args.data), "pairs": len(names)}
+            | ({"failed": len(failed)} if failed else {})
+            | {k: round(v, 6) for k, v in metrics.items()},
+            indent=2,
+        )
+    )
     return 1 if failed else 0
 
 
 def picked_arrays(colorizer, source, rows: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(outlines, targets, predictions) of a few ``source`` rows, read and coloured here."""
+    """Return (outlines, targets, predictions) of a few ``source`` rows, read and coloured here."""
     from polycolor.data import open_image
     from polycolor.images import outline_array, target_array
 

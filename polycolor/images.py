@@ -44,7 +44,7 @@ class Limits:
     formats: tuple[str, ...] = ()
 
     def expected(self) -> str:
-        """What an image must be, as a message says it: "a PNG or JPEG", or "an image"."""
+        """Return what an image must be, as a message says it: "a PNG or JPEG", or "an image"."""
         return "a " + " or ".join(self.formats) if self.formats else "an image"
 
 
@@ -58,7 +58,9 @@ def decode(data: bytes, limits: Limits = Limits(), name: str = "image") -> Image
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
     except Image.DecompressionBombError:  # Pillow's own cap, far above ours: refused from the header alone
-        raise ImageTooLarge(f"{name} declares more pixels than Pillow will open; the limit is {limits.max_pixels}") from None
+        raise ImageTooLarge(
+            f"{name} declares more pixels than Pillow will open; the limit is {limits.max_pixels}"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise ImageError(f"{name} is not a readable {' or '.join(limits.formats) or 'image'}") from None
     if limits.formats and image.format not in limits.formats:
@@ -205,7 +207,10 @@ def paint(mask: np.ndarray, rgb: RGB = (0, 0, 0)) -> np.ndarray:
 def fill_color(target: np.ndarray, weights: np.ndarray | None = None) -> RGB | None:
     """Return the most common non-white colour of an (H, W, 3) target, or None for an all-white one; each
     pixel counts ``weights`` times (its (H, W) copies in a resized image), once by default."""
-    pixels, counts = target.reshape(-1, 3), np.ones(target.shape[0] * target.shape[1]) if weights is None else weights.ravel()
+    pixels, counts = (
+        target.reshape(-1, 3),
+        np.ones(target.shape[0] * target.shape[1]) if weights is None else weights.ravel(),
+    )
     coloured = (pixels != 255).any(axis=1) & (counts > 0)
     if not coloured.any():
         return None
@@ -237,7 +242,10 @@ def at_size(rgb: np.ndarray, ink: np.ndarray) -> np.ndarray:
     outline with a gap the model closed), keep the nearest pixel's.
     """
     side, top, left = placement(ink.shape)
-    rows, cols = nearest(rgb.shape[0], side)[top : top + ink.shape[0]], nearest(rgb.shape[1], side)[left : left + ink.shape[1]]
+    rows, cols = (
+        nearest(rgb.shape[0], side)[top : top + ink.shape[0]],
+        nearest(rgb.shape[1], side)[left : left + ink.shape[1]],
+    )
     big = rgb[rows][:, cols]  # (H, W, 3) the answer, nearest pixel, at the input's size
     colour = fill_color(rgb, weights=np.outer(*(np.bincount(nearest(n, side), minlength=n) for n in rgb.shape[:2])))
     if side == rgb.shape[0] or colour is None:
@@ -255,7 +263,9 @@ def at_size(rgb: np.ndarray, ink: np.ndarray) -> np.ndarray:
     table[0] = -1  # the ink keeps the nearest pixel's answer
     verdict = table[regions]
     del regions
-    np.copyto(big, np.uint8(255), where=(verdict == 0)[..., None])  # a boolean index would make 16 bytes a pixel of indices
+    np.copyto(
+        big, np.uint8(255), where=(verdict == 0)[..., None]
+    )  # a boolean index would make 16 bytes a pixel of indices
     np.copyto(big, np.array(colour, np.uint8), where=(verdict == 1)[..., None])
     return big
 

@@ -20,12 +20,14 @@ from polycolor.metrics import METRICS, per_image, polygon, summarize
 
 
 def make_optimizer(model: torch.nn.Module, optim: OptimSettings, steps: int):
-    """(optimiser, per-step LR schedule): Adam or AdamW (no weight decay) at ``optim.lr``, one-cycle to that peak
+    """Return (optimiser, per-step LR schedule): Adam or AdamW (no weight decay) at ``optim.lr``, one-cycle to that peak
     over ``steps`` or constant."""
     kind = torch.optim.AdamW if optim.optimizer == "adamw" else torch.optim.Adam
     optimizer = kind(model.parameters(), lr=optim.lr, weight_decay=0.0)
     if optim.schedule == "onecycle":
-        return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, optim.lr, total_steps=max(1, steps), pct_start=0.1)
+        return optimizer, torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, optim.lr, total_steps=max(1, steps), pct_start=0.1
+        )
     return optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
@@ -34,7 +36,7 @@ def autocast(device: torch.device, bf16: bool):
 
 
 def to_device(batch, model, palette: Mapping[str, RGB], device: torch.device, channels_last: bool = False):
-    """(outline, target, condition) on ``device``."""
+    """Return (outline, target, condition) on ``device``."""
     outline, target, colours = batch
     cond = checkpoint.unwrap(model).condition.prepare(colours, palette)
     outline = outline.to(device, non_blocking=True)
@@ -44,7 +46,7 @@ def to_device(batch, model, palette: Mapping[str, RGB], device: torch.device, ch
 
 
 def compute_loss(model: torch.nn.Module, kind: str, outline, target, cond) -> torch.Tensor:
-    """``bce`` on the mask logits (on the channel logits for the ``rgb`` head); ``l1``/``mse`` on the image."""
+    """Return ``bce`` on the mask logits (on the channel logits for the ``rgb`` head); ``l1``/``mse`` on the image."""
     net = checkpoint.unwrap(model)
     logits = model(outline, cond, logits=True)  # through the DDP wrapper, so gradients sync
     if kind == "bce":
@@ -53,8 +55,10 @@ def compute_loss(model: torch.nn.Module, kind: str, outline, target, cond) -> to
     return F.l1_loss(image, target) if kind == "l1" else F.mse_loss(image, target)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, loss: str, palette, device: torch.device, bf16: bool = True) -> dict:
-    """One pass over ``loader``; returns {"train_loss", "images_per_s"} for this process."""
+def train_one_epoch(
+    model, loader, optimizer, scheduler, loss: str, palette, device: torch.device, bf16: bool = True
+) -> dict:
+    """Train one pass over ``loader``; return {"train_loss", "images_per_s"} for this process."""
     model.train()
     total, images, start = 0.0, 0, time.perf_counter()
     for batch in loader:
@@ -72,7 +76,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss: str, palette, dev
 
 @torch.no_grad()
 def evaluate(model, loader, palette, device: torch.device, bf16: bool = True) -> torch.Tensor:
-    """Per-image metric sums and the image count, as one (len(METRICS) + 1,) tensor (ready to all-reduce)."""
+    """Return per-image metric sums and the image count, as one (len(METRICS) + 1,) tensor (ready to all-reduce)."""
     model.eval()
     net = checkpoint.unwrap(model)
     sums = torch.zeros(len(METRICS) + 1, dtype=torch.float64, device=device)

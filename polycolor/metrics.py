@@ -20,17 +20,29 @@ import torch
 T = TypeVar("T")
 
 EXACT_TOLERANCE = 16 / 255
-METRICS = ("l1", "mse", "pixel_exact", "iou", "color_error", "inside_r", "inside_g", "inside_b", "true_r", "true_g", "true_b")
+METRICS = (
+    "l1",
+    "mse",
+    "pixel_exact",
+    "iou",
+    "color_error",
+    "inside_r",
+    "inside_g",
+    "inside_b",
+    "true_r",
+    "true_g",
+    "true_b",
+)
 SCORE = "pixel_exact"  # the validation metric that ranks checkpoints (higher is better), then the lowest l1
 
 
 def polygon(target: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) target image -> (B, 1, H, W) polygon mask: every pixel that is not white."""
+    """Return the (B, 1, H, W) polygon mask of a (B, 3, H, W) target: every pixel that is not white."""
     return (target < 1 - 1 / 510).any(dim=1, keepdim=True).float()
 
 
 def per_image(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    """(B, 3, H, W) prediction and truth -> a (B,) tensor per metric."""
+    """Return a (B,) tensor per metric of a (B, 3, H, W) prediction and its truth."""
     pred, target = pred.float(), target.float()
     diff = (pred - target).abs()
     truth = polygon(target)  # (B, 1, H, W)
@@ -65,14 +77,14 @@ def best(candidates: Iterable[tuple[T, Mapping[str, float]]]) -> tuple[T, Mappin
 
 
 def summarize(sums: dict[str, float], count: int) -> dict[str, float]:
-    """Per-image sums over ``count`` images -> the reported means, with psnr."""
+    """Return the reported means, with psnr, of per-image sums over ``count`` images."""
     out = {name: sums[name] / max(count, 1) for name in METRICS}
     out["psnr"] = min(100.0, 10 * math.log10(1 / out["mse"])) if out["mse"] > 0 else 100.0
     return out
 
 
 def colour_line(metrics: dict) -> str:
-    """'inside (r, g, b) vs true (r, g, b)' for the console."""
+    """Return 'inside (r, g, b) vs true (r, g, b)' for the console."""
     inside = ", ".join(f"{metrics[f'inside_{c}']:.0f}" for c in "rgb")
     true = ", ".join(f"{metrics[f'true_{c}']:.0f}" for c in "rgb")
     return f"colour inside ({inside}) vs true ({true})"

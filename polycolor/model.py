@@ -29,7 +29,11 @@ class ModelConfig:
     head: str = "mask"
     base_width: int = 16
     multipliers: tuple[int, ...] = (1, 2, 4)  # one per level: stage widths are base_width * m
-    mid_dilations: tuple[int, ...] = (1, 2, 4)  # bottleneck blocks; dilation grows the receptive field to the whole image
+    mid_dilations: tuple[int, ...] = (
+        1,
+        2,
+        4,
+    )  # bottleneck blocks; dilation grows the receptive field to the whole image
     cond_dim: int = 64
     vocabulary: tuple[str, ...] = ()  # colour names of the ``embedding`` mode, training phrases of ``text``
     text_encoder: str = ""  # ``text`` mode: the Hugging Face encoder (name or path) that embeds phrases
@@ -50,15 +54,23 @@ class ModelConfig:
         if not self.multipliers or min(self.multipliers) < 1:
             raise ValueError(f"multipliers must be a non-empty tuple of positive integers, got {self.multipliers}")
         # Upper bounds, checked before anything is allocated: a checkpoint's config.json is input like any other.
-        limits = {"base_width * max(multipliers)": (self.base_width * max(self.multipliers), 1024), "levels": (len(self.multipliers), 6),
-                  "mid blocks": (len(self.mid_dilations), 8), "cond_dim": (self.cond_dim, 4096), "text_dim": (self.text_dim, 8192),
-                  "image_size": (self.image_size, 1024), "vocabulary": (len(self.vocabulary), 100_000)}  # fmt: skip
+        limits = {
+            "base_width * max(multipliers)": (self.base_width * max(self.multipliers), 1024),
+            "levels": (len(self.multipliers), 6),
+            "mid blocks": (len(self.mid_dilations), 8),
+            "cond_dim": (self.cond_dim, 4096),
+            "text_dim": (self.text_dim, 8192),
+            "image_size": (self.image_size, 1024),
+            "vocabulary": (len(self.vocabulary), 100_000),
+        }
         if over := [f"{name} = {value} (at most {most})" for name, (value, most) in limits.items() if value > most]:
             raise ValueError(f"model config out of bounds: {', '.join(over)}")
         if min(self.mid_dilations, default=1) < 1 or max(self.mid_dilations, default=1) > self.image_size:
             raise ValueError(f"mid_dilations must be between 1 and image_size, got {self.mid_dilations}")
         if self.image_size % 2 ** len(self.multipliers):
-            raise ValueError(f"image_size {self.image_size} must be divisible by 2**levels = {2 ** len(self.multipliers)}")
+            raise ValueError(
+                f"image_size {self.image_size} must be divisible by 2**levels = {2 ** len(self.multipliers)}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,7 +143,7 @@ class ConditionalUNet(nn.Module):
         self.out = nn.Conv2d(c, 1 if cfg.head == "mask" else 3, 1)
 
     def logits(self, outline: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) mask logits for the ``mask`` head, (B, 3, H, W) colour logits for ``rgb``."""
+        """Return (B, 1, H, W) mask logits for the ``mask`` head, (B, 3, H, W) colour logits for ``rgb``."""
         x, vector = self.condition(outline, cond)
         skips = []
         for stage in self.down:
@@ -145,7 +157,7 @@ class ConditionalUNet(nn.Module):
         return self.out(x)
 
     def render(self, logits: torch.Tensor, cond: torch.Tensor, hard: bool = False) -> torch.Tensor:
-        """Logits -> (B, 3, H, W) image in [0, 1]; ``hard`` thresholds to exactly white or the colour."""
+        """Return the (B, 3, H, W) image in [0, 1] of ``logits``; ``hard`` thresholds to exactly white or the colour."""
         if self.cfg.head == "rgb":
             image = torch.sigmoid(logits.float())
             return torch.round(image * 255) / 255 if hard else image
@@ -154,7 +166,9 @@ class ConditionalUNet(nn.Module):
         colour = (torch.round(colour * 255) / 255 if hard else colour)[:, :, None, None]
         return mask * colour + (1 - mask)
 
-    def forward(self, outline: torch.Tensor, cond: torch.Tensor, hard: bool = False, logits: bool = False) -> torch.Tensor:
-        """(B, 3, H, W) image in [0, 1]; the raw logits with ``logits=True`` (for losses, through DDP)."""
+    def forward(
+        self, outline: torch.Tensor, cond: torch.Tensor, hard: bool = False, logits: bool = False
+    ) -> torch.Tensor:
+        """Return (B, 3, H, W) image in [0, 1]; the raw logits with ``logits=True`` (for losses, through DDP)."""
         out = self.logits(outline, cond)
         return out if logits else self.render(out, cond, hard)

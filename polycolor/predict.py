@@ -1,7 +1,7 @@
 """Colorizer: load a checkpoint once, colour outlines; its command line.
 
     python -m polycolor.predict --checkpoint CKPT --image outline.png --color teal --out teal.png
-    python -m polycolor.predict --checkpoint CKPT --data SRC --out DST [--resume]   # many, on Ray Data (polycolor.batch)
+    python -m polycolor.predict --checkpoint CKPT --data SRC --out DST [--resume]   # many, on Ray Data
 
 ``Colorizer`` is the one predictor: this command, batch prediction (``polycolor.batch``) and Serve
 (``polycolor.serve``) all colour through it.
@@ -41,8 +41,14 @@ class Card:
 class Colorizer:
     """A loaded model and its palette; ``colorize`` takes any image Pillow reads and a colour string."""
 
-    def __init__(self, model: torch.nn.Module, palette: dict[str, RGB], device: str | torch.device = "cpu",
-                 batch_size: int | None = None, location: str = ""):  # fmt: skip
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        palette: dict[str, RGB],
+        device: str | torch.device = "cpu",
+        batch_size: int | None = None,
+        location: str = "",
+    ):
         self.device = torch.device(device)
         # Small CPU batches keep activations in cache: 8 runs about twice as fast per image as 64 there.
         self.model = model.to(self.device).eval()
@@ -65,8 +71,15 @@ class Colorizer:
     def card(self) -> Card:
         """Return what this checkpoint can do (see ``Card``)."""
         mode = self.model.condition
-        return Card(self.location, self.image_size, mode.name, dict(self.palette), tuple(self.model.cfg.vocabulary),
-                    mode.reads_lexicons, mode.free_text)  # fmt: skip
+        return Card(
+            self.location,
+            self.image_size,
+            mode.name,
+            dict(self.palette),
+            tuple(self.model.cfg.vocabulary),
+            mode.reads_lexicons,
+            mode.free_text,
+        )
 
     def prepare(self) -> None:
         """Load now whatever the first request would otherwise wait for (a text mode's encoder and lexicon)."""
@@ -91,12 +104,16 @@ class Colorizer:
         """Colour (N, S, S) bool outlines at the model's size with N conditions; return (N, S, S, 3) uint8 RGB."""
         out = []
         for start in range(0, len(outlines), self.batch_size):
-            ink = torch.from_numpy(np.asarray(outlines[start : start + self.batch_size])).float()[:, None].to(self.device)
+            ink = (
+                torch.from_numpy(np.asarray(outlines[start : start + self.batch_size])).float()[:, None].to(self.device)
+            )
             image = self.model(ink, cond[start : start + self.batch_size].to(self.device), hard=True)  # (B, 3, S, S)
             out.append((image * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
         return np.concatenate(out) if out else np.empty((0, self.image_size, self.image_size, 3), np.uint8)
 
-    def colorize_batch(self, pictures: Sequence[Image.Image], colours: Sequence[str], original_size: bool = False) -> list[Image.Image]:
+    def colorize_batch(
+        self, pictures: Sequence[Image.Image], colours: Sequence[str], original_size: bool = False
+    ) -> list[Image.Image]:
         """Colour each image with its colour: 128x128 RGB, or each input's size with ``original_size``."""
         cond = self.condition(colours)
         inks = [images.ink_mask(picture) for picture in pictures]
@@ -115,7 +132,9 @@ class Colorizer:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m polycolor.predict", description="Colour polygon outlines with a checkpoint.")
+    parser = argparse.ArgumentParser(
+        prog="python -m polycolor.predict", description="Colour polygon outlines with a checkpoint."
+    )
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or URI")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="one outline image (any format Pillow reads)")
@@ -124,16 +143,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="many, on Ray Data: a split with data.json, a folder or URI of outlines (with --color), "
         "or a CSV/JSON list of image,colour[,output]",
     )
-    parser.add_argument("--color", "--colour", dest="color", help="colour name, #hex or rgb(r,g,b) (with --image, or a folder of outlines)")
+    parser.add_argument(
+        "--color",
+        "--colour",
+        dest="color",
+        help="colour name, #hex or rgb(r,g,b) (with --image, or a folder of outlines)",
+    )
     parser.add_argument("--out", required=True, help="output PNG (with --image), or a folder or URI (with --data)")
     parser.add_argument("--original-size", action="store_true", help="return the input's size, not the model's")
     parser.add_argument("--device", help="torch device with --image (default: cuda when available, else cpu)")
     many = parser.add_argument_group("with --data")
     many.add_argument("--resume", action="store_true", help="colour only the rows that have no output in --out yet")
-    many.add_argument("--concurrency", type=int, help="Colorizer actors (default: one per GPU, else as many as the CPUs hold)")
+    many.add_argument(
+        "--concurrency", type=int, help="Colorizer actors (default: one per GPU, else as many as the CPUs hold)"
+    )
     many.add_argument("--batch-size", type=int, default=64, help="rows per actor call (default: 64)")
-    many.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
-    many.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor, and its torch threads (default: 1)")
+    many.add_argument(
+        "--gpus-per-actor", type=float, help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)"
+    )
+    many.add_argument(
+        "--cpus-per-actor", type=float, default=1.0, help="CPUs per actor, and its torch threads (default: 1)"
+    )
     args = parser.parse_args(argv)
     if args.image and not args.color:
         parser.error("--image needs --color")
@@ -151,7 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         found = batch.find_source(args.data, args.color)
         init_ray()
         plan = batch.Plan(args.concurrency, args.batch_size, args.gpus_per_actor, args.cpus_per_actor)
-        summary = batch.colour_all(found, args.checkpoint, colorizer.image_size, args.out, plan, args.resume, args.original_size)
+        summary = batch.colour_all(
+            found, args.checkpoint, colorizer.image_size, args.out, plan, args.resume, args.original_size
+        )
     except (checkpoint.CheckpointError, ImportError, ValueError, OSError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -23,7 +23,9 @@ def internal(module: str, name: str):
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
-        raise RayInternalMoved(f"ray {ray.__version__} has no {module}.{name}; polycolor.ray_compat needs updating") from None
+        raise RayInternalMoved(
+            f"ray {ray.__version__} has no {module}.{name}; polycolor.ray_compat needs updating"
+        ) from None
 
 
 def snapshot_filename() -> str:
@@ -47,7 +49,9 @@ def without_placement_group_cleaner(trainer_cls: type) -> type:
     cleaner, a detached actor that frees the run's workers only after the dashboard confirms its controller died."""
     cleaner = internal("ray.train.v2._internal.callbacks.placement_group_callback", "PlacementGroupCleanerCallback")
     if not callable(getattr(trainer_cls, "_create_default_callbacks", None)):
-        raise RayInternalMoved(f"{trainer_cls.__name__} has no _create_default_callbacks; polycolor.ray_compat needs updating")
+        raise RayInternalMoved(
+            f"{trainer_cls.__name__} has no _create_default_callbacks; polycolor.ray_compat needs updating"
+        )
 
     class WithoutCleaner(trainer_cls):
         def _create_default_callbacks(self):
@@ -66,7 +70,7 @@ class GroupRecord:
     detached: bool
     bundles: tuple[dict[str, float], ...]
     created_by_actor: bool  # else by a driver
-    creator_dead: bool  # the creating actor has died
+    creator_dead: bool  # it was made by an actor, and that actor has died
     job: str  # hex id of the job that created it
 
 
@@ -75,18 +79,21 @@ def placement_groups() -> list[GroupRecord]:
     table = internal("ray.core.generated.gcs_pb2", "PlacementGroupTableData")
     connect = getattr(internal("ray._private.state", "state"), "_connect_and_get_accessor", None)
     if connect is None:
-        raise RayInternalMoved("ray._private.state.state has no _connect_and_get_accessor; polycolor.ray_compat needs updating")
+        raise RayInternalMoved(
+            "ray._private.state.state has no _connect_and_get_accessor; polycolor.ray_compat needs updating"
+        )
     records = []
     for raw in connect().get_placement_group_table():
         group = table.FromString(raw)
+        by_actor = any(group.creator_actor_id.rstrip(b"\xff"))  # a driver's groups name no actor
         records.append(
             GroupRecord(
                 id=group.placement_group_id.hex(),
                 state=table.PlacementGroupState.Name(group.state),
                 detached=group.is_detached,
                 bundles=tuple(dict(b.unit_resources) for b in group.bundles),
-                created_by_actor=any(group.creator_actor_id.rstrip(b"\xff")),
-                creator_dead=group.creator_actor_dead,
+                created_by_actor=by_actor,
+                creator_dead=by_actor and group.creator_actor_dead,
                 job=group.creator_job_id.hex(),
             )
         )

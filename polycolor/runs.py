@@ -22,32 +22,41 @@ from polycolor.data import SPLITS, Split, check_split, load_split
 
 def add_run_flags(parser: argparse.ArgumentParser, noun: str) -> None:
     """Add --preset, --smoke-test, --storage and --resume for a ``noun`` ("run" or "search")."""
-    parser.add_argument("--preset", choices=tuple(PRESETS), help="the settings to start from, which flags then change (default: recipe)")
+    parser.add_argument(
+        "--preset", choices=tuple(PRESETS), help="the settings to start from, which flags then change (default: recipe)"
+    )
     parser.add_argument("--smoke-test", action="store_true", help="--preset smoke: a tiny model and data, two epochs")
     parser.add_argument(
         "--storage",
-        help=f"local path or URI (s3://, gs://, file://) for the {noun}'s checkpoints, results and best/ (default ./runs; ~/ray_results inside a submitted Ray job)",
+        help=f"local path or URI (s3://, gs://, file://) for the {noun}'s checkpoints, results and best/ "
+        "(default ./runs; ~/ray_results inside a submitted Ray job)",
     )
     parser.add_argument("--resume", action="store_true", help=f"continue the {noun} STORAGE/NAME")
 
 
 def preset_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
-    """Return the preset the flags name (recipe by default); a usage error when --smoke-test and another preset are both given."""
+    """Return the preset the flags name (recipe by default); a usage error when --smoke-test and another preset
+    are both given."""
     if args.smoke_test and args.preset not in (None, "smoke"):
         parser.error(f"--smoke-test is --preset smoke; it cannot be given with --preset {args.preset}")
     return "smoke" if args.smoke_test else args.preset or "recipe"
 
 
 def check_location(location: str, name: str, resume: bool, noun: str) -> None:
-    """ValueError unless ``location`` can be written and holds a ``noun`` called ``name`` exactly when resuming."""
+    """Raise ValueError unless ``location`` can be written and holds a ``noun`` called ``name`` exactly when
+    resuming."""
     storage.check_writable(location)
     if storage.exists(storage.join(location, name)) != resume:
-        raise ValueError(f"--resume: no {noun} {name!r} under {storage.redact(location)}" if resume else
-                         f"a {noun} {name!r} already exists under {storage.redact(location)}; pass --resume to continue it or pick another --name")  # fmt: skip
+        raise ValueError(
+            f"--resume: no {noun} {name!r} under {storage.redact(location)}"
+            if resume
+            else f"a {noun} {name!r} already exists under {storage.redact(location)}; "
+            "pass --resume to continue it or pick another --name"
+        )
 
 
 def check_trusted(location: str, name: str) -> None:
-    """ValueError when a local ``name`` under ``location`` holds a file or folder other users may write: Tune's
+    """Raise ValueError when a local ``name`` under ``location`` holds a file or folder other users may write: Tune's
     restore unpickles what is there (a remote location's access is its owner's policy; it cannot be checked here)."""
     if storage.is_uri(location) and not location.startswith("file://"):
         return
@@ -56,12 +65,14 @@ def check_trusted(location: str, name: str) -> None:
         for path in [Path(folder), *(Path(folder) / f for f in files)]:
             info = path.lstat()  # writable by anyone, or by a group other than this user's own (a umask of 002 is fine)
             if info.st_mode & stat.S_IWOTH or (info.st_mode & stat.S_IWGRP and info.st_gid != os.getgid()):
-                raise ValueError(f"--resume: {path} is writable by other users, and restoring a search unpickles its files; "
-                                 f"make it yours alone (chmod -R go-w {root}) or resume from storage you trust")  # fmt: skip
+                raise ValueError(
+                    f"--resume: {path} is writable by other users, and restoring a search unpickles its files; "
+                    f"make it yours alone (chmod -R go-w {root}) or resume from storage you trust"
+                )
 
 
 def read_dataset(data: str) -> tuple[Split, Split] | None:
-    """The checked training and validation splits of a dataset directory or URI (None for "synthetic"), read
+    """Return the checked training and validation splits of a dataset directory or URI (None for "synthetic"), read
     once by the driver and handed to every worker through the object store (no shared disk needed);
     ValueError says what is wrong."""
     if data == "synthetic":
@@ -80,20 +91,22 @@ def read_dataset(data: str) -> tuple[Split, Split] | None:
 
 
 def saved_config(location: str, name: str) -> TrainConfig | None:
-    """The TrainConfig the run ``name`` under ``location`` saved with the checkpoint it will resume from (see
+    """Return the TrainConfig the run ``name`` under ``location`` saved with the checkpoint it will resume from (see
     ``resume_point``); None before any. ValueError when that checkpoint has lost its training state."""
     found = resume_point(location, name)[0] or newest_complete(location, name)
     if found is None:
         return None
     if not storage.exists(storage.join(found, "train_state.pt")):
-        raise ValueError(f"--resume: {storage.join(found, 'train_state.pt')} is missing, so training cannot continue from "
-                         "this checkpoint; restore the file, or start a new run under another --name")  # fmt: skip
+        raise ValueError(
+            f"--resume: {storage.join(found, 'train_state.pt')} is missing, so training cannot continue from "
+            "this checkpoint; restore the file, or start a new run under another --name"
+        )
     saved = json.loads(storage.read_bytes(storage.join(found, "config.json"))).get("train")
     return TrainConfig.from_dict(saved) if saved else None
 
 
 def resume_point(location: str, name: str) -> tuple[str | None, str | None]:
-    """(checkpoint, None): the one Ray Train resumes run ``name`` from, the latest its checkpoint list (the
+    """Return (checkpoint, None): the one Ray Train resumes run ``name`` from, the latest its checkpoint list (the
     snapshot) registered, or None before any; or (None, why) when Ray cannot use its list: a kill cut it off
     while Ray rewrote it in place, or the latest checkpoint it names is gone (deleted, or no longer loads)."""
     snapshot = snapshot_path(location, name)
@@ -114,10 +127,12 @@ def resume_point(location: str, name: str) -> tuple[str | None, str | None]:
 
 
 def newest_complete(location: str, name: str) -> str | None:
-    """The newest of run ``name``'s checkpoints that loads whole, with its training state."""
+    """Return the newest of run ``name``'s checkpoints that loads whole, with its training state."""
     for found in (storage.join(location, name, c) for c in reversed(storage.checkpoints(location, name))):
         try:
-            with storage.local_copy(found, only=(checkpoint.CONFIG, checkpoint.WEIGHTS, checkpoint.TRAIN_STATE)) as local:
+            with storage.local_copy(
+                found, only=(checkpoint.CONFIG, checkpoint.WEIGHTS, checkpoint.TRAIN_STATE)
+            ) as local:
                 checkpoint.load_directory(local, shown=found)
                 checkpoint.load_train_state(local, shown=found)
             return found
@@ -143,8 +158,11 @@ def recover(location: str, name: str) -> str | None:
         return None
     found = newest_complete(location, name)
     if found is None and (kept := storage.checkpoints(location, name)):
-        raise ValueError(f"run {name}: {why}, and none of its {len(kept)} checkpoint(s) loads whole with its training state; "
-                         f"refusing to start it over from epoch 0; repair or remove them under {storage.redact(storage.join(location, name))}")
+        raise ValueError(
+            f"run {name}: {why}, and none of its {len(kept)} checkpoint(s) loads whole with its training state; "
+            "refusing to start it over from epoch 0; "
+            f"repair or remove them under {storage.redact(storage.join(location, name))}"
+        )
     snapshot = snapshot_path(location, name)
     fs, path = storage.filesystem(snapshot)
     fs.move(path, f"{path}.cut-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
@@ -158,7 +176,9 @@ def named_checkpoints(location: str, name: str) -> set[str]:
     by ``recover``) ever named, read even from a list a kill cut off."""
     folder, snapshot = storage.join(location, name), ray_compat.snapshot_filename()
     named: set[str] = set()
-    for file in [f for f, kind in storage.listing(folder).items() if kind == pafs.FileType.File and f.startswith(snapshot)]:
+    for file in [
+        f for f, kind in storage.listing(folder).items() if kind == pafs.FileType.File and f.startswith(snapshot)
+    ]:
         text = storage.read_bytes(storage.join(folder, file)).decode("utf-8", "replace")
         named |= set(re.findall(r'"checkpoint_dir_name"\s*:\s*"([^"]+)"', text))
     return named
@@ -176,7 +196,7 @@ def prune_unregistered(registered: Iterable[str], location: str, name: str) -> l
 
 
 def resume_config(location: str, name: str, given: dict, base: TrainConfig) -> TrainConfig:
-    """The config to continue run ``name`` with: as saved, with the ``given`` settings (``run`` ones may change).
+    """Return the config to continue run ``name`` with: as saved, with the ``given`` settings (``run`` ones may change).
     ValueError naming every training setting that differs from the saved one (``base``'s, when none is saved)."""
     saved = saved_config(location, name)
     if saved is None:
@@ -184,8 +204,10 @@ def resume_config(location: str, name: str, given: dict, base: TrainConfig) -> T
     wanted = saved.replace(**given)
     if differ := saved.differences(wanted):
         shown = ", ".join(f"--{k.replace('_', '-')} {old!r} (given {new!r})" for k, (old, new) in differ.items())
-        raise ValueError(f"--resume: run {name!r} was trained with {shown}; leave those flags out to continue it "
-                         "as saved, or start a new run under another --name")  # fmt: skip
+        raise ValueError(
+            f"--resume: run {name!r} was trained with {shown}; leave those flags out to continue it "
+            "as saved, or start a new run under another --name"
+        )
     return wanted
 
 
@@ -198,4 +220,6 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:  # "local": a new Ray, never the cluster a `ray start` on this machine left in /tmp/ray (maybe dead)
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1")
+        ray.init(
+            address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1"
+        )

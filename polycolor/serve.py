@@ -57,30 +57,58 @@ class ServeConfig(Settings):
     """A deployment's settings: ``serve run`` arguments, a Serve config file's ``args`` and main()'s flags."""
 
     checkpoint: str = setting("", "checkpoint directory or URI (e.g. runs/NAME/best)")
-    replicas: str = setting("1", "replicas of the model: N; auto (Serve's autoscaling); or MIN-MAX, autoscaling between them",
-                            lambda v: replica_range(v) is not None, "a count >= 1, auto, or MIN-MAX with 0 <= MIN <= MAX, MAX >= 1")
-    ingress_replicas: str = setting("1", "replicas of the HTTP ingress (decoding, encoding), in the same form; they scale apart from the model's",
-                                    lambda v: replica_range(v) is not None, "a count >= 1, auto, or MIN-MAX with 0 <= MIN <= MAX, MAX >= 1")
+    replicas: str = setting(
+        "1",
+        "replicas of the model: N; auto (Serve's autoscaling); or MIN-MAX, autoscaling between them",
+        lambda v: replica_range(v) is not None,
+        "a count >= 1, auto, or MIN-MAX with 0 <= MIN <= MAX, MAX >= 1",
+    )
+    ingress_replicas: str = setting(
+        "1",
+        "replicas of the HTTP ingress (decoding, encoding), in the same form; they scale apart from the model's",
+        lambda v: replica_range(v) is not None,
+        "a count >= 1, auto, or MIN-MAX with 0 <= MIN <= MAX, MAX >= 1",
+    )
     cpus: float = setting(1.0, "CPUs each model replica reserves", lambda v: v >= 0, ">= 0")
-    ingress_cpus: float = setting(0.0, "CPUs each ingress replica reserves (none by default, as Serve's own HTTP proxy: it never keeps a "
-                                       "model replica off a node; a cluster config gives it some)", lambda v: v >= 0, ">= 0")
-    target_ongoing_requests: float = setting(2.0, "autoscaling: the requests in progress per replica it aims for", lambda v: v > 0, "> 0")
-    upscale_delay_s: float = setting(10.0, "autoscaling: how long load must stay high before a replica is added", lambda v: v >= 0, ">= 0")
-    downscale_delay_s: float = setting(120.0, "autoscaling: how long load must stay low before a replica is removed", lambda v: v >= 0, ">= 0")
+    ingress_cpus: float = setting(
+        0.0,
+        "CPUs each ingress replica reserves (none by default, as Serve's own HTTP proxy: it never keeps a "
+        "model replica off a node; a cluster config gives it some)",
+        lambda v: v >= 0,
+        ">= 0",
+    )
+    target_ongoing_requests: float = setting(
+        2.0, "autoscaling: the requests in progress per replica it aims for", lambda v: v > 0, "> 0"
+    )
+    upscale_delay_s: float = setting(
+        10.0, "autoscaling: how long load must stay high before a replica is added", lambda v: v >= 0, ">= 0"
+    )
+    downscale_delay_s: float = setting(
+        120.0, "autoscaling: how long load must stay low before a replica is removed", lambda v: v >= 0, ">= 0"
+    )
     gpu: bool = setting(False, "one GPU per replica")
     max_body_mb: float = setting(10.0, "request body limit in MiB (413 above it)", lambda v: v > 0, "> 0")
-    max_pixels: int = setting(4096 * 4096, "largest accepted image, in pixels (413 above it, before decoding)", lambda v: v >= 1, ">= 1")
-    max_side: int = setting(4096, "longest accepted image side, in pixels (413 above it, before decoding)", lambda v: v >= 1, ">= 1")
+    max_pixels: int = setting(
+        4096 * 4096, "largest accepted image, in pixels (413 above it, before decoding)", lambda v: v >= 1, ">= 1"
+    )
+    max_side: int = setting(
+        4096, "longest accepted image side, in pixels (413 above it, before decoding)", lambda v: v >= 1, ">= 1"
+    )
     max_batch_size: int = setting(16, "requests the model runs together", lambda v: v >= 1, ">= 1")
     batch_wait_s: float = setting(0.005, "how long a batch waits to fill", lambda v: v >= 0, ">= 0")
-    max_ongoing_requests: int = setting(64, "requests a replica takes at once; more are queued", lambda v: v >= 1, ">= 1")
+    max_ongoing_requests: int = setting(
+        64, "requests a replica takes at once; more are queued", lambda v: v >= 1, ">= 1"
+    )
     max_queued_requests: int = setting(256, "queued requests beyond which clients get 503", lambda v: v >= 1, ">= 1")
     max_images_per_request: int = setting(16, "outlines one request may carry (413 above it)", lambda v: v >= 1, ">= 1")
-    max_new_phrases_per_s: float = setting(20.0, "per client: phrases that need an encoder run (text mode; 429 beyond)", lambda v: v > 0, "> 0")
+    max_new_phrases_per_s: float = setting(
+        20.0, "per client: phrases that need an encoder run (text mode; 429 beyond)", lambda v: v > 0, "> 0"
+    )
 
     @classmethod
     def from_args(cls, args: dict) -> "ServeConfig":
-        """From ``serve run ... key=value`` strings or a config file's ``args``; unknown keys are refused."""
+        """Return the config of ``serve run ... key=value`` strings or a config file's ``args``; unknown keys are
+        refused."""
         known = {f.name: f.type for f in fields(cls)}
         unknown = set(args) - set(known)
         if unknown:
@@ -90,7 +118,7 @@ class ServeConfig(Settings):
 
 
 def replica_range(replicas: str) -> tuple[int, int] | str | None:
-    """``replicas`` as (MIN, MAX) (N is N-N), or "auto"; None when it is neither."""
+    """Return ``replicas`` as (MIN, MAX) (N is N-N), or "auto"; None when it is neither."""
     text = str(replicas).strip()
     if text == "auto":
         return text
@@ -102,14 +130,21 @@ def replica_range(replicas: str) -> tuple[int, int] | str | None:
 
 
 def replica_options(replicas: str, cfg: ServeConfig) -> dict:
-    """The deployment options for ``replicas``: a fixed count, or an autoscaling config from ``cfg``."""
+    """Return the deployment options for ``replicas``: a fixed count, or an autoscaling config from ``cfg``."""
     wanted = replica_range(replicas)
     if isinstance(wanted, tuple) and wanted[0] == wanted[1]:
         return {"num_replicas": wanted[0]}
-    autoscaling = {"target_ongoing_requests": cfg.target_ongoing_requests, "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s}
+    autoscaling = {
+        "target_ongoing_requests": cfg.target_ongoing_requests,
+        "upscale_delay_s": cfg.upscale_delay_s,
+        "downscale_delay_s": cfg.downscale_delay_s,
+    }
     if wanted == "auto":
         return {"num_replicas": "auto", "autoscaling_config": autoscaling}
-    return {"autoscaling_config": autoscaling | {"min_replicas": wanted[0], "max_replicas": wanted[1], "initial_replicas": max(1, wanted[0])}}
+    return {
+        "autoscaling_config": autoscaling
+        | {"min_replicas": wanted[0], "max_replicas": wanted[1], "initial_replicas": max(1, wanted[0])}
+    }
 
 
 DEFAULTS = ServeConfig()
@@ -157,11 +192,19 @@ class Meters:
         from ray.serve import metrics
 
         seconds = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5]
-        self.requests = metrics.Counter("polycolor_requests", "outlines answered, by outcome (2xx/4xx/5xx) and 4xx reason", ("outcome", "reason"))
-        self.batch_size = metrics.Histogram("polycolor_batch_size", "outlines per model batch", [1, 2, 4, 8, 16, 32, 64, 128])
+        self.requests = metrics.Counter(
+            "polycolor_requests", "outlines answered, by outcome (2xx/4xx/5xx) and 4xx reason", ("outcome", "reason")
+        )
+        self.batch_size = metrics.Histogram(
+            "polycolor_batch_size", "outlines per model batch", [1, 2, 4, 8, 16, 32, 64, 128]
+        )
         self.model_latency = metrics.Histogram("polycolor_model_seconds", "time the model takes for one batch", seconds)
-        self.decode_latency = metrics.Histogram("polycolor_decode_seconds", "time to decode one image to its outline", seconds)
-        self.unknown_colours = metrics.Counter("polycolor_unknown_colours", "colours this checkpoint could not paint (422)")
+        self.decode_latency = metrics.Histogram(
+            "polycolor_decode_seconds", "time to decode one image to its outline", seconds
+        )
+        self.unknown_colours = metrics.Counter(
+            "polycolor_unknown_colours", "colours this checkpoint could not paint (422)"
+        )
 
     def answered(self, status: int, reason: str = "") -> None:
         self.requests.inc(tags={"outcome": f"{status // 100}xx", "reason": reason if 400 <= status < 500 else ""})
@@ -171,7 +214,11 @@ def demo_page(public: bool) -> str:
     """Return the demo page (static/demo.html): draw outlines, pick a colour, see them filled."""
     # Completions: the public lexicons' names, when the checkpoint reads them (``public``). Its own palette or
     # vocabulary is what /colors (behind the API key) tells; the page adds those once it may ask.
-    names = "".join(f'<option value="{html.escape(n)}">' for n in sorted({name for name, _ in LEXICON.values()})) if public else ""
+    names = (
+        "".join(f'<option value="{html.escape(n)}">' for n in sorted({name for name, _ in LEXICON.values()}))
+        if public
+        else ""
+    )
     return DEMO_HTML.read_text().replace("{{NAMES}}", names)
 
 
@@ -252,7 +299,9 @@ class Model:
 
     def current(self) -> Served:
         if self.served is None:
-            raise RuntimeError("no checkpoint: give checkpoint= in the app's args or in its Model deployment's user_config")
+            raise RuntimeError(
+                "no checkpoint: give checkpoint= in the app's args or in its Model deployment's user_config"
+            )
         return self.served
 
     async def card(self) -> Card:
@@ -292,7 +341,10 @@ class Model:
             if not isinstance(answer[i], ClientError)
         ]
         if accepted:
-            outlines, conds = np.stack([o for _, _, o in accepted]), torch.stack([answer[i] for answer, i, _ in accepted])
+            outlines, conds = (
+                np.stack([o for _, _, o in accepted]),
+                torch.stack([answer[i] for answer, i, _ in accepted]),
+            )
             for (answer, i, _), image in zip(accepted, colorizer.colorize_arrays(outlines, conds)):
                 answer[i] = image
         return [Painted(answer, served.card.location) for answer in answers]
@@ -300,8 +352,10 @@ class Model:
     def condition(self, colorizer: Colorizer, colour: str, client: str) -> torch.Tensor | ClientError:
         """Return the colour's condition, or the ClientError that refuses it: the colour is parsed here, once."""
         if colorizer.costly(colour) and not self.budget.take(client):
-            message = (f"more than {self.cfg.max_new_phrases_per_s:g} new phrases a second from this client; "
-                       "retry in a second, or send names the lexicons know (see /colors)")  # fmt: skip
+            message = (
+                f"more than {self.cfg.max_new_phrases_per_s:g} new phrases a second from this client; "
+                "retry in a second, or send names the lexicons know (see /colors)"
+            )
             return ClientError(429, message, {"Retry-After": "1"}, field="color")
         try:
             return colorizer.condition([colour])[0]
@@ -317,12 +371,18 @@ class Model:
         """
         served = self.current()
         size = served.card.image_size
-        probe = self.model_thread.submit(served.colorizer.colorize_arrays, np.zeros((1, size, size), bool), served.probe)
+        probe = self.model_thread.submit(
+            served.colorizer.colorize_arrays, np.zeros((1, size, size), bool), served.probe
+        )
         try:
             await asyncio.wait_for(asyncio.wrap_future(probe), HEALTH_TIMEOUT_S)
         except TimeoutError:
             raise RuntimeError(f"the model thread did not answer a health probe within {HEALTH_TIMEOUT_S} s") from None
-        return {"checkpoint": served.card.location, "recent_batch_sizes": self.batch_sizes[-20:], "swap_error": self.swap_error}
+        return {
+            "checkpoint": served.card.location,
+            "recent_batch_sizes": self.batch_sizes[-20:],
+            "swap_error": self.swap_error,
+        }
 
 
 def fitted(outline: np.ndarray, size: int) -> np.ndarray:
@@ -336,7 +396,8 @@ def refusal(err: ClientError) -> JSONResponse:
 
 @functools.cache
 def meters() -> Meters:
-    """The metrics of this replica's process (one replica per process), shared by its routes and error handlers."""
+    """Return the metrics of this replica's process (one replica per process), shared by its routes and error
+    handlers."""
     return Meters()
 
 
@@ -380,7 +441,9 @@ class Ingress:
         self.meters.decode_latency.observe(time.perf_counter() - started)
         return ink, outline
 
-    @app.post("/colorize", response_class=Response, openapi_extra=api.COLORIZE_OPENAPI, responses=api.colorize_responses())
+    @app.post(
+        "/colorize", response_class=Response, openapi_extra=api.COLORIZE_OPENAPI, responses=api.colorize_responses()
+    )
     async def colorize(self, request: Request, _: Authorized) -> Response:
         """Colour outlines: multipart `image` (PNG or JPEG) + `color`, or JSON {"image": base64, "color": ...}.
 
@@ -400,7 +463,12 @@ class Ingress:
         if not parsed.many:
             answer = answers[0]
             return Response(answer, media_type="image/png") if isinstance(answer, bytes) else refusal(answer)
-        return JSONResponse([{"image": base64.b64encode(a).decode()} if isinstance(a, bytes) else a.body() | {"status": a.status} for a in answers])
+        return JSONResponse(
+            [
+                {"image": base64.b64encode(a).decode()} if isinstance(a, bytes) else a.body() | {"status": a.status}
+                for a in answers
+            ]
+        )
 
     async def colorize_all(self, parsed: api.Parsed, client: str) -> list[bytes | ClientError]:
         """Return each outline as PNG bytes, or the ClientError that refuses it (the others go on): decoded one at a
@@ -410,7 +478,13 @@ class Ingress:
         for i, data in enumerate(parsed.images):
             parsed.images[i] = None
             try:
-                decoded = data if isinstance(data, ClientError) else await loop.run_in_executor(self.codec_thread, self.decode, data, card.image_size, parsed.original)
+                decoded = (
+                    data
+                    if isinstance(data, ClientError)
+                    else await loop.run_in_executor(
+                        self.codec_thread, self.decode, data, card.image_size, parsed.original
+                    )
+                )
                 answers.append(decoded)
             except ClientError as err:
                 answers.append(err)
@@ -421,18 +495,23 @@ class Ingress:
             if painted.location != card.location:
                 self.known = None  # another checkpoint now: its card is fetched for the next request
             for i, image in zip(todo, painted.images):
-                answers[i] = image if isinstance(image, ClientError) else await loop.run_in_executor(self.codec_thread, images.encode_png, image, answers[i][0])
+                answers[i] = (
+                    image
+                    if isinstance(image, ClientError)
+                    else await loop.run_in_executor(self.codec_thread, images.encode_png, image, answers[i][0])
+                )
         return answers
 
     @app.get("/colors", responses=api.error_responses(401))
     async def colors(self, _: Authorized) -> JSONResponse:
-        """The checkpoint's palette and conditioning mode, and the lexicons, modifiers and notations it reads."""
+        """Return the checkpoint's palette and conditioning mode, and the lexicons, modifiers and notations it reads."""
         self.known = None  # asked each time: /colors describes the checkpoint serving now
         return JSONResponse(colors_listing(await self.card()))
 
     @app.get("/healthz", responses=api.error_responses(503))
     async def healthz(self) -> JSONResponse:
-        """200 when a tiny forward pass answers on the model thread; with the checkpoint serving and a refused swap."""
+        """Answer 200 when a tiny forward pass answers on the model thread; with the checkpoint serving and a refused
+        swap."""
         try:
             state = await asyncio.wait_for(self.model.check_health.remote(), HEALTH_TIMEOUT_S + 5)
         except Exception as err:
@@ -441,7 +520,7 @@ class Ingress:
 
     @app.get("/", response_class=HTMLResponse)
     async def index(self) -> HTMLResponse:
-        """The demo page: draw outlines, pick a colour, see them filled."""
+        """Return the demo page: draw outlines, pick a colour, see them filled."""
         public = (await self.card()).reads_lexicons
         if public not in self.pages:
             self.pages[public] = demo_page(public)
@@ -456,12 +535,21 @@ def application(cfg: ServeConfig, model=Model, model_options: dict | None = None
 
     def merged(defaults: dict, given: dict | None) -> dict:
         given = dict(given or {})
-        return defaults | given | {"ray_actor_options": defaults["ray_actor_options"] | given.get("ray_actor_options", {})}
+        return (
+            defaults | given | {"ray_actor_options": defaults["ray_actor_options"] | given.get("ray_actor_options", {})}
+        )
 
-    model_defaults = {"max_ongoing_requests": cfg.max_ongoing_requests, **replica_options(cfg.replicas, cfg),
-                      "ray_actor_options": {"num_cpus": cfg.cpus, "num_gpus": 1 if cfg.gpu else 0}}  # fmt: skip
-    ingress_defaults = {"max_ongoing_requests": cfg.max_ongoing_requests, "max_queued_requests": cfg.max_queued_requests,
-                        **replica_options(cfg.ingress_replicas, cfg), "ray_actor_options": {"num_cpus": cfg.ingress_cpus}}  # fmt: skip
+    model_defaults = {
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        **replica_options(cfg.replicas, cfg),
+        "ray_actor_options": {"num_cpus": cfg.cpus, "num_gpus": 1 if cfg.gpu else 0},
+    }
+    ingress_defaults = {
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        **replica_options(cfg.ingress_replicas, cfg),
+        "ray_actor_options": {"num_cpus": cfg.ingress_cpus},
+    }
     config = asdict(cfg)
     painter = model.options(**merged(model_defaults, model_options)).bind(config)
     return Ingress.options(**merged(ingress_defaults, ingress_options)).bind(config, painter)
@@ -485,9 +573,13 @@ def build_app(args: dict):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m polycolor.serve", description="Serve a checkpoint over HTTP with Ray Serve.")
+    p = argparse.ArgumentParser(
+        prog="python -m polycolor.serve", description="Serve a checkpoint over HTTP with Ray Serve."
+    )
     add_flags(p, ServeConfig)
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it to the network)"
+    )
     p.add_argument("--port", type=int, default=8000, help="(default: 8000)")
     p.add_argument("--request-timeout-s", type=float, default=30.0, help="408 after this long (default: 30)")
     args = p.parse_args(argv)
@@ -520,4 +612,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from polycolor import serve  # the importable module: its deployments are pickled by reference, not from __main__
+
+    sys.exit(serve.main())

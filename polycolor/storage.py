@@ -25,7 +25,7 @@ class StorageError(ValueError):
 
 
 def default() -> str:
-    """``runs`` in the current directory; inside a submitted Ray job, whose current directory is Ray's
+    """Return ``runs`` in the current directory; inside a submitted Ray job, whose current directory is Ray's
     temporary copy of ``--working-dir`` (deleted after the job), ``~/ray_results`` on the head as Ray does."""
     return "~/ray_results" if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else "runs"
 
@@ -43,13 +43,17 @@ def redact(location: str) -> str:
         return location
     parts = urlsplit(location)
     netloc = f"***@{parts.netloc.rsplit('@', 1)[1]}" if "@" in parts.netloc else parts.netloc
-    query = "&".join(f"{k}=***" if k.lower() in SECRETS else f"{k}={v}" if v or "=" in pair else k
-                     for pair in parts.query.split("&") if pair for k, _, v in [pair.partition("=")])
+    query = "&".join(
+        f"{k}=***" if k.lower() in SECRETS else f"{k}={v}" if v or "=" in pair else k
+        for pair in parts.query.split("&")
+        if pair
+        for k, _, v in [pair.partition("=")]
+    )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def resolve(location: str) -> str:
-    """A URI as given; a local path made absolute (Ray Train workers run in other directories)."""
+    """Return a URI as given; a local path made absolute (Ray Train workers run in other directories)."""
     return location if is_uri(location) else str(Path(location).expanduser().resolve())
 
 
@@ -60,7 +64,7 @@ def join(location: str, *names: str) -> str:
 
 
 def parent(location: str) -> str:
-    """The folder holding ``location``, its query kept."""
+    """Return the folder holding ``location``, its query kept."""
     base, query = location.split("?", 1) if is_uri(location) and "?" in location else (location, "")
     folder = base.rstrip("/").rsplit("/", 1)[0] if "/" in base else "."
     return f"{folder}?{query}" if query else folder
@@ -69,7 +73,9 @@ def parent(location: str) -> str:
 def redact_text(text: str, location: str) -> str:
     """Return ``text`` (an error pyarrow raised about ``location``) with the location's secrets replaced."""
     parts = urlsplit(location) if is_uri(location) else None
-    secrets = [p.partition("=")[2] for p in (parts.query.split("&") if parts else []) if p.partition("=")[0].lower() in SECRETS]
+    secrets = [
+        p.partition("=")[2] for p in (parts.query.split("&") if parts else []) if p.partition("=")[0].lower() in SECRETS
+    ]
     secrets += [parts.password, parts.username] if parts and parts.password else []
     for secret in filter(None, secrets):
         text = text.replace(secret, "***")
@@ -77,17 +83,23 @@ def redact_text(text: str, location: str) -> str:
 
 
 def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it); StorageError naming the location when pyarrow cannot make one."""
+    """Return (filesystem, path inside it); StorageError naming the location when pyarrow cannot make one."""
     if not is_uri(location):  # a local path as it is: a URI would not take a space or a '#' in it
         return pafs.LocalFileSystem(), resolve(location)
     try:
         return pafs.FileSystem.from_uri(location)
-    except (pyarrow.ArrowException, OSError, ValueError) as err:  # pyarrow raises ArrowInvalid (a ValueError) for bad URIs
-        raise StorageError(f"{redact(location)}: not a usable storage location ({redact_text(str(err), location)})") from None
+    except (
+        pyarrow.ArrowException,
+        OSError,
+        ValueError,
+    ) as err:  # pyarrow raises ArrowInvalid (a ValueError) for bad URIs
+        raise StorageError(
+            f"{redact(location)}: not a usable storage location ({redact_text(str(err), location)})"
+        ) from None
 
 
 def opened(location: str) -> tuple[pafs.FileSystem, str]:
-    """``filesystem``, made once per location in a process: a stage reading many files there makes one client."""
+    """Return ``filesystem``, made once per location in a process: a stage reading many files there makes one client."""
     return _opened(resolve(location))
 
 
@@ -144,19 +156,28 @@ def local_copy(location: str, only: tuple[str, ...] = ()):
         if only:
             for info in fs.get_file_info([f"{path.rstrip('/')}/{name}" for name in only]):
                 if info.type == pafs.FileType.File:
-                    pafs.copy_files(info.path, f"{tmp}/{info.base_name}", source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+                    pafs.copy_files(
+                        info.path,
+                        f"{tmp}/{info.base_name}",
+                        source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem(),
+                    )
         else:
             pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         yield Path(tmp)
 
 
 def listing(location: str, recursive: bool = False) -> dict[str, pafs.FileType]:
-    """{path relative to ``location``: its type} of what lies under it; empty when nothing is there."""
+    """Return {path relative to ``location``: its type} of what lies under it; empty when nothing is there."""
     fs, path = filesystem(location)
     entries = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
     return {e.path[len(path.rstrip("/")) + 1 :]: e.type for e in entries}
 
 
 def checkpoints(location: str, name: str) -> list[str]:
-    """The names of the run's checkpoint_* directories, oldest first (Ray names them by time)."""
-    return sorted(n for n, kind in listing(join(location, name)).items() if kind == pafs.FileType.Directory and n.startswith("checkpoint_"))
+    """Return the names of the run's checkpoint_* directories, oldest first (Ray names them by time)."""
+    return sorted(
+        n
+        for n, kind in listing(join(location, name)).items()
+        if kind == pafs.FileType.Directory and n.startswith("checkpoint_")
+    )

@@ -38,7 +38,7 @@ NAMED_COLORS: dict[str, RGB] = {
 
 
 def shape_points(kind: str, rng: np.random.Generator) -> np.ndarray:
-    """(K, 2) vertices of a shape of unit radius centred at the origin, before pose."""
+    """Return (K, 2) vertices of a shape of unit radius centred at the origin, before pose."""
 
     def ring(n: int, radii: np.ndarray | float = 1.0, phase: float = -np.pi / 2) -> np.ndarray:
         angles = phase + np.arange(n) * 2 * np.pi / n
@@ -71,13 +71,15 @@ def shape_points(kind: str, rng: np.random.Generator) -> np.ndarray:
         case "cross":
             a = rng.uniform(0.2, 0.45)  # half the arm's width
             quarter = np.array([[a, 1.0], [a, a], [1.0, a]])
-            turns = [quarter @ np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]) for t in np.arange(4) * np.pi / 2]
+            turns = [
+                quarter @ np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]) for t in np.arange(4) * np.pi / 2
+            ]
             return np.concatenate(turns)
     raise ValueError(f"unknown shape kind {kind!r}; expected one of {REAL_SHAPES + OTHER_SHAPES}")
 
 
 def draw_outline(points: np.ndarray, width: int, size: int) -> np.ndarray:
-    """(size, size) bool ink of a closed polyline."""
+    """Return (size, size) bool ink of a closed polyline."""
     image = Image.new("L", (size, size), 255)
     xy = [tuple(p) for p in np.vstack([points, points[:1]]).tolist()]
     ImageDraw.Draw(image).line(xy, fill=0, width=width, joint="curve")
@@ -85,7 +87,7 @@ def draw_outline(points: np.ndarray, width: int, size: int) -> np.ndarray:
 
 
 def random_pair(rng: np.random.Generator, size: int, real_share: float = 0.4) -> tuple[str, np.ndarray, np.ndarray]:
-    """(shape kind, ink, filled mask) with a random pose; redrawn until the outline encloses something."""
+    """Return (shape kind, ink, filled mask) with a random pose; redrawn until the outline encloses something."""
     while True:
         kind = str(rng.choice(REAL_SHAPES if rng.random() < real_share else OTHER_SHAPES))
         width = int(rng.choice([1, 2, 2, 2, 3, 4]))
@@ -105,7 +107,7 @@ def random_pair(rng: np.random.Generator, size: int, real_share: float = 0.4) ->
 
 
 def random_color(rng: np.random.Generator) -> tuple[str, RGB]:
-    """A colour name and its RGB: a third the real palette, a third CSS names, a third random RGB."""
+    """Return a colour name and its RGB: a third the real palette, a third CSS names, a third random RGB."""
     draw = rng.random()
     if draw < 1 / 3:
         name = str(rng.choice(list(REAL_PALETTE)))
@@ -119,8 +121,10 @@ def random_color(rng: np.random.Generator) -> tuple[str, RGB]:
             return to_hex(rgb), rgb
 
 
-def sample(seed: Sequence[int], size: int = IMAGE_SIZE, colors: Sequence[str] | None = None) -> tuple[str, np.ndarray, np.ndarray, str]:
-    """One pair from its own seed: (shape kind, (H, W) bool ink, (H, W, 3) uint8 target, colour name).
+def sample(
+    seed: Sequence[int], size: int = IMAGE_SIZE, colors: Sequence[str] | None = None
+) -> tuple[str, np.ndarray, np.ndarray, str]:
+    """Return one pair from its own seed: (shape kind, (H, W) bool ink, (H, W, 3) uint8 target, colour name).
 
     ``colors`` restricts the colours to those names (e.g. a closed vocabulary), else they are drawn widely.
     """
@@ -134,8 +138,11 @@ def sample(seed: Sequence[int], size: int = IMAGE_SIZE, colors: Sequence[str] | 
     return kind, ink, paint(filled, rgb), name
 
 
-def generate(n: int, seed: int | Sequence[int] = 0, size: int = IMAGE_SIZE, colors: Sequence[str] | None = None) -> Split:
-    """``n`` synthetic pairs; the same ``seed`` (an int or a tuple such as (seed, epoch, rank)) gives the same pairs."""
+def generate(
+    n: int, seed: int | Sequence[int] = 0, size: int = IMAGE_SIZE, colors: Sequence[str] | None = None
+) -> Split:
+    """Return ``n`` synthetic pairs; the same ``seed`` (an int or a tuple such as (seed, epoch, rank)) gives the same
+    pairs."""
     seed = (seed,) if isinstance(seed, int) else tuple(seed)
     kinds, inks, targets, names = zip(*(sample((*seed, i), size, colors) for i in range(n))) if n else ((), (), (), ())
     return Split(
@@ -181,7 +188,9 @@ def write_split(split: Split, out: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m polycolor.synth", description="Write a synthetic dataset in the real layout.")
+    parser = argparse.ArgumentParser(
+        prog="python -m polycolor.synth", description="Write a synthetic dataset in the real layout."
+    )
     parser.add_argument("out", help="output directory (created)")
     parser.add_argument("--train", type=int, default=1000, help="training pairs (default 1000)")
     parser.add_argument("--val", type=int, default=100, help="validation pairs (default 100)")

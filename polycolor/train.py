@@ -33,7 +33,16 @@ from polycolor.drawings import DrawingDataset
 from polycolor.loop import evaluate, make_optimizer, metrics_from_sums, train_one_epoch
 from polycolor.metrics import SCORE, best, colour_line
 from polycolor.model import ConditionalUNet
-from polycolor.runs import add_run_flags, check_location, init_ray, preset_of, prune_unregistered, read_dataset, recover, resume_config
+from polycolor.runs import (
+    add_run_flags,
+    check_location,
+    init_ray,
+    preset_of,
+    prune_unregistered,
+    read_dataset,
+    recover,
+    resume_config,
+)
 from polycolor.synth import NAMED_COLORS, SyntheticDataset
 
 # ---------------------------------------------------------------------------------------------------
@@ -41,7 +50,7 @@ from polycolor.synth import NAMED_COLORS, SyntheticDataset
 
 
 def build_model(cfg: TrainConfig, palette: dict[str, RGB], vocabulary: Sequence[str]) -> ConditionalUNet:
-    """The UNet for ``cfg`` knowing ``vocabulary`` (when its mode has one), fitted to ``palette``."""
+    """Return the UNet for ``cfg`` knowing ``vocabulary`` (when its mode has one), fitted to ``palette``."""
     mode = MODES[cfg.model.conditioning]
     vocabulary = vocabulary if mode.needs_vocabulary else ()
     model = ConditionalUNet(cfg.model_config(vocabulary, **mode.model_fields(cfg.model.text_encoder)))
@@ -50,7 +59,7 @@ def build_model(cfg: TrainConfig, palette: dict[str, RGB], vocabulary: Sequence[
 
 
 def make_datasets(cfg: TrainConfig, rank: int, world: int, colors: Sequence[str], splits):
-    """(this rank's training dataset, this rank's validation shard). Synthetic shards come from (seed, rank) and
+    """Return (this rank's training dataset, this rank's validation shard). Synthetic shards come from (seed, rank) and
     draw from ``colors`` when the mode has a closed vocabulary."""
     data = cfg.data
     if splits is None:
@@ -68,7 +77,7 @@ def make_datasets(cfg: TrainConfig, rank: int, world: int, colors: Sequence[str]
 
 
 def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | None = None) -> None:
-    """Ray Train entry point: ``config`` holds the TrainConfig as a dict, and what the driver computed for this
+    """Run one Ray Train worker: ``config`` holds the TrainConfig as a dict, and what the driver computed for this
     cluster (threads per worker, the dataset's object reference, the wandb directory). ``after_epoch(epoch)``
     runs after each report (fault-injection tests use it)."""
     import ray.train
@@ -83,16 +92,25 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
 
     splits = ray.get(config["splits"]) if config["splits"] is not None else None
     palette = splits[1].palette | splits[0].palette if splits else dict(REAL_PALETTE)  # what the checkpoint records
-    vocabulary = MODES[cfg.model.conditioning].vocabulary(palette, NAMED_COLORS if splits is None else ())  # synthetic: CSS names too
+    vocabulary = MODES[cfg.model.conditioning].vocabulary(
+        palette, NAMED_COLORS if splits is None else ()
+    )  # synthetic: CSS names too
     torch.manual_seed(cfg.data.seed)  # identical initialisation on every rank
     model = build_model(cfg, palette, vocabulary).to(device)
     train_set, val_set = make_datasets(cfg, rank, world, model.cfg.vocabulary, splits)
 
     # 1. Data loaders. Synthetic data is already one shard per rank; a dataset gets a DistributedSampler.
     loader_workers = cfg.run.loader_workers if cfg.run.loader_workers is not None else 4 if device.type == "cuda" else 0
-    common = dict(batch_size=cfg.optim.batch_size, num_workers=loader_workers, pin_memory=device.type == "cuda", persistent_workers=loader_workers > 0)
+    common = dict(
+        batch_size=cfg.optim.batch_size,
+        num_workers=loader_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=loader_workers > 0,
+    )
     train_loader = DataLoader(train_set, shuffle=splits is not None, drop_last=True, **common)
-    train_loader = ray.train.torch.prepare_data_loader(train_loader, add_dist_sampler=splits is not None, move_to_device=False)
+    train_loader = ray.train.torch.prepare_data_loader(
+        train_loader, add_dist_sampler=splits is not None, move_to_device=False
+    )
     val_loader = DataLoader(val_set, batch_size=64)
 
     # 2. Model, optimiser, schedule.
@@ -113,7 +131,11 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"] + 1
         if is_rank0:
-            print(f"[polycolor] resuming {cfg.run.name} at epoch {start_epoch} from {resumed.path} with {world} worker(s)", flush=True)
+            print(
+                f"[polycolor] resuming {cfg.run.name} at epoch {start_epoch} from {resumed.path} "
+                f"with {world} worker(s)",
+                flush=True,
+            )
 
     if start_epoch >= cfg.optim.epochs:
         # Already finished (a search killed before it recorded that): say the final metrics again, or the Tune
@@ -133,16 +155,21 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
             train_set.set_epoch(epoch)
         elif world > 1:
             train_loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(model, train_loader, optimizer, scheduler, cfg.optim.loss, palette, device, cfg.optim.bf16)
+        stats = train_one_epoch(
+            model, train_loader, optimizer, scheduler, cfg.optim.loss, palette, device, cfg.optim.bf16
+        )
         sums = evaluate(model, val_loader, palette, device, cfg.optim.bf16)
         loss = torch.tensor([stats["train_loss"], stats["images_per_s"]], dtype=torch.float64, device=device)
         if world > 1:
             dist.all_reduce(sums)
             dist.all_reduce(loss)
         metrics = metrics_from_sums(sums) | {
-            "epoch": epoch, "train_loss": loss[0].item() / world, "images_per_s": loss[1].item(),
-            "images_per_s_per_worker": loss[1].item() / world, "lr": scheduler.get_last_lr()[0],
-        }  # fmt: skip
+            "epoch": epoch,
+            "train_loss": loss[0].item() / world,
+            "images_per_s": loss[1].item(),
+            "images_per_s_per_worker": loss[1].item() / world,
+            "lr": scheduler.get_last_lr()[0],
+        }
         diverged = not math.isfinite(metrics["train_loss"])
         with tempfile.TemporaryDirectory() as directory:
             saved = None
@@ -152,9 +179,12 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
                 saved = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics | {"diverged": diverged}, checkpoint=saved)
         if is_rank0:
-            print(f"[polycolor] epoch {epoch + 1}/{cfg.optim.epochs}  loss {metrics['train_loss']:.4f}  "
-                  f"pixel_exact {metrics['pixel_exact']:.5f}  iou {metrics['iou']:.4f}  psnr {metrics['psnr']:.1f}  "
-                  f"{colour_line(metrics)}  {metrics['images_per_s']:.0f} img/s", flush=True)  # fmt: skip
+            print(
+                f"[polycolor] epoch {epoch + 1}/{cfg.optim.epochs}  loss {metrics['train_loss']:.4f}  "
+                f"pixel_exact {metrics['pixel_exact']:.5f}  iou {metrics['iou']:.4f}  psnr {metrics['psnr']:.1f}  "
+                f"{colour_line(metrics)}  {metrics['images_per_s']:.0f} img/s",
+                flush=True,
+            )
             if run is not None:
                 log_wandb(run, model, val_set, palette, device, metrics)
         if after_epoch is not None:
@@ -166,13 +196,21 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
 
 
 def start_wandb(cfg: TrainConfig, directory: str | None, resume: bool):
-    """A wandb run on rank 0 with a stable id; offline unless WANDB_API_KEY is set, so it never blocks."""
+    """Return a wandb run on rank 0 with a stable id; offline unless WANDB_API_KEY is set, so it never blocks."""
     import wandb
 
     mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
     name = cfg.run.name
-    return wandb.init(project="polycolor", name=name, id=name.replace("/", "-"), resume="allow", mode=mode, dir=directory,
-                      config=cfg.to_dict(), settings=wandb.Settings(silent=True, init_timeout=60))  # fmt: skip
+    return wandb.init(
+        project="polycolor",
+        name=name,
+        id=name.replace("/", "-"),
+        resume="allow",
+        mode=mode,
+        dir=directory,
+        config=cfg.to_dict(),
+        settings=wandb.Settings(silent=True, init_timeout=60),
+    )
 
 
 def log_wandb(run, model, val_set, palette, device, metrics: dict) -> None:
@@ -192,35 +230,54 @@ def log_wandb(run, model, val_set, palette, device, metrics: dict) -> None:
 
 
 def worker_resources(run: RunSettings, cluster: dict) -> dict:
-    """One worker's {"CPU": threads} (and {"GPU": 1}) on a cluster with ``cluster`` resources: a GPU when it has
+    """Return one worker's {"CPU": threads} (and {"GPU": 1}) on a cluster with ``cluster`` resources: a GPU when it has
     one (unless told), and its CPUs shared by the workers unless ``threads`` is given."""
     use_gpu = cluster.get("GPU", 0) > 0 if run.gpu is None else run.gpu
     threads = run.threads or (1 if use_gpu else max(1, int(cluster.get("CPU", 1)) // run.workers))
     return {"CPU": threads} | ({"GPU": 1} if use_gpu else {})
 
 
-def build_trainer(cfg: TrainConfig, location: str, callbacks: Sequence = (), loop: Callable[[dict], None] = train_loop_per_worker,
-                  startup_minutes: float = 5.0, trainer_cls=None, splits=None):  # fmt: skip
-    """A TorchTrainer (or ``trainer_cls``) for ``cfg`` on the connected cluster, ``splits`` an object reference
+def build_trainer(
+    cfg: TrainConfig,
+    location: str,
+    callbacks: Sequence = (),
+    loop: Callable[[dict], None] = train_loop_per_worker,
+    startup_minutes: float = 5.0,
+    trainer_cls=None,
+    splits=None,
+):
+    """Return a TorchTrainer (or ``trainer_cls``) for ``cfg`` on the connected cluster, ``splits`` an object reference
     to a dataset's. Workers that cannot be placed within ``startup_minutes`` fail the run (Ray retries without
     end by default, which turns a cluster whose CPUs are held into a hang)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
     ray_compat.set_worker_startup_timeout(startup_minutes * 60)  # Train's controller inherits it
     run, resources = cfg.run, worker_resources(cfg.run, ray.cluster_resources())
     wandb_dir = None if storage.is_uri(location) else str(Path(location) / run.name)
     return (trainer_cls or TorchTrainer)(
         loop,
-        train_loop_config={"config": cfg.to_dict(), "threads": int(resources["CPU"]), "splits": splits, "wandb_dir": wandb_dir,
-                           "recovered": recover(location, run.name)},
-        scaling_config=ScalingConfig(num_workers=run.workers, use_gpu="GPU" in resources, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=run.name, storage_path=location, callbacks=list(callbacks),
-            failure_config=FailureConfig(max_failures=run.max_failures, controller_failure_limit=0),
-            checkpoint_config=CheckpointConfig(num_to_keep=run.keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"),
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "threads": int(resources["CPU"]),
+            "splits": splits,
+            "wandb_dir": wandb_dir,
+            "recovered": recover(location, run.name),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=run.workers, use_gpu="GPU" in resources, resources_per_worker=resources
         ),
-    )  # fmt: skip
+        run_config=RunConfig(
+            name=run.name,
+            storage_path=location,
+            callbacks=list(callbacks),
+            failure_config=FailureConfig(max_failures=run.max_failures, controller_failure_limit=0),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=run.keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+            ),
+        ),
+    )
 
 
 def best_of(result) -> tuple[object, dict]:
@@ -231,7 +288,9 @@ def best_of(result) -> tuple[object, dict]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m polycolor.train", description="Train the conditional UNet on Ray Train.")
+    p = argparse.ArgumentParser(
+        prog="python -m polycolor.train", description="Train the conditional UNet on Ray Train."
+    )
     add_flags(p, *SECTIONS.values())
     add_run_flags(p, "run")
     p.add_argument("--out", help="where to export best/: a directory or URI (default STORAGE/NAME)")
@@ -263,7 +322,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     device = "GPU" if trainer.scaling_config.use_gpu else "CPU"
-    print(f"[polycolor] run {cfg.run.name}: {cfg.run.workers} worker(s) on {device}, storage {storage.redact(location)}", flush=True)
+    print(
+        f"[polycolor] run {cfg.run.name}: {cfg.run.workers} worker(s) on {device}, storage {storage.redact(location)}",
+        flush=True,
+    )
     start = time.perf_counter()
     result = trainer.fit()
     chosen, metrics = best_of(result)
@@ -273,7 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with chosen.as_directory() as directory:
         checkpoint.export(directory, out)
     shown = {k: round(v, 6) for k, v in metrics.items() if isinstance(v, float)}
-    print(f"[polycolor] done in {time.perf_counter() - start:.0f}s; best epoch {metrics['epoch'] + 1} -> {storage.redact(out)}")
+    print(
+        f"[polycolor] done in {time.perf_counter() - start:.0f}s; "
+        f"best epoch {metrics['epoch'] + 1} -> {storage.redact(out)}"
+    )
     print(f"[polycolor] best metrics: {shown}")
     return 0
 

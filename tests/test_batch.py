@@ -37,9 +37,20 @@ def png(image: Image.Image) -> bytes:
     return encoded.getvalue()
 
 
-def test_a_small_run_writes_byte_for_byte_what_the_in_process_colorizer_writes(ray_session, tiny_checkpoint, split, tmp_path, capsys):
+def test_writes_what_the_in_process_colorizer_writes(ray_session, tiny_checkpoint, split, tmp_path, capsys):
+    """A small run writes, byte for byte, what the in-process Colorizer writes."""
     out = tmp_path / "out"
-    argv = ["--checkpoint", str(tiny_checkpoint), "--data", str(split), "--out", str(out), "--original-size", "--batch-size", "8"]
+    argv = [
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--data",
+        str(split),
+        "--out",
+        str(out),
+        "--original-size",
+        "--batch-size",
+        "8",
+    ]
     assert predict.main(argv) == 0
     assert "done 40, failed 0, skipped 0" in capsys.readouterr().out
     colorizer = Colorizer.from_checkpoint(tiny_checkpoint, "cpu")
@@ -51,7 +62,8 @@ def test_a_small_run_writes_byte_for_byte_what_the_in_process_colorizer_writes(r
     assert sorted(p.name for p in out.iterdir()) == sorted([r["output_image"] for r in rows] + ["errors.jsonl"])
 
 
-def test_three_broken_rows_are_recorded_with_their_reasons_and_every_good_row_is_written(ray_session, tiny_checkpoint, split, tmp_path, capsys):
+def test_broken_rows_are_recorded_and_good_rows_written(ray_session, tiny_checkpoint, split, tmp_path, capsys):
+    """Three broken rows are recorded with their reasons and every good row is written."""
     broken = shutil.copytree(split, tmp_path / "broken")
     rows = json.loads((broken / "data.json").read_text())
     (broken / "inputs" / rows[3]["input_polygon"]).unlink()
@@ -76,7 +88,21 @@ def test_a_fifo_among_the_outlines_is_a_failed_row_not_a_hang(ray_session, tiny_
     folder.mkdir()
     shutil.copy(next((split / "inputs").iterdir()), folder / "good.png")
     os.mkfifo(folder / "pipe.png")
-    assert predict.main(["--checkpoint", str(tiny_checkpoint), "--data", str(folder), "--color", "red", "--out", str(tmp_path / "out")]) == 1
+    assert (
+        predict.main(
+            [
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--data",
+                str(folder),
+                "--color",
+                "red",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 1
+    )
     assert "done 1, failed 1, skipped 0" in capsys.readouterr().out
     [error] = map(json.loads, (tmp_path / "out" / "errors.jsonl").read_text().splitlines())
     assert error["image"] == "pipe.png" and error["error"] == "pipe.png: not a regular file"
@@ -88,10 +114,27 @@ def test_a_killed_run_resumed_writes_every_output_exactly_once(ray_session, tiny
     for i, outline in enumerate(synth.generate(1500, seed=3).outlines):
         Image.fromarray(np.where(outline, 0, 255).astype(np.uint8)).save(data / f"{i:04d}.png")
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "polycolor.predict", "--checkpoint", str(tiny_checkpoint), "--data", str(data), "--color", "teal",
-               "--out", str(out), "--batch-size", "4", "--concurrency", "1"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "polycolor.predict",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--data",
+        str(data),
+        "--color",
+        "teal",
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--concurrency",
+        "1",
+    ]
     env = os.environ | {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 240
     while len(list(out.glob("*.png"))) < 100 and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -112,21 +155,58 @@ def test_a_killed_run_resumed_writes_every_output_exactly_once(ray_session, tiny
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
-def test_a_folder_with_one_colour_and_a_list_of_rows_are_sources_too(ray_session, tiny_checkpoint, split, tmp_path):
+def test_a_folder_and_a_list_are_sources_too(ray_session, tiny_checkpoint, split, tmp_path):
+    """A folder with one colour and a list of rows are sources too."""
     rows = json.loads((split / "data.json").read_text())[:6]
     colorizer = Colorizer.from_checkpoint(tiny_checkpoint, "cpu")
     folder = tmp_path / "folder" / "nested"
     folder.mkdir(parents=True)
     for row in rows:
-        shutil.copy(split / "inputs" / row["input_polygon"], folder / row["input_polygon"].replace(".png", ".jpg" if row is rows[0] else ".png"))
-    assert predict.main(["--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path / "folder"), "--color", "#ff8800", "--out", str(tmp_path / "a")]) == 0
-    assert sorted(p.relative_to(tmp_path / "a").as_posix() for p in (tmp_path / "a").rglob("*.png")) == sorted(f"nested/{r['input_polygon']}" for r in rows)
+        shutil.copy(
+            split / "inputs" / row["input_polygon"],
+            folder / row["input_polygon"].replace(".png", ".jpg" if row is rows[0] else ".png"),
+        )
+    assert (
+        predict.main(
+            [
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--data",
+                str(tmp_path / "folder"),
+                "--color",
+                "#ff8800",
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.relative_to(tmp_path / "a").as_posix() for p in (tmp_path / "a").rglob("*.png")) == sorted(
+        f"nested/{r['input_polygon']}" for r in rows
+    )
     listed = tmp_path / "list.csv"
-    listed.write_text("image,colour,output\n" + "".join(f"validation/inputs/{r['input_polygon']},{r['colour']},{i}.png\n" for i, r in enumerate(rows)))
+    listed.write_text(
+        "image,colour,output\n"
+        + "".join(f"validation/inputs/{r['input_polygon']},{r['colour']},{i}.png\n" for i, r in enumerate(rows))
+    )
     shutil.move(listed, split.parent / "list.csv")
-    assert predict.main(["--checkpoint", str(tiny_checkpoint), "--data", str(split.parent / "list.csv"), "--out", str(tmp_path / "b")]) == 0
+    assert (
+        predict.main(
+            [
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--data",
+                str(split.parent / "list.csv"),
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
     for i, row in enumerate(rows):
-        assert (tmp_path / "b" / f"{i}.png").read_bytes() == png(colorizer.colorize(split / "inputs" / row["input_polygon"], row["colour"]))
+        assert (tmp_path / "b" / f"{i}.png").read_bytes() == png(
+            colorizer.colorize(split / "inputs" / row["input_polygon"], row["colour"])
+        )
 
 
 @pytest.mark.parametrize(
@@ -139,17 +219,24 @@ def test_a_folder_with_one_colour_and_a_list_of_rows_are_sources_too(ray_session
         ("missing", [], "nothing there"),
     ],
 )
-def test_a_source_that_cannot_be_read_is_refused_before_any_work_naming_what_is_wrong(tiny_checkpoint, split, tmp_path, capsys, data, extra, message):
+def test_a_bad_source_is_refused_before_any_work(tiny_checkpoint, split, tmp_path, capsys, data, extra, message):
+    """A source that cannot be read is refused before any work, naming what is wrong."""
     (tmp_path / "folder").mkdir()
     (tmp_path / "escape.csv").write_text("image,colour\n../x.png,red\n")
-    (tmp_path / "clash.json").write_text(json.dumps([{"image": "a.png", "colour": "red"}, {"image": "a.jpg", "colour": "blue"}]))
+    (tmp_path / "clash.json").write_text(
+        json.dumps([{"image": "a.png", "colour": "red"}, {"image": "a.jpg", "colour": "blue"}])
+    )
     source = str(split) if data == "split" else str(tmp_path / data)
-    assert predict.main(["--checkpoint", str(tiny_checkpoint), "--data", source, "--out", str(tmp_path / "out"), *extra]) == 2
+    assert (
+        predict.main(["--checkpoint", str(tiny_checkpoint), "--data", source, "--out", str(tmp_path / "out"), *extra])
+        == 2
+    )
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
-def test_an_output_folder_already_holding_outputs_is_not_overwritten_without_resume(ray_session, tiny_checkpoint, split, tmp_path, capsys):
+def test_outputs_are_not_overwritten_without_resume(ray_session, tiny_checkpoint, split, tmp_path, capsys):
+    """An output folder already holding outputs is not overwritten without resume."""
     out = tmp_path / "out"
     out.mkdir()
     first = json.loads((split / "data.json").read_text())[0]["output_image"]
@@ -164,12 +251,21 @@ def test_evaluate_on_ray_data_gives_the_in_process_metrics(ray_session, tiny_che
     synth.write_split(synth.generate(40, seed=8), split)
     assert evaluate.main(["--checkpoint", str(tiny_checkpoint), "--data", str(split)]) == 0
     local = json.loads(capsys.readouterr().out)
-    assert evaluate.main(["--checkpoint", str(tiny_checkpoint), "--data", str(split), "--ray", "--report", str(tmp_path / "r")]) == 0
+    assert (
+        evaluate.main(
+            ["--checkpoint", str(tiny_checkpoint), "--data", str(split), "--ray", "--report", str(tmp_path / "r")]
+        )
+        == 0
+    )
     pipelined = json.loads(capsys.readouterr().out)
     assert pipelined.keys() == local.keys() and pipelined["pairs"] == 40
-    assert {k: v for k, v in pipelined.items() if k != "data"} == pytest.approx({k: v for k, v in local.items() if k != "data"}, abs=1e-5)
+    assert {k: v for k, v in pipelined.items() if k != "data"} == pytest.approx(
+        {k: v for k, v in local.items() if k != "data"}, abs=1e-5
+    )
     samples = json.loads((tmp_path / "r" / "per_sample.json").read_text())
-    assert [s["input"] for s in samples] == [Path(r["input_polygon"]).stem for r in json.loads((split / "data.json").read_text())]
+    assert [s["input"] for s in samples] == [
+        Path(r["input_polygon"]).stem for r in json.loads((split / "data.json").read_text())
+    ]
     assert Image.open(tmp_path / "r" / "worst_and_best.png").size[0] == 4 * 128
 
 
@@ -180,14 +276,27 @@ def test_outlines_in_a_bucket_are_coloured_back_into_the_bucket(ray_session, buc
     rows = json.loads((split / "data.json").read_text())
     storage.upload(sorted((split / "inputs").iterdir()), bucket.uri("batch/in"))
     env = os.environ | {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    command = [sys.executable, "-m", "polycolor.predict", "--checkpoint", str(tiny_checkpoint), "--data", bucket.uri("batch/in"),
-               "--color", "navy", "--out", bucket.uri("batch/out")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "polycolor.predict",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--data",
+        bucket.uri("batch/in"),
+        "--color",
+        "navy",
+        "--out",
+        bucket.uri("batch/out"),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "done 40, failed 0, skipped 0" in done.stdout
     assert bucket.keys("batch/out") == {r["input_polygon"] for r in rows} | {"errors.jsonl"}
     colorizer = Colorizer.from_checkpoint(tiny_checkpoint, "cpu")
     name = rows[0]["input_polygon"]
-    assert storage.read_bytes(bucket.uri(f"batch/out/{name}")) == png(colorizer.colorize(split / "inputs" / name, "navy"))
+    assert storage.read_bytes(bucket.uri(f"batch/out/{name}")) == png(
+        colorizer.colorize(split / "inputs" / name, "navy")
+    )
     again = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "done 0, failed 0, skipped 40" in again.stdout, again.stderr[-3000:]

@@ -66,7 +66,10 @@ def test_swapped_config_is_refused(tmp_path, tiny_checkpoint):
         (lambda c: (c / "model.safetensors").unlink(), "model.safetensors: missing"),
         (lambda c: (c / "config.json").unlink(), "config.json: missing"),
         (lambda c: (c / "config.json").write_text("{not json"), "config.json: not valid JSON"),
-        (lambda c: (c / "config.json").write_text(json.dumps({"format_version": 99})), "format_version 99 is not supported"),
+        (
+            lambda c: (c / "config.json").write_text(json.dumps({"format_version": 99})),
+            "format_version 99 is not supported",
+        ),
     ],
 )
 def test_broken_checkpoints_name_the_file(tiny_checkpoint, edit, message):
@@ -80,12 +83,26 @@ def test_missing_directory(tmp_path):
         checkpoint.load(tmp_path / "nothing")
 
 
+def test_a_folder_of_checkpoints_is_refused_unread(tmp_path, monkeypatch):
+    """A run's folder passed as --checkpoint is refused, naming one to pass, before any file in it is read or
+    copied (a bucket's would be copied whole to every replica)."""
+    for name in ("checkpoint_2026-01-01_00-00-00.000000", "checkpoint_2026-01-01_00-00-01.000000", "best"):
+        checkpoint.write(tmp_path / "run" / name, tiny_model(), REAL_PALETTE)
+    monkeypatch.setattr(checkpoint, "load_directory", lambda *a, **k: pytest.fail("a file was read"))
+    with pytest.raises(
+        CheckpointError,
+        match=f"{tmp_path / 'run'}: a folder of 3 checkpoints, not a checkpoint; "
+        "pass one of them, e.g. .*run/checkpoint_2026-01-01_00-00-01.000000",
+    ):
+        checkpoint.load(tmp_path / "run")
+
+
 class Exploit:
     def __reduce__(self):
         return (exec, ("open('PWNED', 'w').write('x')",))
 
 
-def test_malicious_pickle_in_train_state_is_refused_without_side_effects(tiny_checkpoint, tmp_path, monkeypatch):
+def test_a_malicious_pickle_is_refused_without_running(tiny_checkpoint, tmp_path, monkeypatch):
     """C1: a crafted pickle in train_state.pt is refused without running."""
     monkeypatch.chdir(tmp_path)
     (tiny_checkpoint / "train_state.pt").write_bytes(pickle.dumps(Exploit()))
@@ -121,7 +138,7 @@ checkpoint.export(sys.argv[1], sys.argv[2])
 """
 
 
-def test_best_is_always_the_old_or_the_new_checkpoint_wherever_its_writer_is_killed(tmp_path):
+def test_best_is_old_or_new_wherever_its_writer_is_killed(tmp_path):
     """C3: a writer killed at any step of replacing best/ leaves the previous one usable; the next write cleans up."""
     old = checkpoint.write(tmp_path / "old", tiny_model(seed=1), REAL_PALETTE)
     new = checkpoint.write(tmp_path / "new", tiny_model(seed=2), REAL_PALETTE)
@@ -129,7 +146,12 @@ def test_best_is_always_the_old_or_the_new_checkpoint_wherever_its_writer_is_kil
     best, seen = tmp_path / "runs" / "best", []
     for kill_at in range(1, 30):  # each file operation of the write in turn, until the write gets through
         checkpoint.export(old, best)  # the previous best, complete; this also removes what the last kill left
-        done = subprocess.run([sys.executable, "-c", KILLER, str(new), str(best), str(kill_at)], capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-c", KILLER, str(new), str(best), str(kill_at)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         [which] = [name for name, w in weights.items() if torch.equal(checkpoint.load(best).model.out.weight, w)]
         seen.append(which)
         if done.returncode == 0:

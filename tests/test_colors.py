@@ -1,4 +1,3 @@
-
 import numpy as np
 import pytest
 
@@ -49,7 +48,10 @@ def test_dataset_palette_wins_over_css():
         ("#12345", "is not a valid #hex"),
         ("rgb(300,0,0)", "0-255"),
         ("hsl(120, 1, 0.5)", "in percent"),
-        ("zorp red", "did you mean 'red', 'fire engine red', 'bright red'?"),  # by meaning: names with its colour word, nearest it
+        (
+            "zorp red",
+            "did you mean 'red', 'fire engine red', 'bright red'?",
+        ),  # by meaning: names with its colour word, nearest it
         ("blod red", "did you mean 'blood red', 'red'"),  # a near spelling first: a typo
         ("red\x00", "control characters"),
         ("", "empty"),
@@ -87,16 +89,23 @@ def test_modifiers_move_lightness_and_chroma_and_keep_the_hue(base):
     rgb = parse_color(base)
     L, C, h = lch(rgb)
     for words, check in {
-        ("dark",): lambda l, c: l < L - 0.05, ("light",): lambda l, c: l > L + 0.05, ("pale",): lambda l, c: l > L and c < C,
-        ("deep",): lambda l, c: l < L, ("bright",): lambda l, c: l > L, ("very", "dark"): lambda l, c: l < lch(modified(rgb, ["dark"]))[0],
-    }.items():  # fmt: skip
-        l, c, hue = lch(modified(rgb, list(words)))
-        assert check(l, c), (words, base)
+        ("dark",): lambda light, c: light < L - 0.05,
+        ("light",): lambda light, c: light > L + 0.05,
+        ("pale",): lambda light, c: light > L and c < C,
+        ("deep",): lambda light, c: light < L,
+        ("bright",): lambda light, c: light > L,
+        ("very", "dark"): lambda light, c: light < lch(modified(rgb, ["dark"]))[0],
+    }.items():
+        light, c, hue = lch(modified(rgb, list(words)))
+        assert check(light, c), (words, base)
         assert abs((hue - h + 180) % 360 - 180) < 4, (words, base, hue, h)  # the same hue, within a few degrees
 
 
-def test_a_modifier_applies_where_no_lexicon_holds_the_phrase_and_a_survey_name_wins_where_one_does():
-    assert "verydarktomato" not in LEXICON and parse_color("very dark tomato") == modified(parse_color("tomato"), ["very", "dark"])
+def test_modifiers_apply_where_no_lexicon_holds_the_phrase():
+    """A modifier applies where no lexicon holds the phrase; a survey name wins where one does."""
+    assert "verydarktomato" not in LEXICON and parse_color("very dark tomato") == modified(
+        parse_color("tomato"), ["very", "dark"]
+    )
     assert parse_color("dark teal") == XKCD_COLORS["dark teal"]  # the survey's own "dark teal"
 
 
@@ -105,9 +114,10 @@ def test_ish_moves_towards_its_colour_and_stands_alone():
     base, shifted = to_oklab(parse_color("slate blue")), to_oklab(parse_color("reddish slate blue"))
     assert np.linalg.norm(shifted - red) < np.linalg.norm(base - red)
     assert "salmonish" not in LEXICON  # so the modifier reads it: salmon at 70% chroma
-    (l, c, hue), (L, C, h) = lch(parse_color("salmonish")), lch(parse_color("salmon"))
-    assert abs(l - L) < 0.01 and c < 0.75 * C and abs(hue - h) < 4
+    (light, c, hue), (L, C, h) = lch(parse_color("salmonish")), lch(parse_color("salmon"))
+    assert abs(light - L) < 0.01 and c < 0.75 * C and abs(hue - h) < 4
 
 
-def test_the_lexicons_hold_the_survey_names_and_css_wins_a_shared_key():
+def test_lexicons_hold_survey_names_and_css_wins():
+    """The lexicons hold the survey's names, and CSS wins a key both hold."""
     assert len(XKCD_COLORS) == 949 and LEXICON["green"] == ("green", (0, 128, 0))

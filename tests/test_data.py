@@ -1,18 +1,16 @@
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scipy import ndimage
 
 from polycolor import data
 from polycolor.data import REAL_PALETTE, DatasetError, PolygonDataset, augment_pair, check, read_split
-from polycolor.images import outline_array, target_array
 
 
-def test_a_dataset_passes_check_and_loads_as_binary_outlines_and_one_colour_targets(dataset):
+def test_a_dataset_passes_check_and_loads(dataset):
+    """A dataset passes check and loads as binary outlines and one colour targets."""
     summary, problems = check(dataset)
     assert problems == []
     train = read_split(dataset / "training")
@@ -37,7 +35,8 @@ def test_check_cli_exit_codes(dataset, tmp_path, capsys):
     assert data.main(["check", str(tmp_path / "nope")]) == 1
 
 
-def test_a_training_run_reads_each_image_of_its_dataset_twice_checking_then_loading(dataset, monkeypatch):
+def test_a_run_reads_each_dataset_image_twice(dataset, monkeypatch):
+    """A training run reads each image of its dataset twice: checking, then loading."""
     from polycolor.runs import read_dataset
 
     reads: dict[str, int] = {}
@@ -49,9 +48,15 @@ def test_a_training_run_reads_each_image_of_its_dataset_twice_checking_then_load
     opened = data.open_image
     monkeypatch.setattr(data, "open_image", counted)
     train, val = read_dataset(str(dataset))
-    outputs = [f"{dataset / s}/outputs/{r['output_image']}" for s in ("training", "validation") for r in json.loads((dataset / s / "data.json").read_text())]
+    outputs = [
+        f"{dataset / s}/outputs/{r['output_image']}"
+        for s in ("training", "validation")
+        for r in json.loads((dataset / s / "data.json").read_text())
+    ]
     assert {reads[o] for o in outputs} == {2}  # six times each before: checked three times, loaded twice, sized once
-    assert (train.targets == read_split(dataset / "training").targets).all() and val.colors == read_split(dataset / "validation").colors
+    assert (train.targets == read_split(dataset / "training").targets).all() and val.colors == read_split(
+        dataset / "validation"
+    ).colors
 
 
 def broken_copy(dataset, tmp_path, edit):
@@ -119,42 +124,6 @@ def test_bad_json_is_named(tmp_path):
     assert problems and "data.json: not valid JSON" in problems[0]
 
 
-def outline_image(size=128, width=2):
-    ink = np.zeros((size, size), bool)
-    ink[20:100, 20 : 20 + width] = ink[20:100, 100 - width : 100] = True
-    ink[20 : 20 + width, 20:100] = ink[100 - width : 100, 20:100] = True
-    return ink
-
-
-@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "I;16", "LA"])
-def test_any_image_mode_gives_the_same_outline(mode):
-    ink = outline_image()
-    gray = np.where(ink, 0, 255).astype(np.uint8)
-    image = Image.fromarray(gray.astype(np.uint16) * 257) if mode == "I;16" else Image.fromarray(gray).convert(mode)
-    assert (outline_array(image) == ink).all(), mode
-
-
-def test_transparent_background_counts_as_white():
-    rgba = np.zeros((128, 128, 4), np.uint8)  # fully transparent black...
-    rgba[outline_image()] = (0, 0, 0, 255)  # ...except the opaque outline
-    assert (outline_array(Image.fromarray(rgba, "RGBA")) == outline_image()).all()
-
-
-def test_downscaling_keeps_thin_outlines():
-    big = np.zeros((512, 512), bool)
-    big[80:400, 80] = big[80:400, 399] = big[80, 80:400] = big[399, 80:400] = True  # 1 px in 512 px
-    small = outline_array(Image.fromarray(np.where(big, 0, 255).astype(np.uint8)))
-    filled = ndimage.binary_fill_holes(small)
-    assert filled.sum() > small.sum() + 3000  # still closed: it encloses its interior
-
-
-def test_targets_resize_nearest_without_new_colours():
-    target = np.full((256, 256, 3), 255, np.uint8)
-    target[40:200, 40:200] = (255, 165, 0)
-    colours = {tuple(c) for c in target_array(Image.fromarray(target)).reshape(-1, 3)}
-    assert colours == {(255, 255, 255), (255, 165, 0)}
-
-
 def test_augmentation_keeps_pairs_aligned_and_fills_white(dataset):
     split = read_split(dataset / "training")
     torch.manual_seed(0)
@@ -191,9 +160,27 @@ def test_rows_naming_paths_are_refused_by_check_and_by_predict(synth_dir, tmp_pa
 
     split = split_copy(synth_dir, tmp_path, escape)
     _, problems = check(split.parent)
-    assert len(problems) == 1 and "row 0 output_image '../../escaped.png'" in problems[0] and "row 1 input_polygon '/etc/passwd'" in problems[0]
-    done = subprocess.run([sys.executable, "-m", "polycolor.predict", "--checkpoint", str(tiny_checkpoint), "--data", str(split),
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert (
+        len(problems) == 1
+        and "row 0 output_image '../../escaped.png'" in problems[0]
+        and "row 1 input_polygon '/etc/passwd'" in problems[0]
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "polycolor.predict",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--data",
+            str(split),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "file names must be plain names inside the split" in done.stderr
     assert not (split.parent.parent / "escaped.png").exists() and not (tmp_path / "out").exists()
 
@@ -209,4 +196,7 @@ def test_a_fifo_in_place_of_an_image_is_named_not_waited_on(synth_dir, tmp_path)
 
     split = split_copy(synth_dir, tmp_path, fifo)
     _, problems = check(split.parent)
-    assert problems == [f"validation row 0: inputs/{json.loads((split / 'data.json').read_text())[0]['input_polygon']}: not a regular file; expected a PNG or JPEG"]
+    assert problems == [
+        f"validation row 0: inputs/{json.loads((split / 'data.json').read_text())[0]['input_polygon']}: not a "
+        "regular file; expected a PNG or JPEG"
+    ]

@@ -25,16 +25,17 @@ TEAL = (0, 128, 128)
 
 pytestmark = [
     pytest.mark.timeout(300),
-    pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)), reason="chromium and chromedriver not installed"),
+    pytest.mark.skipif(
+        not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+        reason="chromium and chromedriver not installed",
+    ),
 ]
-pytest.importorskip("selenium")
-
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.common.action_chains import ActionChains
-from selenium.webdriver.common.by import By
-from selenium.webdriver.common.keys import Keys
-from selenium.webdriver.support.ui import WebDriverWait
+webdriver = pytest.importorskip("selenium.webdriver")
+Service = pytest.importorskip("selenium.webdriver.chrome.service").Service
+ActionChains = pytest.importorskip("selenium.webdriver.common.action_chains").ActionChains
+By = pytest.importorskip("selenium.webdriver.common.by").By
+Keys = pytest.importorskip("selenium.webdriver.common.keys").Keys
+WebDriverWait = pytest.importorskip("selenium.webdriver.support.ui").WebDriverWait
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +48,24 @@ def site(ray_session, tmp_path_factory):
 
     crafted = '<img src=x onerror="document.title=1">'
     loaded = checkpoint.load(checkpoint.PRETRAINED)
-    keyed = checkpoint.write(tmp_path_factory.mktemp("demo") / "keyed", loaded.model, loaded.palette | {crafted: (0, 0, 255), "house-teal": TEAL})
+    keyed = checkpoint.write(
+        tmp_path_factory.mktemp("demo") / "keyed",
+        loaded.model,
+        loaded.palette | {crafted: (0, 0, 255), "house-teal": TEAL},
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(application(ServeConfig(checkpoint=str(checkpoint.PRETRAINED), cpus=0.5, ingress_cpus=0.1)), name="demo", route_prefix="/")
+    serve.run(
+        application(ServeConfig(checkpoint=str(checkpoint.PRETRAINED), cpus=0.5, ingress_cpus=0.1)),
+        name="demo",
+        route_prefix="/",
+    )
     key = {"ray_actor_options": {"runtime_env": {"env_vars": {"POLYCOLOR_API_KEY": "k3y"}}}}
-    serve.run(application(ServeConfig(checkpoint=str(keyed), cpus=0.5, ingress_cpus=0.1), ingress_options=key), name="kd", route_prefix="/kd")
+    serve.run(
+        application(ServeConfig(checkpoint=str(keyed), cpus=0.5, ingress_cpus=0.1), ingress_options=key),
+        name="kd",
+        route_prefix="/kd",
+    )
     yield {"url": f"http://127.0.0.1:{port}", "crafted": crafted}
     serve.shutdown()
 
@@ -61,9 +74,19 @@ def site(ray_session, tmp_path_factory):
 def browser(tmp_path_factory):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1100,900",
-                 f"--user-data-dir={tmp_path_factory.mktemp('profile')}"):  # fmt: skip
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1100,900",
+        f"--user-data-dir={tmp_path_factory.mktemp('profile')}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
@@ -80,10 +103,13 @@ def page(site, browser):
 
 
 def at(browser, x: float, y: float) -> ActionChains:
-    """Actions that move the mouse to the drawing's pixel (x, y) of its 256x256 (offsets are from the canvas's centre)."""
+    """Actions that move the mouse to the drawing's pixel (x, y) of its 256x256 (offsets are from the canvas's
+    centre)."""
     overlay = browser.find_element(By.ID, "overlay")
     scale = overlay.rect["width"] / 256
-    return ActionChains(browser).move_to_element_with_offset(overlay, round((x - 128) * scale), round((y - 128) * scale))
+    return ActionChains(browser).move_to_element_with_offset(
+        overlay, round((x - 128) * scale), round((y - 128) * scale)
+    )
 
 
 def polygon(browser, corners: list[tuple[int, int]], tap_start: bool = False) -> None:
@@ -123,21 +149,29 @@ def pixels(browser, script: str) -> np.ndarray:
 
 
 DRAWING = "return document.getElementById('canvas').toDataURL('image/png')"
-RESULT = ("const i = document.getElementById('result'), c = document.createElement('canvas'); c.width = i.naturalWidth;"
-          "c.height = i.naturalHeight; c.getContext('2d').drawImage(i, 0, 0); return c.toDataURL('image/png');")  # fmt: skip
+RESULT = (
+    "const i = document.getElementById('result'), c = document.createElement('canvas'); c.width = i.naturalWidth;"
+    "c.height = i.naturalHeight; c.getContext('2d').drawImage(i, 0, 0); return c.toDataURL('image/png');"
+)
 
 
 def result(browser) -> np.ndarray:
     """The answer the page shows once it has one for the drawing and colour as they are now (the result is
     ``aria-busy`` from a change until then)."""
-    WebDriverWait(browser, 60).until(lambda b: b.execute_script(
-        "const i = document.getElementById('result');"
-        "return document.getElementById('result-stage').getAttribute('aria-busy') === 'false' && !i.hidden && i.complete && i.naturalWidth > 0;"))  # fmt: skip
+    WebDriverWait(browser, 60).until(
+        lambda b: b.execute_script(
+            "const i = document.getElementById('result');"
+            "return document.getElementById('result-stage').getAttribute('aria-busy') === 'false' && !i.hidden && "
+            "i.complete && i.naturalWidth > 0;"
+        )
+    )
     return pixels(browser, RESULT)
 
 
 def settled(browser) -> None:
-    WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "result-stage").get_attribute("aria-busy") == "false")
+    WebDriverWait(browser, 60).until(
+        lambda b: b.find_element(By.ID, "result-stage").get_attribute("aria-busy") == "false"
+    )
 
 
 def screenshot(browser, name: str) -> None:
@@ -149,7 +183,8 @@ def iou(painted: np.ndarray, truth: np.ndarray) -> float:
     return float((painted & truth).sum() / (painted | truth).sum())
 
 
-def test_a_drawn_polygon_is_filled_in_the_chosen_colour_as_a_flood_fill_would(page):
+def test_a_drawn_polygon_is_filled_in_its_colour(page):
+    """A drawn polygon is filled in the chosen colour, as a flood fill would fill it."""
     assert page.find_element(By.ID, "result").get_attribute("hidden") is not None  # no placeholder before a result
     choose(page, "teal")
     polygon(page, [(40, 50), (200, 36), (224, 190), (110, 222), (30, 160)])
@@ -161,7 +196,9 @@ def test_a_drawn_polygon_is_filled_in_the_chosen_colour_as_a_flood_fill_would(pa
     assert {tuple(c) for c in answer[painted]} == {TEAL}  # exactly the colour asked for
     assert page.find_element(By.ID, "download").get_attribute("href").startswith("blob:")
     assert page.find_element(By.ID, "picker").get_attribute("value") == "#008080"  # the colour painted, on the picker
-    assert [b.get_attribute("aria-label") for b in page.find_elements(By.CSS_SELECTOR, "#recent button")] == ["Use teal"]
+    assert [b.get_attribute("aria-label") for b in page.find_elements(By.CSS_SELECTOR, "#recent button")] == [
+        "Use teal"
+    ]
     screenshot(page, "polygon.png")
 
 
@@ -179,12 +216,16 @@ def test_two_shapes_are_both_filled_and_nothing_else(page):
     screenshot(page, "two-shapes.png")
 
 
-def test_a_bad_colour_is_shown_beside_the_colour_field_and_a_good_one_clears_it(page):
+def test_a_bad_colour_is_shown_beside_its_field(page):
+    """A bad colour is shown beside the colour field, and a good one clears it."""
     choose(page, "blurple zz")
     polygon(page, [(60, 60), (196, 60), (128, 200)])
     settled(page)
     assert "unknown colour 'blurple zz'" in page.find_element(By.ID, "color-error").text
-    assert page.find_element(By.ID, "image-error").text == "" and page.find_element(By.ID, "result").get_attribute("hidden") is not None
+    assert (
+        page.find_element(By.ID, "image-error").text == ""
+        and page.find_element(By.ID, "result").get_attribute("hidden") is not None
+    )
     screenshot(page, "bad-colour.png")
     choose(page, "#ff8800")
     answer = result(page)
@@ -201,20 +242,26 @@ def test_undo_and_clear_change_what_is_filled(page):
     assert ndimage.label((both != 255).any(axis=2))[1] == 2 and ndimage.label((one != 255).any(axis=2))[1] == 1
     page.find_element(By.ID, "clear").click()
     settled(page)
-    assert page.find_element(By.ID, "result").get_attribute("hidden") is not None and (pixels(page, DRAWING) == 255).all()
+    assert (
+        page.find_element(By.ID, "result").get_attribute("hidden") is not None and (pixels(page, DRAWING) == 255).all()
+    )
 
 
-def test_every_control_is_labelled_and_a_polygon_can_be_drawn_with_the_keyboard_alone(page):
+def test_controls_are_labelled_and_keyboard_draws(page):
+    """Every control is labelled and a polygon can be drawn with the keyboard alone."""
     names = page.execute_script("""
         return Array.from(document.querySelectorAll('button, input, canvas[tabindex], a[href]'))
           .filter(e => !e.hidden)
-          .map(e => [e.id || e.value, (e.labels && e.labels.length ? e.labels[0].textContent : '') || e.getAttribute('aria-label') || e.textContent]);""")
+          .map(e => [e.id || e.value, (e.labels && e.labels.length ? e.labels[0].textContent : '') ||
+          e.getAttribute('aria-label') || e.textContent]);""")
     assert len(names) >= 10 and all(name.strip() for _, name in names), names
     canvas = page.find_element(By.ID, "overlay")
     page.execute_script("arguments[0].focus()", canvas)  # where Tab reaches it: it is in the tab order
     assert canvas.get_attribute("tabindex") == "0"
     for arrow in (Keys.ARROW_LEFT + Keys.ARROW_UP, Keys.ARROW_RIGHT * 2, Keys.ARROW_DOWN * 2, Keys.ARROW_LEFT * 2):
-        canvas.send_keys(Keys.SHIFT, *(key * 4 for key in arrow))  # 16 px a press with Shift: the corners of a 128 px square
+        canvas.send_keys(
+            Keys.SHIFT, *(key * 4 for key in arrow)
+        )  # 16 px a press with Shift: the corners of a 128 px square
         canvas.send_keys(" ")
     canvas.send_keys(Keys.ENTER)
     answer = result(page)
@@ -239,8 +286,13 @@ def test_with_an_api_key_the_page_works_once_the_key_is_entered(site, browser):
     WebDriverWait(browser, 30).until(lambda b: "API key" in b.find_element(By.ID, "key-error").text)
     polygon(browser, [(60, 60), (196, 60), (196, 196), (60, 196)])
     settled(browser)
-    assert "API key" in browser.find_element(By.ID, "key-error").text and browser.find_element(By.ID, "result").get_attribute("hidden") is not None
-    browser.find_element(By.ID, "key").send_keys("k3y\t")  # typed, then focus moves on: the page asks /colors, then fills
+    assert (
+        "API key" in browser.find_element(By.ID, "key-error").text
+        and browser.find_element(By.ID, "result").get_attribute("hidden") is not None
+    )
+    browser.find_element(By.ID, "key").send_keys(
+        "k3y\t"
+    )  # typed, then focus moves on: the page asks /colors, then fills
     names = "return Array.from(document.getElementById('names').options, o => o.value)"
     WebDriverWait(browser, 30).until(lambda b: "house-teal" in b.execute_script(names))
     assert site["crafted"] in browser.execute_script(names) and browser.title == "polycolor"  # a value, not markup

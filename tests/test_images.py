@@ -32,7 +32,9 @@ def png_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "I;16", "I", "LA", "1", "CMYK"])
@@ -88,10 +90,13 @@ def test_outline_is_the_letterboxed_square_pooled(shape):
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_a_target_is_the_letterboxed_square_resized(shape):
-    """A target is its image centred on white and resized to the nearest pixel, as Pillow resizes, without the square."""
+    """A target is its image centred on white and resized to the nearest pixel, as Pillow resizes, without the
+    square."""
     rgb = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
     square = Image.fromarray(images.letterbox(rgb, paper=255)[0])
-    assert np.array_equal(target_array(Image.fromarray(rgb)), np.asarray(square.resize((128, 128), Image.Resampling.NEAREST)))
+    assert np.array_equal(
+        target_array(Image.fromarray(rgb)), np.asarray(square.resize((128, 128), Image.Resampling.NEAREST))
+    )
 
 
 def peak_bytes(work) -> int:
@@ -115,7 +120,7 @@ def test_an_outline_costs_what_its_pixels_cost(shape):
     assert peak < 2 * ink.nbytes + 2**20, (shape, peak)
 
 
-def test_an_answer_at_a_large_inputs_size_costs_a_few_times_its_pixels():
+def test_an_answer_at_a_large_size_costs_its_pixels():
     """S7: the answer at a 4096x4096 input's size, with its edges, holds under 12 bytes a pixel at once (labels,
     the RGB answer, a mask); the square the input was letterboxed on is never made."""
     ink = np.zeros((3000, 4096), bool)
@@ -133,14 +138,21 @@ LIMITS = Limits(max_pixels=4096 * 4096, max_side=4096, formats=("PNG", "JPEG"))
 @pytest.mark.parametrize(
     "data, kind, message",
     [
-        (png_header(65536, 256), images.ImageTooLarge, "image is 65536x256; the limit is 4096 pixels on the longer side"),
+        (
+            png_header(65536, 256),
+            images.ImageTooLarge,
+            "image is 65536x256; the limit is 4096 pixels on the longer side",
+        ),
         (png_header(1, 16777216), images.ImageTooLarge, "the limit is 4096 pixels on the longer side"),
         (png_header(5000, 5000), images.ImageTooLarge, "image is 5000x5000 = 25000000 pixels; the limit is 16777216"),
         (png_header(100_000, 100_000), images.ImageTooLarge, "more pixels than Pillow will open"),
         (b"", images.ImageError, "image is empty; expected a PNG or JPEG"),
         (b"GIF89a" + bytes(40), images.ImageError, "image is not a readable PNG or JPEG"),
-        (png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)))[:2000], images.ImageError,
-         "image is truncated or corrupt"),
+        (
+            png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)))[:2000],
+            images.ImageError,
+            "image is truncated or corrupt",
+        ),
     ],
 )
 def test_decode_refuses_from_the_header_naming_the_limit(data, kind, message):

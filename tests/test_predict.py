@@ -12,7 +12,12 @@ from conftest import tiny_model
 
 
 def first_input(dataset):
-    return dataset / "validation" / "inputs" / json.loads((dataset / "validation" / "data.json").read_text())[0]["input_polygon"]
+    return (
+        dataset
+        / "validation"
+        / "inputs"
+        / json.loads((dataset / "validation" / "data.json").read_text())[0]["input_polygon"]
+    )
 
 
 def test_colorize_any_image_and_original_size(tiny_checkpoint, dataset):
@@ -44,23 +49,52 @@ def test_embedding_mode_is_a_closed_vocabulary(tmp_path):
 
 def test_predict_cli_colours_one_image(tiny_checkpoint, dataset, tmp_path, capsys):  # many: tests/test_batch.py
     out = tmp_path / "one.png"
-    args = ["--checkpoint", str(tiny_checkpoint), "--image", str(first_input(dataset)), "--color", "teal", "--out", str(out)]
+    args = [
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--image",
+        str(first_input(dataset)),
+        "--color",
+        "teal",
+        "--out",
+        str(out),
+    ]
     assert predict.main(args) == 0
     expected = Colorizer.from_checkpoint(tiny_checkpoint, "cpu").colorize(first_input(dataset), "teal")
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
 
 
 def test_predict_cli_errors_are_clear(tiny_checkpoint, tmp_path, capsys):
-    assert predict.main(["--checkpoint", str(tmp_path / "missing"), "--image", "x.png", "--color", "red", "--out", "o.png"]) == 2
+    assert (
+        predict.main(
+            ["--checkpoint", str(tmp_path / "missing"), "--image", "x.png", "--color", "red", "--out", "o.png"]
+        )
+        == 2
+    )
     assert "not a checkpoint directory" in capsys.readouterr().err
     Image.new("RGB", (10, 10)).save(tmp_path / "x.png")
-    assert predict.main(["--checkpoint", str(tiny_checkpoint), "--image", str(tmp_path / "x.png"), "--color", "nocolour", "--out", str(tmp_path / "o.png")]) == 2
+    assert (
+        predict.main(
+            [
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--image",
+                str(tmp_path / "x.png"),
+                "--color",
+                "nocolour",
+                "--out",
+                str(tmp_path / "o.png"),
+            ]
+        )
+        == 2
+    )
     assert "unknown colour 'nocolour'" in capsys.readouterr().err
 
 
-def test_the_shipped_weights_are_the_default_recipe_and_fill_drawings_they_never_saw():
+def test_the_shipped_weights_fill_unseen_drawings():
     """polycolor/pretrained is what the README says: the default recipe as it is now (when the recipe
-    changes, `python bench/train_quality.py --presets recipe --ship` retrains and replaces it), and it fills held-out drawings of several shapes."""
+    changes, `python bench/train_quality.py --presets recipe --ship` retrains and replaces it), and it fills held-out
+    drawings of several shapes."""
     from polycolor.config import TrainConfig, preset
     from polycolor.drawings import draw, score
 
@@ -69,5 +103,7 @@ def test_the_shipped_weights_are_the_default_recipe_and_fill_drawings_they_never
     assert (saved.model, saved.data, saved.optim) == (recipe.model, recipe.data, recipe.optim)
     colorizer = Colorizer.from_checkpoint(checkpoint.PRETRAINED, device="cpu")
     drawn = [draw((77, i), "antialiased", shapes=2 + i % 3) for i in range(12)]
-    answers = colorizer.colorize_batch([Image.fromarray(d.image) for d in drawn], [d.color for d in drawn], original_size=True)
+    answers = colorizer.colorize_batch(
+        [Image.fromarray(d.image) for d in drawn], [d.color for d in drawn], original_size=True
+    )
     assert min(score(np.asarray(a), d)["iou"] for a, d in zip(answers, drawn)) >= 0.99

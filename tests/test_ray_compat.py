@@ -13,7 +13,9 @@ from polycolor import ray_compat
 def test_a_moved_internal_is_named_with_rays_version():
     import ray
 
-    with pytest.raises(ray_compat.RayInternalMoved, match=f"ray {ray.__version__} has no ray.train.nothing.here; polycolor.ray_compat"):
+    with pytest.raises(
+        ray_compat.RayInternalMoved, match=f"ray {ray.__version__} has no ray.train.nothing.here; polycolor.ray_compat"
+    ):
         ray_compat.internal("ray.train.nothing", "here")
 
 
@@ -64,7 +66,7 @@ def test_placement_groups_read_from_the_gcs_name_their_creator(ray_session):
         job = ray_session.get_runtime_context().get_job_id()
         assert groups[made].state == "CREATED" and groups[made].created_by_actor and groups[made].creator_dead
         assert groups[made].bundles == ({"CPU": 1.0},) and groups[made].job == job
-        assert not groups[mine.id.hex()].created_by_actor and not groups[mine.id.hex()].creator_dead
+        assert not groups[mine.id.hex()].created_by_actor and not groups[mine.id.hex()].creator_dead  # a driver's
         ray_compat.remove_placement_group(made)
         assert {g.id: g for g in ray_compat.placement_groups()}[made].state == "REMOVED"
     finally:
@@ -73,8 +75,25 @@ def test_placement_groups_read_from_the_gcs_name_their_creator(ray_session):
 
 def test_the_package_imports_ray_only_where_ray_runs():
     """Importing the library's Ray-free modules (and this one) does not import Ray."""
-    modules = ["colors", "storage", "images", "data", "synth", "drawings", "conditioning", "model", "config", "checkpoint",
-               "metrics", "loop", "predict", "evaluate", "api", "client", "ray_compat"]  # fmt: skip
+    modules = [
+        "colors",
+        "storage",
+        "images",
+        "data",
+        "synth",
+        "drawings",
+        "conditioning",
+        "model",
+        "config",
+        "checkpoint",
+        "metrics",
+        "loop",
+        "predict",
+        "evaluate",
+        "api",
+        "client",
+        "ray_compat",
+    ]
     code = "import sys; " + "; ".join(f"import polycolor.{m}" for m in modules) + "; print('ray' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr[-2000:]

@@ -28,7 +28,8 @@ def test_dataset_targets_are_the_flood_fill_of_their_outlines(dataset):
             assert ((target != 255).any(-1) == flood_fill_target(ink)).all()
 
 
-def test_synthetic_pairs_are_exact_under_flood_fill_and_match_real_conventions():
+def test_synthetic_pairs_follow_the_real_conventions():
+    """Synthetic pairs are exact under a flood fill and match the real conventions."""
     split = synth.generate(40, seed=3)
     for ink, target, name in zip(split.outlines, split.targets, split.colors):
         painted = (target != 255).any(-1)

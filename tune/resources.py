@@ -38,7 +38,13 @@ def release_orphans() -> list[str]:
     """
     job, released = this_job(), []
     for group in ray_compat.placement_groups():
-        if group.state != "REMOVED" and not group.detached and group.created_by_actor and group.creator_dead and group.job == job:
+        if (
+            group.state != "REMOVED"
+            and not group.detached
+            and group.created_by_actor
+            and group.creator_dead
+            and group.job == job
+        ):
             ray_compat.remove_placement_group(group.id)
             released.append(group.id)
     return released
@@ -55,7 +61,13 @@ def holders(need: dict[str, float]) -> str:
     for group in ray_compat.placement_groups():
         if group.state == "CREATED":
             bundle = {k: v for b in group.bundles for k, v in b.items() if k in ("CPU", "GPU")}
-            by = "a driver" if not group.created_by_actor else "a dead actor (leaked)" if group.creator_dead else "a live actor"
+            by = (
+                "a driver"
+                if not group.created_by_actor
+                else "a dead actor (leaked)"
+                if group.creator_dead
+                else "a live actor"
+            )
             held.append(f"{bundle} by {by}" + ("" if group.job == job else " of another job"))
     used = ", ".join(f"{total[k] - free.get(k, 0):g} of {total[k]:g} {k}" for k in ("CPU", "GPU") if total.get(k))
     return f"{used} held; placement groups: " + ("; ".join(held) or "none")

@@ -37,12 +37,20 @@ from polycolor.train import build_trainer, worker_resources
 @dataclass(frozen=True)
 class SearchSettings(Settings):
     num_samples: int = setting(8, "trials in total (3 with --smoke-test unless given)", lambda v: v >= 1, ">= 1")
-    gpus_per_trial: float | None = setting(None, "GPUs per trial, one per worker (default: when the cluster has GPUs)", type=float)
+    gpus_per_trial: float | None = setting(
+        None, "GPUs per trial, one per worker (default: when the cluster has GPUs)", type=float
+    )
     startup_minutes: float = setting(
-        5.0, "a trial whose workers cannot be placed within this long fails, naming what holds the cluster", lambda v: v > 0, "> 0"
+        5.0,
+        "a trial whose workers cannot be placed within this long fails, naming what holds the cluster",
+        lambda v: v > 0,
+        "> 0",
     )
     max_trial_minutes: float = setting(
-        60.0, "a trial still running after this long fails and the search goes on; 0: no limit", lambda v: v >= 0, ">= 0"
+        60.0,
+        "a trial still running after this long fails and the search goes on; 0: no limit",
+        lambda v: v >= 0,
+        ">= 0",
     )
 
 
@@ -105,9 +113,13 @@ def run_trial(config: dict, plan: TrialPlan, splits=None) -> None:
     cfg = plan.base.replace(**config["train"], name=f"{plan.name}-{trial_id}")
     limits = plan.limits
     trainer = build_trainer(
-        cfg, plan.location, callbacks=[TuneReportCallback()], startup_minutes=limits.startup_minutes,
-        trainer_cls=SearchTrainer, splits=ray.put(splits) if splits is not None else None,
-    )  # fmt: skip
+        cfg,
+        plan.location,
+        callbacks=[TuneReportCallback()],
+        startup_minutes=limits.startup_minutes,
+        trainer_cls=SearchTrainer,
+        splits=ray.put(splits) if splits is not None else None,
+    )
     try:
         fit_within(trainer, limits.max_trial_minutes)
     except ControllerError as err:
@@ -155,21 +167,34 @@ def trial_rows(grid, max_epochs: int, location: str) -> list[dict]:
         metrics = result.metrics or {}
         epochs = int(frame["epoch"].max()) + 1 if frame is not None and "epoch" in frame else 0
         diverged = bool(metrics.get("diverged")) or not math.isfinite(metrics.get("train_loss", 0.0))
-        status = "error" if result.error else "diverged" if diverged else "stopped early" if epochs < max_epochs else "finished"
+        status = (
+            "error"
+            if result.error
+            else "diverged"
+            if diverged
+            else "stopped early"
+            if epochs < max_epochs
+            else "finished"
+        )
         kept = []  # (checkpoint path, its metrics) of the checkpoints still on storage
         if frame is not None and "checkpoint_path" in frame and not diverged:
             for _, row in frame.dropna(subset=["checkpoint_path"]).iterrows():
                 if fs.get_file_info(row["checkpoint_path"]).type != pyarrow.fs.FileType.NotFound:
                     kept.append((row["checkpoint_path"], {SCORE: float(row[SCORE]), "l1": float(row["l1"])}))
         chosen = best(kept)
-        rows.append({
-            "trial": result.path.rsplit("/", 1)[-1].split("_")[1] if result.path else "?",
-            **{k: result.config.get("train", {}).get(k) for k in SEARCHED},
-            "epochs": epochs, "status": status,
-            "best_" + SCORE: chosen[1][SCORE] if chosen else -1.0, "best_l1": chosen[1]["l1"] if chosen else math.inf,
-            **{k: metrics.get(k) for k in (SCORE, "iou", "color_error", "l1", "psnr", "train_loss")},
-            "checkpoint": chosen[0] if chosen else None, "error": error_line(result.error) if result.error else None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "trial": result.path.rsplit("/", 1)[-1].split("_")[1] if result.path else "?",
+                **{k: result.config.get("train", {}).get(k) for k in SEARCHED},
+                "epochs": epochs,
+                "status": status,
+                "best_" + SCORE: chosen[1][SCORE] if chosen else -1.0,
+                "best_l1": chosen[1]["l1"] if chosen else math.inf,
+                **{k: metrics.get(k) for k in (SCORE, "iou", "color_error", "l1", "psnr", "train_loss")},
+                "checkpoint": chosen[0] if chosen else None,
+                "error": error_line(result.error) if result.error else None,
+            }
+        )
     return rows
 
 
@@ -186,15 +211,23 @@ def write_outputs(rows: list[dict], grid, location: str, name: str) -> dict | No
 
     from ray.train import Checkpoint
 
-    header = f"{'trial':<12}{'lr':>9} {'loss':>5} {'cond':>10} {'bs':>3} {'w':>3} {'ep':>3} {'best exact':>11} {'status':>14}"
+    header = f"{'trial':<12}{'lr':>9} {'loss':>5} {'cond':>10} {'bs':>3} {'w':>3} {'ep':>3} "
+    header += f"{'best exact':>11} {'status':>14}"
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
-        print(f"{r['trial']:<12}{r['lr']:>9.2e} {r['loss']:>5} {r['conditioning']:>10} {r['batch_size']:>3} {r['width']:>3} "
-              f"{r['epochs']:>3} {r['best_' + SCORE]:>11.6f} {r['status']:>14}")  # fmt: skip
+        print(
+            f"{r['trial']:<12}{r['lr']:>9.2e} {r['loss']:>5} {r['conditioning']:>10} "
+            f"{r['batch_size']:>3} {r['width']:>3} "
+            f"{r['epochs']:>3} {r['best_' + SCORE]:>11.6f} {r['status']:>14}"
+        )
     for r in rows:
         if r["error"]:
             print(f"trial {r['trial']} failed: {r['error']}")
-    usable = [(r, {SCORE: r["best_" + SCORE], "l1": r["best_l1"]}) for r in rows if r["status"] in ("finished", "stopped early") and r["checkpoint"]]
+    usable = [
+        (r, {SCORE: r["best_" + SCORE], "l1": r["best_l1"]})
+        for r in rows
+        if r["status"] in ("finished", "stopped early") and r["checkpoint"]
+    ]
     chosen = best(usable)
     winner = chosen[0] if chosen else None
     out = storage.join(location, name)
@@ -208,7 +241,10 @@ def write_outputs(rows: list[dict], grid, location: str, name: str) -> dict | No
     with Checkpoint(winner["checkpoint"], filesystem=fs).as_directory() as directory:
         checkpoint.export(directory, storage.join(out, "best"))
     print(f"\nbest trial {winner['trial']}: " + ", ".join(f"{k}={winner[k]}" for k in SEARCHED))
-    print(f"best {SCORE} {winner['best_' + SCORE]:.6f}; checkpoint exported to {storage.redact(storage.join(out, 'best'))}")
+    print(
+        f"best {SCORE} {winner['best_' + SCORE]:.6f}; "
+        f"checkpoint exported to {storage.redact(storage.join(out, 'best'))}"
+    )
     return winner
 
 
@@ -230,7 +266,12 @@ def write_files(out: Path, rows: list[dict], winner: dict | None, grid) -> None:
     for result, row in zip(grid, rows):
         frame = result.metrics_dataframe
         if frame is not None and SCORE in frame:
-            axis.plot(frame["epoch"] + 1, frame[SCORE], marker="o", label=f"{row['trial']} {row['conditioning']} {row['loss']}")
+            axis.plot(
+                frame["epoch"] + 1,
+                frame[SCORE],
+                marker="o",
+                label=f"{row['trial']} {row['conditioning']} {row['loss']}",
+            )
     axis.set(xlabel="epoch", ylabel=f"validation {SCORE}", title="polycolor search")
     axis.legend(fontsize=7)
     figure.tight_layout()
@@ -263,8 +304,16 @@ def trial_function(plan: TrialPlan, splits=None, cluster: dict | None = None):
     return tune.with_resources(tune.with_parameters(run_trial, plan=plan, splits=splits), placement)
 
 
-def make_tuner(plan: TrialPlan, num_samples: int, concurrency: int, searcher=None, scheduler=None, callbacks: Sequence = (),
-               space: dict | None = None, splits=None):  # fmt: skip
+def make_tuner(
+    plan: TrialPlan,
+    num_samples: int,
+    concurrency: int,
+    searcher=None,
+    scheduler=None,
+    callbacks: Sequence = (),
+    space: dict | None = None,
+    splits=None,
+):
     """Return a Tuner over ``run_trial``: the search space (or ``space``), a searcher and a scheduler.
 
     Whatever an ended trial held is released by the search itself (``ReleaseEndedTrials``).
@@ -277,15 +326,28 @@ def make_tuner(plan: TrialPlan, num_samples: int, concurrency: int, searcher=Non
     return tune.Tuner(
         trial_function(plan, splits, ray.cluster_resources()),
         param_space=space or search_space(),
-        tune_config=tune.TuneConfig(metric=SCORE, mode="max", search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
-                                    max_concurrent_trials=concurrency, trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
-        run_config=tune.RunConfig(name=plan.name, storage_path=plan.location, callbacks=[ReleaseEndedTrials(), *callbacks],
-                                  failure_config=tune.FailureConfig(max_failures=0)),
-    )  # fmt: skip
+        tune_config=tune.TuneConfig(
+            metric=SCORE,
+            mode="max",
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=num_samples,
+            max_concurrent_trials=concurrency,
+            trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
+        ),
+        run_config=tune.RunConfig(
+            name=plan.name,
+            storage_path=plan.location,
+            callbacks=[ReleaseEndedTrials(), *callbacks],
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tune.search", description="Search polycolor's hyperparameters with Ray Tune and Optuna.")
+    p = argparse.ArgumentParser(
+        prog="python -m tune.search", description="Search polycolor's hyperparameters with Ray Tune and Optuna."
+    )
     only = ("data", "train_pairs", "epochs", "workers", "threads", "max_failures", "name", "seed", "wandb")
     add_flags(p, *SECTIONS.values(), only=only, defaults=SEARCH_DEFAULTS, flags=FLAGS)
     add_flags(p, SearchSettings)
@@ -302,7 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     wandb = given.pop("wandb", False)  # one wandb run per trial, logged by the search, not by the trial's workers
     location = storage.resolve(args.storage or storage.default())
     try:
-        limits = SearchSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SearchSettings) if hasattr(args, f.name)})
+        limits = SearchSettings(
+            **{f.name: getattr(args, f.name) for f in dataclasses.fields(SearchSettings) if hasattr(args, f.name)}
+        )
         if limits.gpus_per_trial is not None:
             given["gpu"] = limits.gpus_per_trial > 0
         base = TrainConfig().replace(**SEARCH_DEFAULTS).replace(**PRESETS[args.preset]).replace(**given, wandb=False)
@@ -325,10 +389,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     resources = ray.cluster_resources()
     worker = worker_resources(base.run, resources)
     concurrency = trial_concurrency(resources, base.run.workers, worker)
-    data = f"{len(splits[0])} training / {len(splits[1])} validation pairs from {base.data.data}" if splits else "synthetic"
+    data = (
+        f"{len(splits[0])} training / {len(splits[1])} validation pairs from {base.data.data}"
+        if splits
+        else "synthetic"
+    )
     device = "GPU" if "GPU" in worker else "CPU"
-    print(f"[search] {name}: {num_samples} trials, up to {concurrency} at once, {device}, data {data}, "
-          f"storage {storage.redact(location)}", flush=True)  # fmt: skip
+    print(
+        f"[search] {name}: {num_samples} trials, up to {concurrency} at once, {device}, data {data}, "
+        f"storage {storage.redact(location)}",
+        flush=True,
+    )
 
     plan = TrialPlan(base, name, location, limits)
     callbacks = []
@@ -339,11 +410,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ.setdefault("WANDB_MODE", "offline")
         callbacks.append(WandbLoggerCallback(project="polycolor", group=name))
     if args.resume:
-        tuner = tune.Tuner.restore(storage.join(location, name), trial_function(plan, splits, resources), resume_errored=True,
-                                   param_space=search_space())  # fmt: skip
+        tuner = tune.Tuner.restore(
+            storage.join(location, name),
+            trial_function(plan, splits, resources),
+            resume_errored=True,
+            param_space=search_space(),
+        )
     else:
         searcher = OptunaSearch(points_to_evaluate=first_points(), seed=base.data.seed)
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base.optim.epochs, grace_period=1, reduction_factor=2)
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration", max_t=base.optim.epochs, grace_period=1, reduction_factor=2
+        )
         tuner = make_tuner(plan, num_samples, concurrency, searcher, scheduler, callbacks, splits=splits)
     grid = tuner.fit()
     winner = write_outputs(trial_rows(grid, base.optim.epochs, location), grid, location, name)
