@@ -115,9 +115,9 @@ MULTIPART = {
             "type": "array",
             "items": COLOUR_TEXT,
             "minItems": 1,
+            "example": ["teal"],
             "description": "one colour for all, or one per image",
         },
-        "colour": {"type": "array", "items": COLOUR_TEXT, "minItems": 1, "description": "the same as color"},
         "size": {
             "type": "string",
             "enum": list(SIZES),
@@ -293,19 +293,14 @@ async def parse_form(request: Request, body: bytes, max_images: int) -> Parsed:
         if not uploads or not all(isinstance(u, UploadFile) for u in uploads):
             raise ClientError(422, 'form field "image" is missing or not a file')
         check_count(len(uploads), max_images)
-        colours = {name: form.getlist(name) for name in ("color", "colour") if name in form}
-        if any(not isinstance(v, str) for values in colours.values() for v in values):
+        colours = form.getlist("color")
+        if not all(isinstance(c, str) for c in colours):
             raise ClientError(422, 'form field "color" must be text, not a file', field="color")
         sizes = form.getlist("size")
         if len(sizes) > 1 or not all(isinstance(s, str) for s in sizes):
             raise ClientError(422, 'form field "size" must be given at most once, as text: "model" or "original"')
         images = [await u.read() for u in uploads]
-        return finish(
-            images,
-            one_of(colours.get("color"), colours.get("colour")),
-            sizes[0] if sizes else "model",
-            len(uploads) > 1,
-        )
+        return finish(images, colours or None, sizes[0] if sizes else "model", len(uploads) > 1)
     finally:
         await form.close()  # the images are in ``images`` now: the uploads' files are let go
 

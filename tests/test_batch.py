@@ -17,6 +17,8 @@ from PIL import Image
 from polycolor import evaluate, predict, synth
 from polycolor.predict import Colorizer
 
+from conftest import bomb_png
+
 pytestmark = pytest.mark.ray
 
 
@@ -63,23 +65,26 @@ def test_writes_what_the_in_process_colorizer_writes(ray_session, tiny_checkpoin
 
 
 def test_broken_rows_are_recorded_and_good_rows_written(ray_session, tiny_checkpoint, split, tmp_path, capsys):
-    """Three broken rows are recorded with their reasons and every good row is written."""
+    """Broken rows (a missing image, a corrupt one, an unknown colour, a 65536x256 outline over the side limit:
+    S7) are each recorded with their reason, and every good row is written: a bad row never fails the job."""
     broken = shutil.copytree(split, tmp_path / "broken")
     rows = json.loads((broken / "data.json").read_text())
     (broken / "inputs" / rows[3]["input_polygon"]).unlink()
     (broken / "inputs" / rows[11]["input_polygon"]).write_bytes(b"\x89PNG\r\n\x1a\n not really")
     rows[20]["colour"] = "no such colour"
+    (broken / "inputs" / rows[30]["input_polygon"]).write_bytes(bomb_png(65536, 256))
     (broken / "data.json").write_text(json.dumps(rows))
     out = tmp_path / "out"
     assert predict.main(["--checkpoint", str(tiny_checkpoint), "--data", str(broken), "--out", str(out)]) == 1
-    assert "done 37, failed 3, skipped 0" in capsys.readouterr().out
+    assert "done 36, failed 4, skipped 0" in capsys.readouterr().out
     errors = {e["output"]: e["error"] for e in map(json.loads, (out / "errors.jsonl").read_text().splitlines())}
-    assert sorted(errors) == sorted(rows[i]["output_image"] for i in (3, 11, 20))
+    assert sorted(errors) == sorted(rows[i]["output_image"] for i in (3, 11, 20, 30))
     assert errors[rows[3]["output_image"]].endswith("file does not exist")
     assert "is not a readable image" in errors[rows[11]["output_image"]]
     assert "unknown colour 'no such colour'" in errors[rows[20]["output_image"]]
+    assert "is 65536x256; the limit is 4096 pixels on the longer side" in errors[rows[30]["output_image"]]
     written = {p.name for p in out.glob("*.png")}
-    assert written == {r["output_image"] for i, r in enumerate(rows) if i not in (3, 11, 20)}
+    assert written == {r["output_image"] for i, r in enumerate(rows) if i not in (3, 11, 20, 30)}
 
 
 @pytest.mark.timeout(120)

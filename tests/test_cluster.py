@@ -18,6 +18,7 @@ import yaml
 from polycolor import storage
 from polycolor.data import REAL_PALETTE
 
+RAY = str(Path(sys.executable).with_name("ray"))  # the Ray CLI this interpreter installed, not the first on PATH
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay"
 MANIFESTS = {
@@ -185,7 +186,7 @@ def head_command(params: dict, ip: str, temp_dir: str) -> list[str]:
     """`ray start --head` as KubeRay builds it from ``rayStartParams`` (adding --dashboard-host=0.0.0.0 unless set)."""
     params = {"dashboard-host": "0.0.0.0"} | params
     return [
-        "ray",
+        RAY,
         "start",
         "--head",
         "--block",
@@ -244,7 +245,7 @@ def test_kuberay_heads_take_jobs_with_the_token_only(hosts, manifest):
             time.sleep(2)
         # The RayJob submitter's call: a job submitted from another pod, with the token.
         submit = [
-            "ray",
+            RAY,
             "job",
             "submit",
             "--address",
@@ -306,7 +307,7 @@ class NetCluster:
     def start(self, host: str, *flags: str) -> subprocess.Popen:
         self.nodes += 1
         command = [
-            "ray",
+            RAY,
             "start",
             "--block",
             f"--node-ip-address={self.hosts.ip[host]}",

@@ -300,3 +300,37 @@ def test_with_an_api_key_the_page_works_once_the_key_is_entered(site, browser):
     answer = result(browser)
     assert browser.find_element(By.ID, "key-error").text == ""
     assert {tuple(c) for c in answer[(answer != 255).any(axis=2)]} == {TEAL}
+
+
+def test_the_docs_page_colours_an_uploaded_outline(site, browser, tmp_path):
+    """S8: /docs renders from the service's own assets (this machine has no internet: loaded from a CDN it would
+    stay blank), and its "Try it out" sends an uploaded outline and shows it filled in the colour asked for."""
+    ink = np.zeros((128, 128), bool)
+    ink[30:100, 30] = ink[30:100, 99] = ink[30, 30:100] = ink[99, 30:100] = True
+    upload = tmp_path / "square.png"
+    Image.fromarray(np.where(ink, 0, 255).astype(np.uint8)).save(upload)
+    browser.set_window_size(1200, 2000)
+    browser.get(f"{site['url']}/docs")
+    WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".opblock-post"))
+    block = browser.find_element(By.CSS_SELECTOR, ".opblock-post")
+    block.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+    WebDriverWait(browser, 10).until(lambda b: block.find_elements(By.CSS_SELECTOR, ".try-out__btn"))
+    block.find_element(By.CSS_SELECTOR, ".try-out__btn").click()
+    WebDriverWait(browser, 10).until(lambda b: block.find_elements(By.CSS_SELECTOR, "input[type=file]"))
+    block.find_element(By.CSS_SELECTOR, "tr[data-property-name='image'] input[type=file]").send_keys(str(upload))
+    (colour,) = block.find_elements(By.CSS_SELECTOR, "tr[data-property-name='color'] input[type=text]")
+    colour.clear()
+    colour.send_keys("teal")
+    block.find_element(By.CSS_SELECTOR, ".execute").click()
+    WebDriverWait(browser, 30).until(lambda b: block.find_elements(By.CSS_SELECTOR, ".live-responses-table img"))
+    status = block.find_element(By.CSS_SELECTOR, ".live-responses-table tbody .response-col_status").text
+    centre = browser.execute_script(
+        """const img = arguments[0], canvas = document.createElement('canvas');
+        canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+        const context = canvas.getContext('2d'); context.drawImage(img, 0, 0);
+        return Array.from(context.getImageData(64, 64, 1, 1).data.slice(0, 3));""",
+        block.find_element(By.CSS_SELECTOR, ".live-responses-table img"),
+    )
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SCREENSHOTS / "docs.png"))
+    assert status == "200" and tuple(centre) == TEAL

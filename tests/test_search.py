@@ -17,6 +17,7 @@ from polycolor.predict import Colorizer
 
 from conftest import free_port
 
+RAY = str(Path(sys.executable).with_name("ray"))  # the Ray CLI this interpreter installed, not the first on PATH
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(600)
 
@@ -348,7 +349,7 @@ def test_job_submission_with_token_auth_against_a_local_head(tmp_path):
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         [
-            "ray",
+            RAY,
             "start",
             "--head",
             "--block",
@@ -378,7 +379,7 @@ def test_job_submission_with_token_auth_against_a_local_head(tmp_path):
             "python -c 'import polycolor; print(\"imported from\", polycolor.__file__)' && "
             "python -m tune.search --smoke-test --num-samples 1 --name job"
         )
-        command = ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT), "--", "bash", "-c", job]
+        command = [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--", "bash", "-c", job]
         deadline = time.time() + 120
         while True:  # the dashboard answers before the head's job agent has registered: Ray says "try again later"
             submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=540)
@@ -388,7 +389,7 @@ def test_job_submission_with_token_auth_against_a_local_head(tmp_path):
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "runtime_resources" in submit.stdout  # the uploaded working dir, not an install, provided polycolor
         token = (
-            subprocess.run(["ray", "get-auth-token"], env=env, capture_output=True, text=True)
+            subprocess.run([RAY, "get-auth-token"], env=env, capture_output=True, text=True)
             .stdout.strip()
             .splitlines()[-1]
         )
