@@ -1,16 +1,23 @@
-"""Bounded HTTP load on a local Serve application vs the in-process Colorizer, measured side by side.
+"""Bounded HTTP load on the local Serve application against the in-process Colorizer, measured side by side.
 
-    python bench/serve_load.py --checkpoint runs/first/best [--requests 200] [--seconds 30] [--rounds 4]
+    python bench/serve_load.py --checkpoint polycolor/pretrained [--requests 300] [--seconds 20] [--rounds 2]
+                               [--model-cpus 1] [--profile]
 
-For batching on and off: concurrency 1, 8 and 32 of single-outline requests and concurrency 32 of 16-outline
-requests on loopback (a fixed number of requests, capped in time): images/s, p50/p95/p99 latency, errors; the
-CPU each request cost the load client, Serve's HTTP proxy, the ingress replica and the model replica (each
-found through Ray's state API; a figure that is not a measurement stops the bench); both replicas' memory
-after a warm-up pass at every level and after each measured level of four rounds; then their peak memory with
-every slot taken at once by the largest image accepted. L4's budget: a single outline's p95 at concurrency c
-within c times its p50 alone, in the same run. Goal: 16-outline requests >= 0.7 of in-process. Next
-to it, the in-process Colorizer's batch throughput on the same checkpoint with one thread (the model
-replica's share: Ray gives a 1-CPU actor one torch thread) and with all threads.
+First the in-process Colorizer on one torch thread (a 1-CPU model replica's share): its batched speed (images/s
+and CPU per image) and one outline alone (decode, a batch-of-one forward pass, encode). Then, through
+``polycolor.client.AsyncClient`` on loopback, for each round: single outlines at concurrency 1, 8 and 32, and
+16-outline requests at 32 (a fixed number of requests, capped in time): images/s, p50/p95/p99 latency, errors,
+and the CPU each request cost the client, Serve's HTTP proxy, the ingress replica and the model replica (each
+found through Ray's state API; a figure that is not a measurement stops the bench), and both replicas' memory.
+Then the largest request the defaults accept (16 outlines of 4096x4096 at their own size): its answer time and
+the ingress replica's peak memory over idle. ``--profile`` records a flame graph of each process under the
+concurrency-32 load with py-spy into bench/results/profiles/, and prints where each one's time goes.
+
+The goals (#29), each a ratio measured in this run; the bench exits 1 when one is missed:
+  one outline alone (c=1):       p50 >= 0.6 of the in-process time of one outline alone
+  single outlines at c=32:       images/s >= 0.8 of the in-process batched images/s
+  16-outline requests at c=32:   images/s >= 0.9 of it
+  ingress CPU per single-outline request at c=32 <= 3 ms; model-replica CPU per outline <= 1.15x in-process.
 Writes bench/results/serve_load.json.
 """
 
@@ -18,23 +25,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import io
 import json
+import re
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import psutil
 import torch
 from PIL import Image, ImageDraw
 
-from polycolor import synth
+from polycolor import images, synth
+from polycolor.client import AsyncClient, Retry, ServiceError
 from polycolor.predict import Colorizer
-from polycolor.serve import ServeConfig, application
+from polycolor.serve import TRANSPORT, ServeConfig, application
 
 ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results"
+LEVELS = ((1, 1), (8, 1), (32, 1), (32, 16))  # (concurrency, outlines per request)
+GOALS = {"alone": 0.6, "single_c32": 0.8, "many_c32": 0.9, "ingress_cpu_ms": 3.0, "model_cpu_ratio": 1.15}
 
 
 def outline_png() -> bytes:
@@ -44,48 +58,60 @@ def outline_png() -> bytes:
     return buffer.getvalue()
 
 
-def in_process(colorizer: Colorizer, threads: int, images: int = 128, repeats: int = 3) -> float:
-    """Images/s of ``Colorizer.colorize_arrays`` at its own batch size; the best of ``repeats`` runs."""
-    torch.set_num_threads(threads)
-    outlines = np.repeat(synth.generate(1, seed=0).outlines, images, axis=0)
-    colorizer.colorize_arrays(outlines[:32], colorizer.condition(["red"] * 32))
-    rates = []
+def in_process(colorizer: Colorizer, body: bytes, images_n: int = 128, repeats: int = 3) -> dict:
+    """Return the Colorizer's batched images/s and CPU ms per image on one thread, and one outline alone in ms."""
+    torch.set_num_threads(1)
+    outlines = np.repeat(synth.generate(1, seed=0).outlines, images_n, axis=0)
+    cond = colorizer.condition(["red"] * images_n)
+    colorizer.colorize_arrays(outlines[:32], cond[:32])
+    rates, cpu = [], []
     for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.thread_time()
+        colorizer.colorize_arrays(outlines, cond)
+        rates.append(images_n / (time.perf_counter() - start))
+        cpu.append((time.thread_time() - start_cpu) * 1000 / images_n)
+
+    def one_alone() -> None:
+        outline, _ = images.read_ink(images.decode(body), colorizer.image_size, False)
+        images.encode_png(colorizer.colorize_arrays(outline[None], colorizer.condition(["red"]))[0])
+
+    one_alone()
+    alone = []
+    for _ in range(50):
         start = time.perf_counter()
-        colorizer.colorize_arrays(outlines, colorizer.condition(["red"] * images))
-        rates.append(images / (time.perf_counter() - start))
-    return max(rates)
+        one_alone()
+        alone.append(time.perf_counter() - start)
+    return {"images_per_s": max(rates), "cpu_ms_per_image": min(cpu), "alone_ms": float(np.median(alone) * 1000)}
 
 
-async def load(url: str, body: bytes, concurrency: int, requests: int, seconds: float, images: int = 1) -> dict:
-    """``requests`` POSTs of ``images`` outlines each (repeated ``image`` fields when more than one) from
-    ``concurrency`` clients, capped at ``seconds``."""
-    files = [("image", (f"{i}.png", body, "image/png")) for i in range(images)]
-    latencies, errors, queue = [], 0, asyncio.Queue()
-    for _ in range(requests):
-        queue.put_nowait(None)
+async def load(url: str, body: bytes, concurrency: int, requests: int, seconds: float, outlines: int = 1) -> dict:
+    """Send ``requests`` requests of ``outlines`` outlines each from ``concurrency`` clients at once, for at most
+    ``seconds``; return their images/s, latencies and errors."""
+    latencies, errors, left = [], 0, requests
     deadline = time.perf_counter() + seconds
+    async with AsyncClient(url, retry=Retry(tries=1), connections=concurrency) as client:
 
-    async def user(client: httpx.AsyncClient):
-        nonlocal errors
-        while not queue.empty() and time.perf_counter() < deadline:
-            queue.get_nowait()
-            start = time.perf_counter()
-            answer = await client.post(url, files=files, data={"color": "red"})
-            latencies.append(time.perf_counter() - start)
-            errors += answer.status_code != 200 or (images > 1 and any("error" in item for item in answer.json()))
+        async def user() -> None:
+            nonlocal errors, left
+            while left > 0 and time.perf_counter() < deadline:
+                left -= 1
+                start = time.perf_counter()
+                try:
+                    answers = await client.colorize_many([body] * outlines, "red")
+                    errors += sum(isinstance(a, ServiceError) for a in answers)
+                except ServiceError:
+                    errors += outlines
+                latencies.append(time.perf_counter() - start)
 
-    start = time.perf_counter()
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
-        await asyncio.gather(*(user(client) for _ in range(concurrency)))
+        start = time.perf_counter()
+        await asyncio.gather(*(user() for _ in range(concurrency)))
     wall = time.perf_counter() - start
     p = np.percentile(latencies, [50, 95, 99]) * 1000
     return {
         "concurrency": concurrency,
-        "images_per_request": images,
+        "outlines_per_request": outlines,
         "requests": len(latencies),
-        "rps": len(latencies) / wall,
-        "images_per_s": images * len(latencies) / wall,
+        "images_per_s": outlines * len(latencies) / wall,
         "p50_ms": p[0],
         "p95_ms": p[1],
         "p99_ms": p[2],
@@ -93,52 +119,81 @@ async def load(url: str, body: bytes, concurrency: int, requests: int, seconds: 
     }
 
 
-async def full_queue(url: str, replicas: dict[str, psutil.Process], cfg: ServeConfig) -> dict:
-    """Every slot of the ingress (``max_ongoing_requests``) taken at once by the largest image it accepts (an
-    outline at ``max_pixels``): each replica's peak RSS over its idle RSS, sampled every 20 ms."""
-    side = int(cfg.max_pixels**0.5)
-    image = Image.new("L", (side, side), 255)
+def square_outline(side: int) -> bytes:
+    image = Image.new("1", (side, side), 1)
     ImageDraw.Draw(image).rectangle(
-        (side // 8, side // 8, side * 7 // 8, side * 7 // 8), outline=0, width=max(1, side // 128)
+        (side // 8, side // 8, side * 7 // 8, side * 7 // 8), outline=0, width=max(1, side // 256)
     )
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    body, done = buffer.getvalue(), asyncio.Event()
-    idle = {name: process.memory_info().rss for name, process in replicas.items()}
-    peak = dict(idle)
+    return buffer.getvalue()
+
+
+async def largest(url: str, ingress: psutil.Process, cfg: ServeConfig) -> dict:
+    """Return the time and the ingress's peak memory over idle for the largest request the limits accept:
+    ``max_images_per_request`` outlines of ``max_side`` squared, answered at their own size."""
+    side = min(cfg.max_side, int(cfg.max_pixels**0.5))
+    body, done = square_outline(side), asyncio.Event()
+    idle = peak = ingress.memory_info().rss
 
     async def watch():
+        nonlocal peak
         while not done.is_set():
-            for name, process in replicas.items():
-                peak[name] = max(peak[name], process.memory_info().rss)
-            await asyncio.sleep(0.02)
+            peak = max(peak, ingress.memory_info().rss)
+            await asyncio.sleep(0.01)
 
-    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=cfg.max_ongoing_requests)) as client:
+    async with AsyncClient(url, timeout=600) as client:
         watcher = asyncio.create_task(watch())
-        answers = await asyncio.gather(
-            *(
-                client.post(url, files={"image": ("big.png", body, "image/png")}, data={"color": "red"})
-                for _ in range(cfg.max_ongoing_requests)
-            )
-        )
+        start = time.perf_counter()
+        answers = await client.colorize_many([body] * cfg.max_images_per_request, "red", original_size=True)
+        seconds = time.perf_counter() - start
         done.set()
         await watcher
+    ok = sum(isinstance(a, Image.Image) and a.size == (side, side) for a in answers)
     return {
         "image": f"{side}x{side}",
-        "png_bytes": len(body),
-        "requests": len(answers),
-        "ok": sum(a.status_code == 200 for a in answers),
-        **{
-            f"{name}_{when}_rss_mb": measured(f"{name}_{when}_rss_mb", rss[name] / 2**20)
-            for name in replicas
-            for when, rss in (("idle", idle), ("peak", peak))
-        },
+        "outlines": len(answers),
+        "ok": ok,
+        "png_bytes_each": len(body),
+        "seconds": seconds,
+        "ingress_idle_mb": idle / 2**20,
+        "ingress_growth_mb": (peak - idle) / 2**20,
     }
 
 
+def serve_floor(url: str, body: bytes, args) -> dict:
+    """Return what Serve itself costs here: a deployment that reads the request and answers a fixed PNG at once, under
+    the same client at concurrency 1 and 32 (p50, requests/s and CPU per request of the proxy and the replica)."""
+    from ray import serve
+    from starlette.responses import Response
+
+    @serve.deployment(
+        name="Noop", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": TRANSPORT}}
+    )
+    class Noop:
+        async def __call__(self, request) -> Response:
+            await request.body()
+            return Response(body, media_type="image/png")
+
+    serve.run(Noop.bind(), name="noop", route_prefix="/noop")
+    processes = {"proxy": actor_process("ProxyActor"), "replica": actor_process("ServeReplica:noop:Noop")}
+    floor = {}
+    for concurrency in (1, 32):
+        cpu = {name: cpu_seconds(p) for name, p in processes.items()}
+        row = asyncio.run(
+            load(f"{url}/noop", body, concurrency, args.requests, args.seconds)
+        )  # colorize at /noop/colorize
+        row["cpu_ms_per_request"] = {
+            n: (cpu_seconds(p) - cpu[n]) * 1000 / row["requests"] for n, p in processes.items()
+        }
+        floor[f"c{concurrency}"] = row
+    serve.delete("noop")
+    return floor
+
+
 def actor_process(class_name: str) -> psutil.Process:
-    """The live Ray actor process of ``class_name`` (e.g. ServeReplica:load:Ingress, ProxyActor), found through
-    Ray's state API; exits when there is not exactly one, rather than measure some other process."""
+    """Return the live Ray actor process of ``class_name`` (e.g. ServeReplica:load:Ingress, ProxyActor), found
+    through Ray's state API; exit when there is not exactly one, rather than measure some other process."""
     import ray
     from ray.util.state import list_actors
 
@@ -151,21 +206,8 @@ def actor_process(class_name: str) -> psutil.Process:
     return psutil.Process(found[0].pid)
 
 
-def start_serve() -> int:
-    """A local Ray on two CPUs with Serve's proxy on a free loopback port; returns the port."""
-    import ray
-    from ray import serve
-
-    ray.init(address="local", num_cpus=2)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    return port
-
-
 def measured(name: str, value: float) -> float:
-    """``value``, or exit: a zero CPU time or a tiny memory means the wrong process was watched."""
+    """Return ``value``, or exit: a zero CPU time or a tiny memory means the wrong process was watched."""
     if value <= 0 or (name.endswith("rss_mb") and value < 50):
         raise SystemExit(f"error: {name} = {value}, which is not a measurement of a working process; no figure printed")
     return value
@@ -176,121 +218,203 @@ def cpu_seconds(process: psutil.Process) -> float:
     return times.user + times.system
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
-    parser.add_argument("--seconds", type=float, default=30, help="time cap per concurrency level")
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=4,
-        help="passes over the levels after the warm-up (memory must not grow between them)",
-    )
-    parser.add_argument(
-        "--model-cpus",
-        type=float,
-        default=1,
-        help="CPUs of the model replica (Ray gives it as many torch threads); the ingress reserves none",
-    )
-    args = parser.parse_args()
+STAGES = {  # where a sample of each process goes, by the frames in its stack (first match wins)
+    "model forward (torch)": r"torch/nn/|ConditionalUNet|colorize_arrays",
+    "colours -> conditions": r"Model\.condition|rgb_of|parse_color",
+    "image decode": r"images\.py.*(decode|read_ink|ink_mask|outline_of)|Ingress\.decode",
+    "PNG encode": r"encode_png|_encode_tile",
+    "request parse (FastAPI, multipart)": r"parse_colorize|parse_form|multipart|fastapi/|starlette/",
+    "call to the model (handle)": r"handle\.py|router\.py|request_router|ActorMethod|grpc",
+    "metrics": r"metrics\.py|Metric\._record",
+    "HTTP (uvicorn, proxy)": r"uvicorn|proxy\.py|proxy_request",
+}
+
+
+def profile(pids: dict[str, int], seconds: float) -> list[subprocess.Popen]:
+    """Start py-spy on each process: a flame graph (SVG) and raw stacks into bench/results/profiles/."""
+    (OUT / "profiles").mkdir(parents=True, exist_ok=True)
+    spies = []
+    for name, pid in pids.items():
+        for kind, suffix in (("flamegraph", "svg"), ("raw", "txt")):
+            command = [
+                "py-spy",
+                "record",
+                "-p",
+                str(pid),
+                "-d",
+                str(int(seconds)),
+                "-r",
+                "100",
+                "-f",
+                kind,
+                "-o",
+                str(OUT / "profiles" / f"{name}.{suffix}"),
+                "--nonblocking",
+            ]
+            spies.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return spies
+
+
+def stages(name: str) -> dict[str, float]:
+    """Return the share of a profiled process's samples in each of ``STAGES`` (the rest: Serve's and Ray's own)."""
+    counts, total = collections.Counter(), 0
+    for line in (OUT / "profiles" / f"{name}.txt").read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        total += int(count)
+        counts[next((stage for stage, pattern in STAGES.items() if re.search(pattern, stack)), "Serve and Ray")] += int(
+            count
+        )
+    return {stage: counts[stage] / max(total, 1) for stage in [*STAGES, "Serve and Ray"]}
+
+
+def start_serve() -> int:
+    """Start a local Ray on two CPUs, with Serve's transport settings, and Serve's proxy on a free loopback port."""
+    import os
 
     import ray
     from ray import serve
 
+    for name, value in TRANSPORT.items():  # as `python -m polycolor.serve` starts it
+        os.environ.setdefault(name, value)
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--requests", type=int, default=300, help="requests per level")
+    parser.add_argument("--seconds", type=float, default=20, help="time cap per level")
+    parser.add_argument("--rounds", type=int, default=2, help="passes over the levels after a warm-up pass")
+    parser.add_argument("--model-cpus", type=float, default=1, help="CPUs of the model replica (its torch threads)")
+    parser.add_argument("--profile", action="store_true", help="py-spy each process under the c=32 load (needs py-spy)")
+    args = parser.parse_args()
+
+    from ray import serve
+
     port = start_serve()
-    threads = torch.get_num_threads()
-    colorizer = Colorizer.from_checkpoint(args.checkpoint, device="cpu")
-    body, whole = outline_png(), in_process(colorizer, threads)
-    baseline = in_process(colorizer, 1)
+    body = outline_png()
+    base = in_process(Colorizer.from_checkpoint(args.checkpoint, device="cpu"), body)
     print(
-        f"in-process Colorizer batch throughput: {baseline:.1f} images/s with 1 thread (a 1-CPU model replica's "
-        f"share), {whole:.1f} with {threads}; "
-        f"{1000 / baseline:.1f} ms of CPU per image"
+        f"in-process Colorizer, 1 thread: {base['images_per_s']:.1f} images/s batched "
+        f"({base['cpu_ms_per_image']:.2f} ms "
+        f"of CPU per image); one outline alone (decode, forward, encode) {base['alone_ms']:.1f} ms",
+        flush=True,
     )
-    report = {"in_process_images_per_s": baseline, f"in_process_images_per_s_{threads}_threads": whole, "runs": []}
-    levels = ((1, 1), (8, 1), (32, 1), (32, 16))  # (concurrency, outlines per request)
-    for batching, batch_size in (("on", 32), ("off", 1)):
-        cfg = ServeConfig(
-            checkpoint=args.checkpoint, max_batch_size=batch_size, batch_wait_s=0.01, cpus=args.model_cpus
-        )
-        serve.run(application(cfg), name="load", route_prefix="/")
-        url = f"http://127.0.0.1:{port}/colorize"
-        replicas = {
-            "ingress": actor_process("ServeReplica:load:Ingress"),
-            "model": actor_process("ServeReplica:load:Model"),
-        }
-        processes = {"client": psutil.Process(), "proxy": actor_process("ProxyActor")} | replicas
-        for concurrency, images in levels:  # warm-up: a pass at every level, so the allocator has seen every batch size
-            asyncio.run(load(url, body, concurrency, args.requests, args.seconds, images))
-        memory = {name: [measured(f"{name}_rss_mb", p.memory_info().rss / 2**20)] for name, p in replicas.items()}
-        for round_ in range(1, args.rounds + 1):
-            for concurrency, images in levels:
-                cpu = {name: cpu_seconds(p) for name, p in processes.items()}
-                row = asyncio.run(load(url, body, concurrency, args.requests, args.seconds, images))
-                cpu_ms = {
-                    name: measured(f"{name} CPU", (cpu_seconds(p) - cpu[name]) * 1000 / row["requests"])
-                    for name, p in processes.items()
-                }
-                for name, p in replicas.items():
-                    memory[name].append(measured(f"{name}_rss_mb", p.memory_info().rss / 2**20))
+    cfg = ServeConfig(checkpoint=args.checkpoint, cpus=args.model_cpus)
+    serve.run(application(cfg), name="load", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    replicas = {
+        "ingress": actor_process("ServeReplica:load:Ingress"),
+        "model": actor_process("ServeReplica:load:Model"),
+    }
+    processes = {"client": psutil.Process(), "proxy": actor_process("ProxyActor")} | replicas
+    for concurrency, outlines in LEVELS:  # warm-up: every level once, so the allocator has seen every batch size
+        asyncio.run(load(url, body, concurrency, min(args.requests, 100), args.seconds, outlines))
+    report = {"in_process": base, "runs": [], "goals": GOALS}
+    for round_ in range(1, args.rounds + 1):
+        for concurrency, outlines in LEVELS:
+            cpu = {name: cpu_seconds(p) for name, p in processes.items()}
+            profiling = (
+                profile({n: p.pid for n, p in processes.items() if n != "client"}, args.seconds / 2)
+                if (args.profile and round_ == 1 and (concurrency, outlines) == (32, 1))
+                else []
+            )
+            row = asyncio.run(load(url, body, concurrency, args.requests, args.seconds, outlines))
+            for spy in profiling:
+                spy.wait()
+            cpu_ms = {
+                n: measured(f"{n} CPU", (cpu_seconds(p) - cpu[n]) * 1000 / row["requests"])
+                for n, p in processes.items()
+            }
+            row |= {
+                "round": round_,
+                "cpu_ms_per_request": cpu_ms,
+                "ratio": row["images_per_s"] / base["images_per_s"],
+                "model_cpu_ratio": cpu_ms["model"] / outlines / base["cpu_ms_per_image"],
+                "rss_mb": {n: measured(f"{n}_rss_mb", p.memory_info().rss / 2**20) for n, p in replicas.items()},
+            }
+            if concurrency == 1:
                 row |= {
-                    "batching": batching,
-                    "round": round_,
-                    "ratio_to_in_process": row["images_per_s"] / baseline,
-                    f"ratio_to_{threads}_threads": row["images_per_s"] / whole,
-                    "cpu_ms_per_request": cpu_ms,
-                    "rss_mb": {name: m[-1] for name, m in memory.items()},
+                    "alone_ratio": base["alone_ms"] / row["p50_ms"],
+                    "batched_ratio": 1000 / base["images_per_s"] / row["p50_ms"],
                 }
-                report["runs"].append(row)
-                print(
-                    f"batching {batching:>3}  round {round_}  c={concurrency:<3} x{images:<2} "
-                    f"{row['images_per_s']:6.1f} images/s  "
-                    f"p50 {row['p50_ms']:5.0f} ms  p95 {row['p95_ms']:5.0f} ms  p99 {row['p99_ms']:5.0f} ms  errors "
-                    f"{row['errors']}  "
-                    f"ratio {row['ratio_to_in_process']:.2f} (to {threads} threads "
-                    f"{row[f'ratio_to_{threads}_threads']:.2f})  "
-                    f"CPU ms/request: {', '.join(f'{name} {ms:.1f}' for name, ms in cpu_ms.items())}",
-                    flush=True,
-                )
-        report[f"rss_mb_batching_{batching}"] = memory
-        # L4's budget, from the same run: at concurrency c a single outline's p95 is within c times its p50 alone
-        # (no request waits longer than every other client's served before it, one by one).
-        mine = [r for r in report["runs"] if r["batching"] == batching and r["images_per_request"] == 1]
-        alone = np.median([r["p50_ms"] for r in mine if r["concurrency"] == 1])
-        mine = [r for r in mine if r["concurrency"] > 1]
-        for r in mine:
-            r["p95_budget_ms"] = r["concurrency"] * alone
-        print(
-            f"p95 budget (concurrency x {alone:.0f} ms alone): "
-            + ", ".join(f"c={r['concurrency']} {r['p95_ms']:.0f} of {r['p95_budget_ms']:.0f} ms" for r in mine)
-            + f": {'within' if all(r['p95_ms'] <= r['p95_budget_ms'] for r in mine) else 'NOT within'}"
-        )
-        if batching == "on":
-            full = report["full_queue"] = asyncio.run(full_queue(url, replicas, cfg))
+            report["runs"].append(row)
             print(
-                f"every slot taken: {full['requests']} requests at once, each a {full['image']} outline "
-                f"({full['png_bytes']} bytes of PNG), "
-                f"{full['ok']} answered 200; RSS idle -> peak: "
-                + ", ".join(
-                    f"{name} {full[f'{name}_idle_rss_mb']:.0f} -> {full[f'{name}_peak_rss_mb']:.0f} MB"
-                    for name in replicas
-                ),
+                f"round {round_}  c={concurrency:<3} x{outlines:<2} {row['images_per_s']:6.1f} images/s "
+                f"({row['ratio']:.2f} of "
+                f"in-process)  p50 {row['p50_ms']:5.0f}  p95 {row['p95_ms']:5.0f}  p99 {row['p99_ms']:5.0f} ms  errors "
+                f"{row['errors']}  CPU ms/request: "
+                + ", ".join(f"{n} {ms:.1f}" for n, ms in cpu_ms.items())
+                + f"  (model {row['model_cpu_ratio']:.2f}x in-process per outline)",
                 flush=True,
             )
-        for name, m in memory.items():
-            print(
-                f"{name} memory after warm-up, then after each level: {' -> '.join(f'{v:.0f}' for v in m)} MB; "
-                f"end of each round vs warm-up: {', '.join(f'{v - m[0]:+.0f}' for v in m[:: len(levels)][1:])} MB"
-            )
-        serve.delete("load")
+        if args.profile and round_ == 1:
+            for name in ("proxy", "ingress", "model"):
+                shares = stages(name)
+                print(
+                    f"profile of {name}: " + ", ".join(f"{s} {v:.0%}" for s, v in shares.items() if v >= 0.005),
+                    flush=True,
+                )
+                report.setdefault("profile", {})[name] = shares
+    floor = report["serve_floor"] = serve_floor(url, body, args)
+    print(
+        f"Serve alone (a no-op ingress, the same client): c=1 p50 {floor['c1']['p50_ms']:.1f} ms, c=32 "
+        f"{floor['c32']['images_per_s']:.0f} requests/s; CPU ms/request at c=32: proxy "
+        f"{floor['c32']['cpu_ms_per_request']['proxy']:.1f}, replica "
+        f"{floor['c32']['cpu_ms_per_request']['replica']:.1f}",
+        flush=True,
+    )
+    big = report["largest_request"] = asyncio.run(largest(url, replicas["ingress"], cfg))
+    print(
+        f"the largest request accepted ({big['outlines']} outlines of {big['image']}, {big['png_bytes_each']} bytes "
+        "of PNG "
+        f"each, at their own size): {big['ok']} answered in {big['seconds']:.1f} s; ingress "
+        f"{big['ingress_idle_mb']:.0f} MB idle, +{big['ingress_growth_mb']:.0f} MB at its peak",
+        flush=True,
+    )
     serve.shutdown()
-    ray.shutdown()
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serve_load.json").write_text(json.dumps(report, indent=2))
-    return 0
+    verdict = report["verdict"] = check(report)
+    for line in verdict["lines"]:
+        print(line)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "serve_load.json").write_text(json.dumps(report, indent=2, default=lambda v: v.item()))
+    return 0 if verdict["met"] else 1
+
+
+def check(report: dict) -> dict:
+    """Return each goal's worst figure over the rounds, whether it is met, and the lines that say so."""
+    runs = report["runs"]
+
+    def worst(pick, concurrency, outlines, low=True):
+        values = [pick(r) for r in runs if (r["concurrency"], r["outlines_per_request"]) == (concurrency, outlines)]
+        return min(values) if low else max(values)
+
+    figures = {
+        "alone": (worst(lambda r: r["alone_ratio"], 1, 1), ">="),
+        "single_c32": (worst(lambda r: r["ratio"], 32, 1), ">="),
+        "many_c32": (worst(lambda r: r["ratio"], 32, 16), ">="),
+        "ingress_cpu_ms": (worst(lambda r: r["cpu_ms_per_request"]["ingress"], 32, 1, low=False), "<="),
+        "model_cpu_ratio": (max(worst(lambda r: r["model_cpu_ratio"], 32, n, low=False) for n in (1, 16)), "<="),
+    }
+    met = {
+        name: value >= GOALS[name] if sign == ">=" else value <= GOALS[name] for name, (value, sign) in figures.items()
+    }
+    lines = [
+        f"goal {name}: {value:.2f} {sign} {GOALS[name]}: {'met' if met[name] else 'NOT met'}"
+        for name, (value, sign) in figures.items()
+    ]
+    return {
+        "figures": {n: float(v) for n, (v, _) in figures.items()},
+        "met": all(met.values()),
+        "each": met,
+        "lines": lines,
+    }
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -163,6 +163,8 @@ def outline_of(ink: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     nearest pixel. The pool runs on the image itself, the longer side first, so memory stays at the image's.
     """
     side, top, left = placement(ink.shape)
+    if ink.shape == (size, size):
+        return ink.copy()  # already the model's input: every cell of the pool is one pixel
     if side < size:  # a small image: its square is smaller than the model's input
         square = letterbox(ink)[0]
         picked = np.minimum(np.floor((np.arange(size) + 0.5) * side / size).astype(np.int64), side - 1)  # nearest-exact
@@ -218,7 +220,8 @@ def fill_color(target: np.ndarray, weights: np.ndarray | None = None) -> RGB | N
     return tuple(int(v) for v in values[np.bincount(which.ravel(), weights=counts[coloured]).argmax()])
 
 
-PackedInk = tuple[tuple[int, int], np.ndarray]  # an ink mask's (H, W) and its bits, packed eight to a byte
+Packed = tuple[tuple[int, ...], np.ndarray]  # a bool array's shape and its bits, packed eight to a byte
+PackedInk = Packed  # an (H, W) ink mask, packed
 
 
 def read_ink(image: Image.Image, size: int, original: bool) -> tuple[np.ndarray, PackedInk | None]:
@@ -228,10 +231,38 @@ def read_ink(image: Image.Image, size: int, original: bool) -> tuple[np.ndarray,
     return outline_of(ink, size), (ink.shape, np.packbits(ink)) if original else None
 
 
-def unpack(ink: PackedInk) -> np.ndarray:
-    """Return the (H, W) bool ink mask that ``read_ink`` packed."""
-    (height, width), bits = ink
-    return np.unpackbits(bits, count=height * width).reshape(height, width).astype(bool)
+def pack(mask: np.ndarray) -> Packed:
+    """Return a bool array packed eight pixels to a byte, with its shape (an eighth of its size to send)."""
+    return mask.shape, np.packbits(mask)
+
+
+def unpack(packed: Packed) -> np.ndarray:
+    """Return the bool array that ``pack`` (or ``read_ink``) packed."""
+    shape, bits = packed
+    return np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape).astype(bool)
+
+
+def pack_answers(rgb: np.ndarray) -> tuple:
+    """Return (N, S, S, 3) answers compactly: each one's painted pixels (packed) and its colour when every answer is
+    white plus one colour (the mask head's always are), else the array itself."""
+    painted = (rgb != 255).any(axis=3)  # (N, S, S)
+    colours = np.array(
+        [image[mask][0] if mask.any() else (255, 255, 255) for image, mask in zip(rgb, painted)], np.uint8
+    )
+    if all((image[mask] == colour).all() for image, mask, colour in zip(rgb, painted, colours)):
+        return "masks", pack(painted), colours.reshape(-1, 3)
+    return "rgb", rgb
+
+
+def unpack_answers(packed: tuple) -> np.ndarray:
+    """Return the (N, S, S, 3) uint8 answers that ``pack_answers`` packed."""
+    if packed[0] == "rgb":
+        return packed[1]
+    painted, colours = unpack(packed[1]), packed[2]
+    rgb = np.full((*painted.shape, 3), 255, np.uint8)
+    for image, mask, colour in zip(rgb, painted, colours):
+        image[mask] = colour
+    return rgb
 
 
 def at_size(rgb: np.ndarray, ink: np.ndarray) -> np.ndarray:

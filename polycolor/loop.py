@@ -58,10 +58,17 @@ def compute_loss(model: torch.nn.Module, kind: str, outline, target, cond) -> to
 def train_one_epoch(
     model, loader, optimizer, scheduler, loss: str, palette, device: torch.device, bf16: bool = True
 ) -> dict:
-    """Train one pass over ``loader``; return {"train_loss", "images_per_s"} for this process."""
+    """Train one pass over ``loader``; return this process's {"train_loss", "images_per_s", "data_wait_share"} (the
+    share of the epoch spent waiting for the next batch)."""
     model.train()
-    total, images, start = 0.0, 0, time.perf_counter()
-    for batch in loader:
+    total, images, waited, start = 0.0, 0, 0.0, time.perf_counter()
+    batches = iter(loader)
+    while True:
+        asked = time.perf_counter()
+        batch = next(batches, None)
+        waited += time.perf_counter() - asked
+        if batch is None:
+            break
         outline, target, cond = to_device(batch, model, palette, device, channels_last=device.type == "cuda")
         with autocast(device, bf16):
             value = compute_loss(model, loss, outline, target, cond)
@@ -71,7 +78,8 @@ def train_one_epoch(
         scheduler.step()
         total += float(value.detach()) * len(outline)
         images += len(outline)
-    return {"train_loss": total / max(images, 1), "images_per_s": images / (time.perf_counter() - start)}
+    seconds = time.perf_counter() - start
+    return {"train_loss": total / max(images, 1), "images_per_s": images / seconds, "data_wait_share": waited / seconds}
 
 
 @torch.no_grad()

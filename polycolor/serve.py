@@ -49,6 +49,15 @@ from polycolor.predict import Card, Colorizer
 from polycolor.runs import init_ray
 
 HEALTH_TIMEOUT_S = 10  # a probe queues behind at most the batch in progress (well under a second on CPU)
+# Serve's faster paths, as its RAY_SERVE_THROUGHPUT_OPTIMIZED sets them but without its direct ingress (which opens a
+# port per replica): calls between processes over gRPC, and user code and routing on each replica's own event loop,
+# not on threads of their own. The replicas get them through their runtime_env; the local Ray that main() starts
+# (and so Serve's proxy) through its environment. bench/RESULTS.md has what each saves.
+TRANSPORT = {
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
 logger = logging.getLogger("ray.serve")
 
 
@@ -94,13 +103,27 @@ class ServeConfig(Settings):
     max_side: int = setting(
         4096, "longest accepted image side, in pixels (413 above it, before decoding)", lambda v: v >= 1, ">= 1"
     )
-    max_batch_size: int = setting(16, "requests the model runs together", lambda v: v >= 1, ">= 1")
-    batch_wait_s: float = setting(0.005, "how long a batch waits to fill", lambda v: v >= 0, ">= 0")
+    max_batch_size: int = setting(32, "requests the model runs together, at most", lambda v: v >= 1, ">= 1")
+    model_calls: int = setting(
+        2,
+        "calls each ingress replica keeps in flight to the model's replicas; the requests that arrive meanwhile "
+        "go together in the next one",
+        lambda v: v >= 1,
+        ">= 1",
+    )
+    batch_wait_s: float = setting(
+        0.0,
+        "how long a request waits for others to join its batch (0: it runs at once; under load, batches form while "
+        "the model is busy)",
+        lambda v: v >= 0,
+        ">= 0",
+    )
     max_ongoing_requests: int = setting(
         64, "requests a replica takes at once; more are queued", lambda v: v >= 1, ">= 1"
     )
     max_queued_requests: int = setting(256, "queued requests beyond which clients get 503", lambda v: v >= 1, ">= 1")
     max_images_per_request: int = setting(16, "outlines one request may carry (413 above it)", lambda v: v >= 1, ">= 1")
+    access_log: bool = setting(False, "log every request (Serve's access log) in the replicas' logs")
     max_new_phrases_per_s: float = setting(
         20.0, "per client: phrases that need an encoder run (text mode; 429 beyond)", lambda v: v > 0, "> 0"
     )
@@ -245,18 +268,65 @@ class Served:
 class Job:
     """One request's outlines, at the model's size, with a colour each, and its client (for the phrase budget)."""
 
-    outlines: np.ndarray  # (N, S, S) bool
+    outlines: images.Packed  # (N, S, S) bool, packed: an eighth of the bytes to send
     colours: list[str]
     client: str
 
 
 @dataclass
 class Painted:
-    """The model's answer to a Job: per outline, its RGB image or the ClientError refusing its colour; and the
-    checkpoint that painted them, so the ingress notices a swap."""
+    """The model's answer to a Job: per outline, the ClientError refusing its colour or None; the painted ones'
+    answers, packed (``images.pack_answers``); and the checkpoint that painted them, so the ingress notices a swap."""
 
-    images: list[np.ndarray | ClientError]
+    refusals: list[ClientError | None]
+    answers: tuple
     location: str
+
+    def images(self) -> list[np.ndarray | ClientError]:
+        """Return, per outline, its (S, S, 3) RGB answer or the ClientError refusing it."""
+        painted = iter(images.unpack_answers(self.answers)) if self.answers else iter(())
+        return [refusal if refusal is not None else next(painted) for refusal in self.refusals]
+
+
+class Batcher:
+    """Runs requests through ``run`` (a coroutine taking a list of them) in batches, at most ``slots`` at once.
+
+    A request that finds a slot free runs at once (after ``wait_s``, 0 by default: a lone request never waits to
+    fill a batch); requests that arrive while every slot is busy form the next batch, at most ``max_size`` of them.
+    A request whose caller gave up (a timeout, a dropped connection) before its batch started never runs.
+    """
+
+    def __init__(self, run, max_size: int, wait_s: float = 0.0, slots: int = 1):
+        self.run, self.max_size, self.wait_s, self.slots = run, max_size, wait_s, slots
+        self.waiting: list[tuple[object, asyncio.Future]] = []
+        self.busy = 0
+
+    async def submit(self, request):
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((request, future))
+        if self.busy < self.slots:
+            self.busy += 1
+            asyncio.get_running_loop().create_task(self.drain())
+        return await future
+
+    async def drain(self) -> None:
+        try:
+            while self.waiting:
+                if self.wait_s and len(self.waiting) < self.max_size:
+                    await asyncio.sleep(self.wait_s)
+                batch = [(r, f) for r, f in self.waiting[: self.max_size] if not f.done()]  # done: its caller gave up
+                del self.waiting[: self.max_size]
+                if not batch:
+                    continue
+                try:
+                    answers = await self.run([request for request, _ in batch])
+                except Exception as err:  # every request of the batch gets the error (then a generic 500)
+                    answers = [err] * len(batch)
+                for (_, future), answer in zip(batch, answers):
+                    if not future.done():
+                        future.set_exception(answer) if isinstance(answer, Exception) else future.set_result(answer)
+        finally:
+            self.busy -= 1
 
 
 @serve.deployment(name="Model", health_check_period_s=10, health_check_timeout_s=30)
@@ -270,11 +340,10 @@ class Model:
         # The checkpoint comes in config, or in the deployment's user_config (build_app's way: see reconfigure).
         self.served = Served.load(self.cfg.checkpoint, self.device) if self.cfg.checkpoint else None
         self.swap_error: str | None = None  # why the last checkpoint swap was refused, for /healthz
-        self.paint_batch.set_max_batch_size(self.cfg.max_batch_size)
-        self.paint_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
         self.batch_sizes: list[int] = []  # outlines in recent batches, for /healthz and the tests
-        # One model thread: serve.batch runs one batch at a time, and the event loop stays free for calls.
+        # One model thread: one batch at a time, and the event loop stays free for calls.
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.batcher = Batcher(self.paint_batch, self.cfg.max_batch_size, self.cfg.batch_wait_s)
         self.budget = PhraseBudget(self.cfg.max_new_phrases_per_s)  # used on the model thread only
         self.meters = meters()
 
@@ -307,10 +376,11 @@ class Model:
     async def card(self) -> Card:
         return self.current().card
 
-    async def paint(self, job: Job) -> Painted:
-        return await self.paint_batch(job)
+    async def paint(self, jobs: list[Job]) -> list[Painted]:
+        """Return ``jobs`` coloured (an ingress sends the requests that arrived together), batched with the others
+        that arrived while the model was busy."""
+        return list(await asyncio.gather(*(self.batcher.submit(job) for job in jobs)))
 
-    @serve.batch(max_batch_size=DEFAULTS.max_batch_size, batch_wait_timeout_s=DEFAULTS.batch_wait_s)
     async def paint_batch(self, jobs: list[Job]) -> list[Painted]:
         """Colour the requests that arrived together in one pass on the model thread.
 
@@ -333,21 +403,27 @@ class Model:
         is then replaced by its image.
         """
         colorizer, size = served.colorizer, served.card.image_size
-        answers = [[self.condition(colorizer, colour, job.client) for colour in job.colours] for job in jobs]
-        accepted = [
-            (answer, i, fitted(outline, size))
-            for job, answer in zip(jobs, answers)
-            for i, outline in enumerate(job.outlines)
-            if not isinstance(answer[i], ClientError)
+        conditions = [[self.condition(colorizer, colour, job.client) for colour in job.colours] for job in jobs]
+        accepted = [  # (its outline at the model's size, its condition) of every outline whose colour is accepted
+            (fitted(outline, size), condition)
+            for job, conds in zip(jobs, conditions)
+            for outline, condition in zip(images.unpack(job.outlines), conds)
+            if not isinstance(condition, ClientError)
         ]
-        if accepted:
-            outlines, conds = (
-                np.stack([o for _, _, o in accepted]),
-                torch.stack([answer[i] for answer, i, _ in accepted]),
+        painted = (
+            colorizer.colorize_arrays(np.stack([o for o, _ in accepted]), torch.stack([c for _, c in accepted]))
+            if accepted
+            else np.empty((0, size, size, 3), np.uint8)
+        )
+        counts = np.cumsum([0] + [sum(not isinstance(c, ClientError) for c in conds) for conds in conditions])
+        return [
+            Painted(
+                [c if isinstance(c, ClientError) else None for c in conds],
+                images.pack_answers(painted[counts[k] : counts[k + 1]]) if counts[k + 1] > counts[k] else (),
+                served.card.location,
             )
-            for (answer, i, _), image in zip(accepted, colorizer.colorize_arrays(outlines, conds)):
-                answer[i] = image
-        return [Painted(answer, served.card.location) for answer in answers]
+            for k, conds in enumerate(conditions)
+        ]
 
     def condition(self, colorizer: Colorizer, colour: str, client: str) -> torch.Tensor | ClientError:
         """Return the colour's condition, or the ClientError that refuses it: the colour is parsed here, once."""
@@ -419,6 +495,9 @@ class Ingress:
         self.codec_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codec")
         self.meters = meters()
         self.known: Card | None = None  # the model's card, fetched again after a swap
+        # The requests that arrive while the model has calls in flight go together in the next call: one call's
+        # cost for many requests, on both sides.
+        self.calls = Batcher(self.model.paint.remote, self.cfg.max_batch_size, slots=self.cfg.model_calls)
         self.pages: dict[bool, str] = {}  # the demo page, with or without the public lexicons' names
 
     async def card(self) -> Card:
@@ -490,11 +569,11 @@ class Ingress:
                 answers.append(err)
         todo = [i for i, answer in enumerate(answers) if not isinstance(answer, ClientError)]
         if todo:
-            job = Job(np.stack([answers[i][1] for i in todo]), [parsed.colours[i] for i in todo], client)
-            painted = await self.model.paint.remote(job)
+            job = Job(images.pack(np.stack([answers[i][1] for i in todo])), [parsed.colours[i] for i in todo], client)
+            painted = await self.calls.submit(job)
             if painted.location != card.location:
                 self.known = None  # another checkpoint now: its card is fetched for the next request
-            for i, image in zip(todo, painted.images):
+            for i, image in zip(todo, painted.images()):
                 answers[i] = (
                     image
                     if isinstance(image, ClientError)
@@ -535,9 +614,11 @@ def application(cfg: ServeConfig, model=Model, model_options: dict | None = None
 
     def merged(defaults: dict, given: dict | None) -> dict:
         given = dict(given or {})
-        return (
-            defaults | given | {"ray_actor_options": defaults["ray_actor_options"] | given.get("ray_actor_options", {})}
-        )
+        actor = defaults["ray_actor_options"] | given.get("ray_actor_options", {})
+        env = TRANSPORT | actor.get("runtime_env", {}).get("env_vars", {})
+        actor["runtime_env"] = actor.get("runtime_env", {}) | {"env_vars": env}
+        logging = {"logging_config": {"enable_access_log": cfg.access_log}}
+        return defaults | logging | given | {"ray_actor_options": actor}
 
     model_defaults = {
         "max_ongoing_requests": cfg.max_ongoing_requests,
@@ -594,6 +675,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import ray
 
+    for name, value in TRANSPORT.items():  # the local Ray's processes, Serve's proxy among them, inherit these
+        os.environ.setdefault(name, value)
     init_ray(num_cpus=max(2, os.cpu_count() or 2))
     try:
         serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})

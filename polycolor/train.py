@@ -148,7 +148,9 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
         model = torch.compile(model)
     run = start_wandb(cfg, config["wandb_dir"], resume=start_epoch > 0) if cfg.run.wandb and is_rank0 else None
 
+    meters = TrainMeters(cfg.run.name, rank)
     for epoch in range(start_epoch, cfg.optim.epochs):
+        started = time.perf_counter()
         # Every random draw of an epoch derives from (seed, epoch, rank): a resumed epoch replays exactly.
         torch.manual_seed(hash((cfg.data.seed, epoch, rank)) % 2**63)
         if isinstance(train_set, SyntheticDataset):
@@ -159,7 +161,9 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
             model, train_loader, optimizer, scheduler, cfg.optim.loss, palette, device, cfg.optim.bf16
         )
         sums = evaluate(model, val_loader, palette, device, cfg.optim.bf16)
-        loss = torch.tensor([stats["train_loss"], stats["images_per_s"]], dtype=torch.float64, device=device)
+        loss = torch.tensor(
+            [stats["train_loss"], stats["images_per_s"], stats["data_wait_share"]], dtype=torch.float64, device=device
+        )
         if world > 1:
             dist.all_reduce(sums)
             dist.all_reduce(loss)
@@ -168,8 +172,13 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
             "train_loss": loss[0].item() / world,
             "images_per_s": loss[1].item(),
             "images_per_s_per_worker": loss[1].item() / world,
+            "data_wait_share": loss[2].item() / world,
             "lr": scheduler.get_last_lr()[0],
         }
+        meters.record(
+            metrics | {"images_per_s": stats["images_per_s"], "data_wait_share": stats["data_wait_share"]},
+            time.perf_counter() - started,
+        )
         diverged = not math.isfinite(metrics["train_loss"])
         with tempfile.TemporaryDirectory() as directory:
             saved = None
@@ -193,6 +202,38 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
             break
     if run is not None:
         run.finish()
+
+
+class TrainMeters:
+    """A worker's training metrics, exported by Ray's metrics agent (Prometheus, ``ray_`` prefixed), tagged with
+    the run's name and the worker's rank; cluster/grafana-training.json charts them."""
+
+    def __init__(self, run: str, rank: int):
+        from ray.util import metrics
+
+        self.tags = {"run": run, "rank": str(rank)}
+        keys = tuple(self.tags)
+        self.gauges = {
+            "images_per_s": metrics.Gauge("polycolor_train_images_per_s", "training images/s of this worker", keys),
+            "data_wait_share": metrics.Gauge(
+                "polycolor_train_data_wait_share", "share of an epoch spent waiting for data", keys
+            ),
+            "train_loss": metrics.Gauge("polycolor_train_loss", "training loss of the last epoch", keys),
+            "pixel_exact": metrics.Gauge(
+                "polycolor_train_pixel_exact", "validation pixel_exact of the last epoch", keys
+            ),
+            "iou": metrics.Gauge("polycolor_train_iou", "validation polygon IoU of the last epoch", keys),
+            "epoch": metrics.Gauge("polycolor_train_epoch", "the last epoch finished (from 0)", keys),
+            "epoch_seconds": metrics.Gauge("polycolor_train_epoch_seconds", "wall seconds of the last epoch", keys),
+        }
+
+    def record(self, values: dict, seconds: float) -> None:
+        """Set every gauge from one epoch's ``values`` (this worker's throughput, the run's metrics) and its
+        ``seconds``."""
+        for name, gauge in self.gauges.items():
+            value = seconds if name == "epoch_seconds" else values[name]
+            if math.isfinite(value):
+                gauge.set(value, tags=self.tags)
 
 
 def start_wandb(cfg: TrainConfig, directory: str | None, resume: bool):

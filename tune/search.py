@@ -321,6 +321,7 @@ def make_tuner(
     import ray
     from ray import tune
 
+    from tune.progress import Progress
     from tune.resources import ReleaseEndedTrials
 
     return tune.Tuner(
@@ -338,7 +339,8 @@ def make_tuner(
         run_config=tune.RunConfig(
             name=plan.name,
             storage_path=plan.location,
-            callbacks=[ReleaseEndedTrials(), *callbacks],
+            callbacks=[ReleaseEndedTrials(), Progress(plan.name), *callbacks],
+            verbose=0,  # Progress prints a line per result; Tune's status tables would repeat them
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
