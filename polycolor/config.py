@@ -100,6 +100,7 @@ class RunSettings(Settings):
     wandb: bool = setting(False, "log to Weights & Biases (offline unless WANDB_API_KEY is set)")
     max_failures: int = setting(0, "restarts from the last checkpoint after a worker failure", lambda v: v >= 0, ">= 0")
     keep: int = setting(2, "checkpoints kept, best by validation pixel_exact", positive, ">= 1")
+    epoch_lines: bool = setting(True, "log a line per epoch from the first worker", off="--no-epoch-lines")
 
 
 SECTIONS = {"model": ModelSettings, "data": DataSettings, "optim": OptimSettings, "run": RunSettings}

@@ -8,6 +8,7 @@ happening later. Ray itself is imported only when an entry is used.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from dataclasses import dataclass
 
@@ -42,6 +43,19 @@ def set_worker_startup_timeout(seconds: float) -> None:
 def is_startup_timeout(error: BaseException) -> bool:
     """Return whether ``error`` is Ray Train's failure to place a run's workers within that bound."""
     return isinstance(error, internal("ray.train.v2._internal.exceptions", "WorkerGroupStartupTimeoutError"))
+
+
+PER_REPORT_LOGGERS = ("ray.train.v2._internal.execution.context", "ray.train.v2._internal.execution.storage")
+
+
+def quiet_train_reports() -> None:
+    """Keep a Ray Train worker from logging each report's whole metrics dict and each checkpoint at INFO, once an
+    epoch (through each module's own ``logger``); its warnings and errors still show."""
+    for module in PER_REPORT_LOGGERS:
+        logger = internal(module, "logger")
+        if not isinstance(logger, logging.Logger):
+            raise RayInternalMoved(f"{module}.logger is no longer a logger; polycolor.ray_compat needs updating")
+        logger.setLevel(logging.WARNING)
 
 
 def without_placement_group_cleaner(trainer_cls: type) -> type:

@@ -12,6 +12,7 @@ validation metrics of ``polycolor.metrics`` and images/s; rank 0 writes the chec
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -44,6 +45,9 @@ from polycolor.runs import (
     resume_config,
 )
 from polycolor.synth import NAMED_COLORS, SyntheticDataset
+
+# A worker's lines go through logging, as Ray Train expects: a print there is logged, and echoed, so it shows twice.
+log = logging.getLogger("polycolor")
 
 # ---------------------------------------------------------------------------------------------------
 # Data and model for one worker.
@@ -84,6 +88,7 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
     import ray.train.torch
 
     cfg = TrainConfig.from_dict(config["config"])
+    ray_compat.quiet_train_reports()  # each epoch is one line below, not a dump of its report too
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     is_rank0 = rank == 0
@@ -131,10 +136,8 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"] + 1
         if is_rank0:
-            print(
-                f"[polycolor] resuming {cfg.run.name} at epoch {start_epoch} from {resumed.path} "
-                f"with {world} worker(s)",
-                flush=True,
+            log.info(
+                f"[polycolor] resuming {cfg.run.name} at epoch {start_epoch} from {resumed.path} with {world} worker(s)"
             )
 
     if start_epoch >= cfg.optim.epochs:
@@ -187,15 +190,14 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
                 checkpoint.write_into(Path(directory), model, palette, metrics, state, train=cfg.to_dict())
                 saved = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics | {"diverged": diverged}, checkpoint=saved)
-        if is_rank0:
-            print(
+        if is_rank0 and cfg.run.epoch_lines:
+            log.info(
                 f"[polycolor] epoch {epoch + 1}/{cfg.optim.epochs}  loss {metrics['train_loss']:.4f}  "
                 f"pixel_exact {metrics['pixel_exact']:.5f}  iou {metrics['iou']:.4f}  psnr {metrics['psnr']:.1f}  "
-                f"{colour_line(metrics)}  {metrics['images_per_s']:.0f} img/s",
-                flush=True,
+                f"{colour_line(metrics)}  {metrics['images_per_s']:.0f} img/s"
             )
-            if run is not None:
-                log_wandb(run, model, val_set, palette, device, metrics)
+        if is_rank0 and run is not None:
+            log_wandb(run, model, val_set, palette, device, metrics)
         if after_epoch is not None:
             after_epoch(epoch)
         if diverged:

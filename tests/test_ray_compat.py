@@ -97,3 +97,11 @@ def test_the_package_imports_ray_only_where_ray_runs():
     code = "import sys; " + "; ".join(f"import polycolor.{m}" for m in modules) + "; print('ray' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr[-2000:]
+
+
+def test_the_per_report_loggers_are_quieted():
+    """Train's workers log each report's whole metrics dict and each checkpoint through these loggers at INFO."""
+    import logging
+
+    ray_compat.quiet_train_reports()
+    assert all(ray_compat.internal(m, "logger").level == logging.WARNING for m in ray_compat.PER_REPORT_LOGGERS)
