@@ -101,6 +101,7 @@ class RunSettings(Settings):
     max_failures: int = setting(0, "restarts from the last checkpoint after a worker failure", lambda v: v >= 0, ">= 0")
     keep: int = setting(2, "checkpoints kept, best by validation pixel_exact", positive, ">= 1")
     epoch_lines: bool = setting(True, "log a line per epoch from the first worker", off="--no-epoch-lines")
+    idle_cpus: bool = setting(False, "each epoch, also use the CPUs idle on the worker's node (a search does)")
 
 
 SECTIONS = {"model": ModelSettings, "data": DataSettings, "optim": OptimSettings, "run": RunSettings}

@@ -21,8 +21,9 @@ filled region covers at least half of it, and a pixel the filled region covers o
 of each outline, where the anti-aliased edge is) is not scored (``care`` is False there). Every other pixel
 must be exactly right.
 
-``DrawingDataset`` mixes drawings into training (``--scenes``); ``bench/train_quality.py`` scores the model and
-``flood_fill`` on held-out sets of each kind.
+``bench/train_quality.py`` scores the model and ``flood_fill`` on held-out sets of each kind. Training draws its
+pairs with ``polycolor.generator``, a batch at a time in these conventions; ``DrawingDataset`` makes them one
+image at a time, the reference the generator's statistics and speed are measured against.
 """
 
 from __future__ import annotations

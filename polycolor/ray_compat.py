@@ -34,6 +34,14 @@ def snapshot_filename() -> str:
     return internal("ray.train.v2._internal.constants", "CHECKPOINT_MANAGER_SNAPSHOT_FILENAME")
 
 
+def idle_cpus_here() -> float:
+    """Return the CPUs that no task or actor holds on the node this runs on (Ray tells it only per cluster)."""
+    import ray
+
+    per_node = internal("ray._private.state", "available_resources_per_node")()
+    return per_node.get(ray.get_runtime_context().get_node_id(), {}).get("CPU", 0.0)
+
+
 def set_worker_startup_timeout(seconds: float) -> None:
     """Bound how long Ray Train waits for a run's workers to be placed (it retries without end by default); the
     run's controller, started after this, reads it from the environment."""

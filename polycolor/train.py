@@ -30,7 +30,7 @@ from polycolor.colors import RGB
 from polycolor.conditioning import MODES
 from polycolor.config import FIELDS, PRESETS, SECTIONS, RunSettings, TrainConfig, add_flags, preset
 from polycolor.data import REAL_PALETTE, PolygonDataset
-from polycolor.drawings import DrawingDataset
+from polycolor.generator import Batches
 from polycolor.loop import evaluate, make_optimizer, metrics_from_sums, train_one_epoch
 from polycolor.metrics import SCORE, best, colour_line
 from polycolor.model import ConditionalUNet
@@ -44,7 +44,7 @@ from polycolor.runs import (
     recover,
     resume_config,
 )
-from polycolor.synth import NAMED_COLORS, SyntheticDataset
+from polycolor.synth import NAMED_COLORS
 
 # A worker's lines go through logging, as Ray Train expects: a print there is logged, and echoed, so it shows twice.
 log = logging.getLogger("polycolor")
@@ -62,18 +62,34 @@ def build_model(cfg: TrainConfig, palette: dict[str, RGB], vocabulary: Sequence[
     return model
 
 
-def make_datasets(cfg: TrainConfig, rank: int, world: int, colors: Sequence[str], splits):
-    """Return (this rank's training dataset, this rank's validation shard). Synthetic shards come from (seed, rank) and
-    draw from ``colors`` when the mode has a closed vocabulary."""
-    data = cfg.data
+def make_loaders(cfg: TrainConfig, rank: int, world: int, colors: Sequence[str], splits, device: torch.device):
+    """Return this rank's (training batches, validation batches). Synthetic pairs are made on ``device``, one shard
+    per rank from (seed, rank), drawing from ``colors`` when the mode has a closed vocabulary; the validation pairs
+    are made once. A dataset on disk is read through a DataLoader with a DistributedSampler."""
+    data, batch_size = cfg.data, cfg.optim.batch_size
     if splits is None:
-        train = DrawingDataset(data.train_pairs // world, seed=(data.seed, 0, rank), colors=colors, scenes=data.scenes)
-        val = DrawingDataset(data.val_pairs, seed=(data.seed, 1), colors=colors, scenes=data.scenes)
-    else:
-        base = PolygonDataset(splits[0], augment=True)
-        train = ConcatDataset([base] * max(1, data.train_pairs // len(base)))
-        val = PolygonDataset(splits[1])
-    return train, Subset(val, range(rank, len(val), world))
+        train = Batches(data.train_pairs // world, batch_size, (data.seed, 0, rank), data.scenes, colors, device)
+        val = Batches(data.val_pairs, data.val_pairs, (data.seed, 1), data.scenes, colors, device)
+        outline, target, names = (part[rank::world] for part in next(iter(val)))
+        return train, [(outline[k : k + 64], target[k : k + 64], names[k : k + 64]) for k in range(0, len(names), 64)]
+    import ray.train.torch
+
+    base = PolygonDataset(splits[0], augment=True)
+    workers = cfg.run.loader_workers if cfg.run.loader_workers is not None else 4 if device.type == "cuda" else 0
+    train = DataLoader(
+        ConcatDataset([base] * max(1, data.train_pairs // len(base))),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
+    val = PolygonDataset(splits[1])
+    return (
+        ray.train.torch.prepare_data_loader(train, move_to_device=False),
+        DataLoader(Subset(val, range(rank, len(val), world)), batch_size=64),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -102,21 +118,8 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
     )  # synthetic: CSS names too
     torch.manual_seed(cfg.data.seed)  # identical initialisation on every rank
     model = build_model(cfg, palette, vocabulary).to(device)
-    train_set, val_set = make_datasets(cfg, rank, world, model.cfg.vocabulary, splits)
-
-    # 1. Data loaders. Synthetic data is already one shard per rank; a dataset gets a DistributedSampler.
-    loader_workers = cfg.run.loader_workers if cfg.run.loader_workers is not None else 4 if device.type == "cuda" else 0
-    common = dict(
-        batch_size=cfg.optim.batch_size,
-        num_workers=loader_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=loader_workers > 0,
-    )
-    train_loader = DataLoader(train_set, shuffle=splits is not None, drop_last=True, **common)
-    train_loader = ray.train.torch.prepare_data_loader(
-        train_loader, add_dist_sampler=splits is not None, move_to_device=False
-    )
-    val_loader = DataLoader(val_set, batch_size=64)
+    # 1. Data: synthetic pairs made where the model trains, or the dataset through a DataLoader.
+    train_loader, val_loader = make_loaders(cfg, rank, world, model.cfg.vocabulary, splits, device)
 
     # 2. Model, optimiser, schedule.
     if device.type == "cuda":
@@ -156,8 +159,10 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
         started = time.perf_counter()
         # Every random draw of an epoch derives from (seed, epoch, rank): a resumed epoch replays exactly.
         torch.manual_seed(hash((cfg.data.seed, epoch, rank)) % 2**63)
-        if isinstance(train_set, SyntheticDataset):
-            train_set.set_epoch(epoch)
+        if cfg.run.idle_cpus and device.type == "cpu":  # a search's last trials take the cores the others left
+            torch.set_num_threads(config["threads"] + int(ray_compat.idle_cpus_here() // world))
+        if isinstance(train_loader, Batches):
+            train_loader.set_epoch(epoch)
         elif world > 1:
             train_loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(
@@ -197,7 +202,7 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
                 f"{colour_line(metrics)}  {metrics['images_per_s']:.0f} img/s"
             )
         if is_rank0 and run is not None:
-            log_wandb(run, model, val_set, palette, device, metrics)
+            log_wandb(run, model, val_loader, palette, device, metrics)
         if after_epoch is not None:
             after_epoch(epoch)
         if diverged:
@@ -256,11 +261,10 @@ def start_wandb(cfg: TrainConfig, directory: str | None, resume: bool):
     )
 
 
-def log_wandb(run, model, val_set, palette, device, metrics: dict) -> None:
+def log_wandb(run, model, val_loader, palette, device, metrics: dict) -> None:
     import wandb
 
-    outline, target, colours = zip(*(val_set[i] for i in range(min(4, len(val_set)))))
-    outline, target = torch.stack(outline), torch.stack(target)
+    outline, target, colours = (part[:4] for part in next(iter(val_loader)))
     net = checkpoint.unwrap(model)
     with torch.no_grad():
         pred = net(outline.to(device), net.condition.prepare(colours, palette).to(device), hard=True).cpu()

@@ -105,3 +105,25 @@ def test_the_per_report_loggers_are_quieted():
 
     ray_compat.quiet_train_reports()
     assert all(ray_compat.internal(m, "logger").level == logging.WARNING for m in ray_compat.PER_REPORT_LOGGERS)
+
+
+def test_idle_cpus_here_falls_as_an_actor_holds_one(ray_session):
+    """The CPUs idle on this node drop by one while an actor holds one, and come back when it goes (as soon as
+    the node reports it)."""
+
+    @ray_session.remote(num_cpus=1)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    def settles_at(value: float) -> bool:
+        deadline = time.monotonic() + 10
+        while ray_compat.idle_cpus_here() != value and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return ray_compat.idle_cpus_here() == value
+
+    before = ray_compat.idle_cpus_here()
+    holder = Holder.remote()
+    assert ray_session.get(holder.ready.remote()) and settles_at(before - 1)
+    ray_session.kill(holder)
+    assert settles_at(before)
