@@ -261,7 +261,7 @@ def test_an_interrupted_search_resumes_to_exactly_its_trials(ray_session, tmp_pa
         t for t in searcher._ot_study.trials if t.state == TrialState.COMPLETE
     ]  # Ray exposes the study only so
     assert sorted(t.value for t in completed) == sorted(t["pixel_exact"] for t in trials)
-    assert sorted(t.params["lr"] for t in completed) == sorted(t["lr"] for t in trials)
+    assert sorted(t.params["train/lr"] for t in completed) == sorted(t["lr"] for t in trials)  # Tune's flat names
 
 
 @pytest.mark.slow

@@ -314,7 +314,9 @@ def test_the_serve_command_listens_on_loopback_by_default(tiny_checkpoint):
     command = [sys.executable, "-m", "polycolor.serve", "--checkpoint", str(tiny_checkpoint), "--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        dashboard_at = None  # Ray's line says where (from --port, or the next free port when another Ray holds it)
         for line in process.stdout:  # up when it says where (a healthy replica alone is not: the app may still deploy)
+            dashboard_at = dashboard_at or re.search(r"View the dashboard at \S*?http://([\d.]+):(\d+)", line)
             if line.startswith("[serve] http://"):
                 break
         assert line.startswith(f"[serve] http://127.0.0.1:{port}/"), line
@@ -328,9 +330,11 @@ def test_the_serve_command_listens_on_loopback_by_default(tiny_checkpoint):
             for p in psutil.Process(process.pid).children(recursive=True)
             if "dashboard/dashboard.py" in " ".join(p.cmdline())
         ]
-        (http_port,) = [int(a.split("=")[1]) for a in dashboard.cmdline() if a.startswith("--port=")]
+        assert dashboard_at and dashboard_at[1] == "127.0.0.1", dashboard_at
         served = [
-            c for c in dashboard.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == http_port
+            c
+            for c in dashboard.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == int(dashboard_at[2])
         ]
         assert served and all(c.laddr.ip == "127.0.0.1" for c in served), served
     finally:
