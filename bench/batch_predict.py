@@ -32,6 +32,7 @@ import torch
 
 from polycolor import checkpoint, synth
 from polycolor.config import preset
+from polycolor.data import open_image
 from polycolor.model import ConditionalUNet
 from polycolor.predict import Colorizer
 
@@ -88,10 +89,8 @@ def in_process(split_dir: Path, ckpt: Path, out: Path, threads: int) -> float:
     start = time.perf_counter()
     for first in range(0, len(rows), 64):
         chunk = rows[first : first + 64]
-        images = colorizer.colorize_batch(
-            [split_dir / "inputs" / r["input_polygon"] for r in chunk], [r["colour"] for r in chunk]
-        )
-        for row, image in zip(chunk, images):
+        pictures = [open_image(split_dir / "inputs", r["input_polygon"]) for r in chunk]  # as the pipeline reads
+        for row, image in zip(chunk, colorizer.colorize_batch(pictures, [r["colour"] for r in chunk])):
             image.save(out / row["output_image"])
     return len(rows) / (time.perf_counter() - start)
 
