@@ -72,32 +72,24 @@ def main() -> int:
     )
     cpus = os.cpu_count() or 2
     half = max(1, cpus // 2)
-    pairs = {  # each Ray loop and the plain loop it is held to
-        "ray 1 worker / plain (same threads)": (f"ray, 1 worker x {cpus} threads", f"plain, {cpus} thread(s)"),
-        "ray 2 workers, per worker / plain (same threads)": (
-            f"ray, 2 workers x {half} thread(s), per worker",
-            f"plain, {half} thread(s)",
-        ),
-    }
+    one, two = f"ray, 1 worker x {cpus} threads", f"ray, 2 workers x {half} thread(s), per worker"
+    held_to = {one: f"plain, {cpus} thread(s)", two: f"plain, {half} thread(s)"}  # each against a worker's threads
     rounds = []
     for round_ in range(args.repeats):  # the plain loops before Ray starts: Ray's daemons are part of its cost
         figures = {f"plain, {t} thread(s)": plain(cfg, t) for t in sorted({half, cpus})}
         init_ray(num_cpus=cpus)
         with tempfile.TemporaryDirectory() as storage:
-            figures[pairs["ray 1 worker / plain (same threads)"][0]] = ray_loop(cfg, 1, cpus, storage)
-            figures[pairs["ray 2 workers, per worker / plain (same threads)"][0]] = ray_loop(cfg, 2, half, storage)
+            figures[one] = ray_loop(cfg, 1, cpus, storage)
+            figures[two] = ray_loop(cfg, 2, half, storage)
         ray.shutdown()
         rounds.append(figures)
         for label, (images, waiting) in figures.items():
             print(f"round {round_ + 1}  {label:<45} {images:8.1f} images/s  data wait {waiting:6.1%}")
-    ratios = {name: [r[ray_][0] / r[base][0] for r in rounds] for name, (ray_, base) in pairs.items()}
+    ratios = {f"{loop} / {base}": [r[loop][0] / r[base][0] for r in rounds] for loop, base in held_to.items()}
     met = all(statistics.median(values) >= GOAL for values in ratios.values())
     for name, values in ratios.items():
-        print(
-            f"{name:<50} median {statistics.median(values):.3f}  (rounds: "
-            + ", ".join(f"{v:.3f}" for v in values)
-            + f"; goal >= {GOAL})"
-        )
+        rounds_text = ", ".join(f"{v:.3f}" for v in values)
+        print(f"{name:<70} median {statistics.median(values):.3f}  (rounds: {rounds_text}; goal >= {GOAL})")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_throughput.json").write_text(

@@ -314,7 +314,7 @@ def test_the_serve_command_listens_on_loopback_by_default(tiny_checkpoint):
     command = [sys.executable, "-m", "polycolor.serve", "--checkpoint", str(tiny_checkpoint), "--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        dashboard_at = None  # Ray's line says where (from --port, or the next free port when another Ray holds it)
+        dashboard_at = None  # Ray's own line says where its dashboard is (8265, or the next free port if that is taken)
         for line in process.stdout:  # up when it says where (a healthy replica alone is not: the app may still deploy)
             dashboard_at = dashboard_at or re.search(r"View the dashboard at \S*?http://([\d.]+):(\d+)", line)
             if line.startswith("[serve] http://"):
