@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -96,6 +97,11 @@ class ServeConfig(Settings):
         120.0, "autoscaling: how long load must stay low before a replica is removed", lambda v: v >= 0, ">= 0"
     )
     gpu: bool = setting(False, "one GPU per replica")
+    colocate: bool = setting(
+        False,
+        "run the model inside the HTTP replica: no call between processes, and one deployment whose replicas, CPUs "
+        "and GPU are the model's",
+    )
     max_body_mb: float = setting(10.0, "request body limit in MiB (413 above it)", lambda v: v > 0, "> 0")
     max_pixels: int = setting(
         4096 * 4096, "largest accepted image, in pixels (413 above it, before decoding)", lambda v: v >= 1, ">= 1"
@@ -477,6 +483,16 @@ def meters() -> Meters:
     return Meters()
 
 
+class Local:
+    """A model in the ingress's own process, called as through its DeploymentHandle (``model.paint.remote(...)``)."""
+
+    def __init__(self, model: "Model"):
+        self.model = model
+
+    def __getattr__(self, method: str):
+        return SimpleNamespace(remote=getattr(self.model, method))
+
+
 app = api.make_app(on_refusal=lambda err: meters().answered(err.status, err.reason))
 
 
@@ -486,9 +502,10 @@ class Ingress:
     """The HTTP deployment: checks the key, parses and decodes requests, encodes the PNGs, and asks the model
     deployment (a DeploymentHandle) for the colouring. Its replicas scale apart from the model's, on CPUs."""
 
-    def __init__(self, config: dict, model: DeploymentHandle):
+    def __init__(self, config: dict, model: DeploymentHandle | None):
         self.cfg = ServeConfig(**config)
-        self.model = model
+        self.local = Model.func_or_class(config) if model is None else None
+        self.model = Local(self.local) if model is None else model
         self.limit = int(self.cfg.max_body_mb * 1024 * 1024)
         self.limits = images.Limits(self.cfg.max_pixels, self.cfg.max_side, formats=("PNG", "JPEG"))
         # One codec thread: the event loop never decodes or encodes, and one full-size image is held at a time.
@@ -499,6 +516,17 @@ class Ingress:
         # cost for many requests, on both sides.
         self.calls = Batcher(self.model.paint.remote, self.cfg.max_batch_size, slots=self.cfg.model_calls)
         self.pages: dict[bool, str] = {}  # the demo page, with or without the public lexicons' names
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """Pass a user_config (the checkpoint) to the model in this process; with two deployments it is the Model's."""
+        if self.local is None:
+            raise ValueError("user_config (the checkpoint) belongs to the Model deployment unless colocate is set")
+        await self.local.reconfigure(user_config)
+
+    async def check_health(self) -> None:
+        """Fail when the model in this process fails its check; a Model deployment's replicas check their own."""
+        if self.local:
+            await self.local.check_health()
 
     async def card(self) -> Card:
         if self.known is None:
@@ -632,6 +660,9 @@ def application(cfg: ServeConfig, model=Model, model_options: dict | None = None
         "ray_actor_options": {"num_cpus": cfg.ingress_cpus},
     }
     config = asdict(cfg)
+    if cfg.colocate:
+        one = merged(model_defaults | {"max_queued_requests": cfg.max_queued_requests}, model_options)
+        return Ingress.options(**merged(one, ingress_options)).bind(config, None)
     painter = model.options(**merged(model_defaults, model_options)).bind(config)
     return Ingress.options(**merged(ingress_defaults, ingress_options)).bind(config, painter)
 

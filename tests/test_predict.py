@@ -2,9 +2,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from polycolor import checkpoint, predict
+from polycolor import checkpoint, predict, synth
 from polycolor.data import REAL_PALETTE
 from polycolor.predict import Colorizer
 
@@ -31,6 +32,24 @@ def test_colorize_any_image_and_original_size(tiny_checkpoint, dataset):
     assert colours <= {(255, 255, 255), (255, 0, 0)}  # exactly white or exactly red
     batch = colorizer.colorize_batch([outline, outline], ["red", "blue"])
     assert np.array_equal(np.asarray(batch[0]), np.asarray(out))
+
+
+@pytest.mark.parametrize("head", ["mask", "rgb"])
+@pytest.mark.parametrize("conditioning", ["concat", "film", "embedding", "text"])
+def test_the_traced_model_paints_what_the_model_paints_at_every_batch_size(conditioning, head):
+    """The Colorizer runs its model as a graph traced on the first batch: later batches of other sizes get the same
+    pixels as the model itself."""
+    model = tiny_model(conditioning, head)
+    colorizer = Colorizer(model, REAL_PALETTE)
+    outlines = synth.generate(13, seed=4).outlines
+    names = [list(REAL_PALETTE)[i % len(REAL_PALETTE)] for i in range(13)]
+    cond = colorizer.condition(names)
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(outlines).float()[:, None], cond, hard=True)
+    expected = (expected * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    for batch in (slice(0, 1), slice(1, 13), slice(4, 7)):  # traced on one outline, then 12 (8 + 4), then 3
+        assert np.array_equal(colorizer.colorize_arrays(outlines[batch], cond[batch]), expected[batch])
+    assert colorizer.graph is not None
 
 
 def test_unknown_colour_suggests_names(tiny_checkpoint):

@@ -66,6 +66,32 @@ def test_a_good_request_matches_the_colorizer(server, outline):
     ) and at_size.size == (300, 200)
 
 
+def test_the_model_inside_the_ingress_answers_as_two_deployments_do(server, outline):
+    """colocate: one deployment parses, colours and encodes in one process, with the checkpoint in its user_config
+    (build_app's way): the same bytes as the default shape, its health, and no Model deployment."""
+    from ray import serve
+
+    from polycolor.serve import build_app
+
+    args = {"checkpoint": str(server["checkpoint"]), "colocate": "true", "cpus": "0.25"}
+    serve.run(build_app(args), name="one", route_prefix="/one")
+    try:
+        with httpx.Client(base_url=server["url"], timeout=30) as client:
+            answers = [
+                client.post(f"{path}/colorize", files={"image": ("o.png", outline)}, data={"color": "teal"})
+                for path in ("/one", "")
+            ]
+            health = client.get("/one/healthz").json()
+            many = client.post("/one/colorize", files=[("image", ("o.png", outline))] * 3, data={"color": "red"})
+        deployments = {a.class_name for a in live_actors() if ":one:" in (a.class_name or "")}
+    finally:
+        serve.delete("one")
+    assert answers[0].status_code == 200 and answers[0].content == answers[1].content
+    assert health["status"] == "ok" and health["checkpoint"] == str(server["checkpoint"])
+    assert many.status_code == 200 and len(many.json()) == 3
+    assert deployments == {"ServeReplica:one:Ingress"}
+
+
 @pytest.mark.parametrize(
     "mode", ["RGB", "RGBA", "L", "P", "LA", "1", "I;16", "CMYK JPEG", "JPEG", "animated", "odd-size", "1x400"]
 )
@@ -549,17 +575,17 @@ def test_a_wedged_model_is_replaced(server, outline, tmp_path):
     """L6: the health check catches a wedged model and Serve replaces the replica."""
     marker = tmp_path / "wedged"
 
-    class Wedgeable(Model.func_or_class):  # while ``marker`` exists, the model's forward hangs
+    class Wedgeable(Model.func_or_class):  # while ``marker`` exists, the model's forward pass hangs
         async def __init__(self, config):
             super().__init__(config)
-            forward = self.served.colorizer.model.forward
+            forward = self.served.colorizer.forward  # the traced graph, which never calls the model's forward
 
             def maybe_wedged(*args, **kwargs):
                 while marker.exists():
                     time.sleep(0.1)
                 return forward(*args, **kwargs)
 
-            self.served.colorizer.model.forward = maybe_wedged
+            self.served.colorizer.forward = maybe_wedged
 
     wedge_and_see_the_replica_replaced(
         "wedge", Wedgeable, {"health_check_period_s": 1, "health_check_timeout_s": 3}, marker, server, outline, 90
