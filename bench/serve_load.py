@@ -1,12 +1,13 @@
 """Bounded HTTP load on the local Serve application against the in-process Colorizer, measured side by side.
 
     python bench/serve_load.py --checkpoint polycolor/pretrained [--requests 300] [--seconds 20] [--rounds 2]
-                               [--model-cpus 1] [--profile] [--haproxy]
+                               [--model-cpus 1] [--profile] [--eager] [--haproxy]
 
 First the in-process Colorizer on one torch thread (a 1-CPU model replica's share): its batched speed (images/s
 and CPU per image), one outline alone (decode, a batch-of-one forward pass, encode), and a batch beside a thread
 running Python, the model run eagerly and traced (as the Colorizer runs it). Then each deployment shape in turn,
-the default two deployments and the model inside the ingress (``colocate``), through
+the default two deployments and the model inside the ingress (``colocate``); with ``--eager``, the default again
+with the model run eagerly, as before the Colorizer traced it (the same run's "before"); each through
 ``polycolor.client.AsyncClient`` on loopback, for each round: single outlines at concurrency 1, 8 and 32, and
 16-outline requests at 32 (a fixed number of requests, capped in time): images/s, p50/p95/p99 latency, errors,
 and the CPU each request cost the client, Serve's HTTP proxy (with ``--haproxy``: Ray's HAProxy, and the idle
@@ -48,7 +49,7 @@ from PIL import Image, ImageDraw
 from polycolor import images, synth
 from polycolor.client import AsyncClient, Retry, ServiceError
 from polycolor.predict import Colorizer
-from polycolor.serve import TRANSPORT, ServeConfig, application
+from polycolor.serve import TRANSPORT, Model, ServeConfig, application
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
@@ -330,10 +331,20 @@ def start_serve(haproxy: bool = False) -> int:
     return port
 
 
-SHAPES = {  # deployment shape -> ServeConfig.colocate; the first is the default, which the exit code judges
-    "two deployments": False,
-    "one deployment (--colocate)": True,
+class EagerModel(Model.func_or_class):  # pickled by value into its replica
+    """The model deployment as it ran before the Colorizer traced its model: each batch op by op, in Python."""
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        model = self.served.colorizer.model
+        self.served.colorizer.forward = lambda ink, cond: model(ink, cond, hard=True)
+
+
+SHAPES = {  # deployment shape -> (ServeConfig.colocate, its model deployment); the first is the default, judged
+    "two deployments": (False, Model),
+    "one deployment (--colocate)": (True, Model),
 }
+EAGER = {"two deployments, the model eager (before)": (False, Model.options(func_or_class=EagerModel))}
 
 
 def main() -> int:
@@ -344,6 +355,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="passes over the levels after a warm-up pass")
     parser.add_argument("--model-cpus", type=float, default=1, help="CPUs of the model replica (its torch threads)")
     parser.add_argument("--profile", action="store_true", help="py-spy each process under the c=32 load (needs py-spy)")
+    parser.add_argument("--eager", action="store_true", help="also the default shape with the model run eagerly")
     parser.add_argument(
         "--haproxy",
         action="store_true",
@@ -367,12 +379,12 @@ def main() -> int:
     )
     url = f"http://127.0.0.1:{port}"
     report = {"in_process": base, "haproxy": args.haproxy, "goals": GOALS, "shapes": {}}
-    for shape, colocate in SHAPES.items():
+    for shape, (colocate, model) in (SHAPES | (EAGER if args.eager else {})).items():
         cfg = ServeConfig(checkpoint=args.checkpoint, cpus=args.model_cpus, colocate=colocate)
-        serve.run(application(cfg), name="load", route_prefix="/")
+        serve.run(application(cfg, model), name="load", route_prefix="/")
         profiling = args.profile and shape == next(iter(SHAPES))
         runs = report["shapes"][shape] = {"runs": measure(shape, colocate, url, body, base, args, profiling)}
-        if not colocate:
+        if shape == next(iter(SHAPES)):
             ingress = actor_process("ServeReplica:load:Ingress")
             big = report["largest_request"] = asyncio.run(largest(url, ingress, cfg))
             print(
