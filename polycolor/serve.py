@@ -2,10 +2,11 @@
 
 Two deployments, each scaling on its own: ``Ingress`` (HTTP: the API key, parsing, image decoding and PNG
 encoding, on CPUs) calls ``Model`` (the checkpoint's Colorizer, colour parsing and batched model passes, on a
-GPU with --gpu) through a DeploymentHandle. The HTTP contract is ``polycolor.api``'s.
+GPU with --gpu) through a DeploymentHandle. With --colocate the ingress holds the model itself: one deployment, no
+call between processes. The HTTP contract is ``polycolor.api``'s.
 
     python -m polycolor.serve --checkpoint runs/first/best [--host 127.0.0.1] [--port 8000] [--replicas 1|auto|MIN-MAX]
-                              [--ingress-replicas 1|auto|MIN-MAX] [--gpu]
+                              [--ingress-replicas 1|auto|MIN-MAX] [--gpu] [--colocate]
     serve run polycolor.serve:build_app checkpoint=runs/first/best
 
 HTTP surface (nothing else; other methods get 405 with Allow, other paths 404):
@@ -500,12 +501,13 @@ app = api.make_app(on_refusal=lambda err: meters().answered(err.status, err.reas
 @serve.ingress(app)
 class Ingress:
     """The HTTP deployment: checks the key, parses and decodes requests, encodes the PNGs, and asks the model
-    deployment (a DeploymentHandle) for the colouring. Its replicas scale apart from the model's, on CPUs."""
+    deployment (a DeploymentHandle) for the colouring. Its replicas scale apart from the model's, on CPUs.
+    Colocated, it is given the model's class instead, and holds the model in its own process."""
 
-    def __init__(self, config: dict, model: DeploymentHandle | None):
+    def __init__(self, config: dict, model: DeploymentHandle | type):
         self.cfg = ServeConfig(**config)
-        self.local = Model.func_or_class(config) if model is None else None
-        self.model = Local(self.local) if model is None else model
+        self.local = model(config) if isinstance(model, type) else None
+        self.model = model if self.local is None else Local(self.local)
         self.limit = int(self.cfg.max_body_mb * 1024 * 1024)
         self.limits = images.Limits(self.cfg.max_pixels, self.cfg.max_side, formats=("PNG", "JPEG"))
         # One codec thread: the event loop never decodes or encodes, and one full-size image is held at a time.
@@ -525,7 +527,7 @@ class Ingress:
 
     async def check_health(self) -> None:
         """Fail when the model in this process fails its check; a Model deployment's replicas check their own."""
-        if self.local:
+        if self.local is not None:
             await self.local.check_health()
 
     async def card(self) -> Card:
@@ -635,7 +637,8 @@ class Ingress:
 
 
 def application(cfg: ServeConfig, model=Model, model_options: dict | None = None, ingress_options: dict | None = None):
-    """Bind the two deployments: the ingress, and the model deployment it calls.
+    """Bind the two deployments: the ingress, and the model deployment it calls; colocated, the ingress alone,
+    holding the model.
 
     ``*_options`` go over the defaults (``ray_actor_options`` key by key); tests use them for faults and resources.
     """
@@ -662,7 +665,7 @@ def application(cfg: ServeConfig, model=Model, model_options: dict | None = None
     config = asdict(cfg)
     if cfg.colocate:
         one = merged(model_defaults | {"max_queued_requests": cfg.max_queued_requests}, model_options)
-        return Ingress.options(**merged(one, ingress_options)).bind(config, None)
+        return Ingress.options(**merged(one, ingress_options)).bind(config, model.func_or_class)
     painter = model.options(**merged(model_defaults, model_options)).bind(config)
     return Ingress.options(**merged(ingress_defaults, ingress_options)).bind(config, painter)
 
