@@ -217,7 +217,7 @@ def serve_floor(url: str, body: bytes, args) -> dict:
             return Response(body, media_type="image/png")
 
     serve.run(Noop.bind(), name="noop", route_prefix="/noop")
-    processes = {"proxy": actor_process("ProxyActor"), "replica": actor_process("ServeReplica:noop:Noop")}
+    processes = {"proxy": proxy_processes(), "replica": actor_process("ServeReplica:noop:Noop")}
     floor = {}
     for concurrency in (1, 32):
         cpu = {name: cpu_seconds(p) for name, p in processes.items()}
@@ -245,6 +245,11 @@ def actor_process(class_name: str) -> psutil.Process:
     if len(found) != 1:
         raise SystemExit(f"error: found {len(found)} live {class_name} actors, expected one; no figure printed")
     return psutil.Process(found[0].pid)
+
+
+def proxy_processes() -> list[psutil.Process]:
+    """Return Serve's proxy actor and, where Ray runs one in its place (``--haproxy``), its HAProxy."""
+    return [actor_process("ProxyActor"), *(p for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy")]
 
 
 def measured(name: str, value: float) -> float:
@@ -383,7 +388,7 @@ def main() -> int:
         cfg = ServeConfig(checkpoint=args.checkpoint, cpus=args.model_cpus, colocate=colocate)
         serve.run(application(cfg, model), name="load", route_prefix="/")
         profiling = args.profile and shape == next(iter(SHAPES))
-        runs = report["shapes"][shape] = {"runs": measure(shape, colocate, url, body, base, args, profiling)}
+        figures = report["shapes"][shape] = measure(shape, colocate, url, body, base, args, profiling)
         if shape == next(iter(SHAPES)):
             ingress = actor_process("ServeReplica:load:Ingress")
             big = report["largest_request"] = asyncio.run(largest(url, ingress, cfg))
@@ -394,7 +399,7 @@ def main() -> int:
                 flush=True,
             )
         serve.delete("load")
-        runs["verdict"] = check(runs["runs"], colocate, base["cpu_ms_per_image"])
+        figures["verdict"] = check(figures["runs"], colocate, base["cpu_ms_per_image"])
     floor = report["serve_floor"] = serve_floor(url, body, args)
     print(
         f"Serve alone (a no-op ingress, the same client): c=1 p50 {floor['c1']['p50_ms']:.1f} ms, c=32 "
@@ -404,9 +409,9 @@ def main() -> int:
         flush=True,
     )
     serve.shutdown()
-    for shape, measured_shape in report["shapes"].items():
+    for shape, figures in report["shapes"].items():
         print(f"{shape}:")
-        for line in measured_shape["verdict"]["lines"]:
+        for line in figures["verdict"]["lines"]:
             print(f"  {line}")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "serve_load.json").write_text(json.dumps(report, indent=2, default=lambda v: v.item()))
@@ -414,18 +419,18 @@ def main() -> int:
     return 0 if default["verdict"]["met"] else 1
 
 
-def measure(shape: str, colocate: bool, url: str, body: bytes, base: dict, args, profiling: bool) -> list[dict]:
-    """Return each round's figures for every level against the deployed app ``load``: images/s, latency, errors, the
-    CPU each process spent a request, the replicas' memory; with ``profiling``, py-spy's view of the first round's
-    c=32 load."""
+def measure(shape: str, colocate: bool, url: str, body: bytes, base: dict, args, profiling: bool) -> dict:
+    """Return each round's figures for every level against the deployed app ``load`` (``runs``): images/s, latency,
+    errors, the CPU each process spent a request, the replicas' memory; with ``profiling``, where each process's
+    time went under the first round's c=32 load (``profile``)."""
     replicas = {"ingress": actor_process("ServeReplica:load:Ingress")}
     if not colocate:
         replicas["model"] = actor_process("ServeReplica:load:Model")
-    proxies = [actor_process("ProxyActor"), *(p for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy")]
+    proxies = proxy_processes()
     processes = {"client": [psutil.Process()], "proxy": proxies} | {n: [p] for n, p in replicas.items()}
     for concurrency, outlines in LEVELS:  # warm-up: every level once, so the allocator has seen every batch size
         asyncio.run(load(url, body, concurrency, min(args.requests, 100), args.seconds, outlines))
-    runs = []
+    runs, shares = [], {}
     for round_ in range(1, args.rounds + 1):
         for concurrency, outlines in LEVELS:
             cpu = {name: cpu_seconds(p) for name, p in processes.items()}
@@ -466,12 +471,12 @@ def measure(shape: str, colocate: bool, url: str, body: bytes, base: dict, args,
             )
         if profiling and round_ == 1:
             for name in ("proxy", *replicas):
-                shares = stages(name)
+                shares[name] = stages(name)
                 print(
-                    f"profile of {name}: " + ", ".join(f"{s} {v:.0%}" for s, v in shares.items() if v >= 0.005),
+                    f"profile of {name}: " + ", ".join(f"{s} {v:.0%}" for s, v in shares[name].items() if v >= 0.005),
                     flush=True,
                 )
-    return runs
+    return {"runs": runs} | ({"profile": shares} if shares else {})
 
 
 def check(runs: list[dict], colocate: bool, model_cpu_ms: float) -> dict:

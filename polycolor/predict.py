@@ -105,8 +105,9 @@ class Colorizer:
         """Return the model's hard (B, 3, S, S) image of a batch, run as one traced graph.
 
         Eager, each of the model's ~100 operations takes the GIL back from whatever other thread of the process
-        holds it, waiting up to Python's switch interval (5 ms) each time: beside Serve's busy event loop a pass
-        took 5x its time. The traced graph runs from start to end without it (the same pixels, as fast alone).
+        holds it (a replica's event loop, say), waiting up to Python's switch interval (5 ms) each time: beside a
+        thread running Python a batch took 6x its time, traced 1.3x (bench/serve_load.py). The traced graph gives
+        the same pixels, as fast alone.
         """
         if self.graph is None:
             with warnings.catch_warnings():
