@@ -484,7 +484,7 @@ def meters() -> Meters:
     return Meters()
 
 
-class Local:
+class Local:  # defined before Ingress: Serve pickles that class by value, and a name defined after it was missing
     """A model in the ingress's own process, called as through its DeploymentHandle (``model.paint.remote(...)``)."""
 
     def __init__(self, model: "Model"):
