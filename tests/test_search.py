@@ -49,7 +49,6 @@ def test_a_smoke_search_exports_its_best_trial(ray_session, synth_dir, tmp_path)
     assert "best trial" in done.stdout and "status" in done.stdout  # the table was printed
 
 
-@pytest.mark.slow  # a whole search: over a minute
 def test_a_diverging_trial_is_marked_and_never_best(ray_session, tmp_path, monkeypatch):
     """U4: a trial whose loss goes NaN is stopped and never chosen as best."""
     from tune import search as module
