@@ -27,7 +27,6 @@ def query_range(port: int, expr: str, start: float) -> list:
         return json.loads(answer.read())["data"]["result"]
 
 
-@pytest.mark.slow  # a smoke search scraped by a real Prometheus: over a minute
 def test_every_training_panel_finds_data(ray_session, tmp_path):
     """A smoke search on the session's Ray, scraped every second by a real Prometheus that finds Ray's nodes in the
     service discovery file Ray writes: every query of the training dashboard returns data (images/s, data-wait
