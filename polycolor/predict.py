@@ -104,10 +104,10 @@ class Colorizer:
     def forward(self, ink: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Return the model's hard (B, 3, S, S) image of a batch, run as one traced graph.
 
-        Eager, each of the model's ~100 operations takes the GIL back from whatever other thread of the process
+        Eager, each of the model's ~80 operations takes the GIL back from whatever other thread of the process
         holds it (a replica's event loop, say), waiting up to Python's switch interval (5 ms) each time: beside a
-        thread running Python a batch took 6x its time, traced 1.3x (bench/serve_load.py). The traced graph gives
-        the same pixels, as fast alone.
+        thread running Python a batch took 5-7x its time, traced 1.2-1.4x (bench/serve_load.py's first line, four
+        runs). The traced graph gives the same pixels; alone it ran at 0.9-1.15x the eager time.
         """
         if self.graph is None:
             with warnings.catch_warnings():

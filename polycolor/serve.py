@@ -268,7 +268,10 @@ class Served:
         colorizer = Colorizer.from_checkpoint(location, device=device)
         colorizer.prepare()  # a text encoder loads now, not on the first new phrase
         card = colorizer.card()
-        return cls(colorizer, card, colorizer.condition([next(iter(card.vocabulary), "red")]))
+        probe = colorizer.condition([next(iter(card.vocabulary), "red")])
+        size = card.image_size
+        colorizer.colorize_arrays(np.zeros((1, size, size), bool), probe)  # traces the model: not on a first request
+        return cls(colorizer, card, probe)
 
 
 @dataclass
