@@ -3,14 +3,14 @@
     python bench/train_throughput.py [--pairs 480] [--batch-size 16] [--width 8] [--repeats 3]
 
 The same model, batch and synthetic data (``polycolor.generator``, the recipe's mix) in every case; Ray's figures
-are the images/s its workers measure inside the epoch (start-up excluded), and each figure comes with the share
-of the epoch spent waiting for data. First, the CPU an idle Ray's own processes take. Ray's cost is judged per
-worker against the same loop without Ray, measured in the same round (the plain loops, then Ray started, then its
-loops; each plain loop in new processes, as Ray starts its workers): one worker against one plain process with the
-same threads, two workers against plain PyTorch DDP (gloo, two processes, the same threads each). The two workers against one plain process alone on the machine is
-printed too, not judged: it adds the gradient exchange and the cores' sharing, which are not Ray's. The verdict
-takes each judged ratio's median over the rounds, and the bench exits 1 when one is under 0.95. Writes
-bench/results/train_throughput.json.
+are the images/s its workers measure inside the epoch (start-up excluded), and each figure comes with the share of
+the epoch spent waiting for data. First, the CPU an idle Ray's own processes take. Ray's cost is judged per worker
+against the same loop without Ray, measured in the same round (the plain loops, then Ray started, then its loops;
+each plain loop in new processes, as Ray starts its workers): one worker against one plain process with the same
+threads, two workers against plain PyTorch DDP (gloo, two processes, the same threads each). Two workers against
+one plain process alone on the machine are printed too, not judged: it adds the gradient exchange and the cores'
+sharing, which are not Ray's. The verdict takes each judged ratio's median over the rounds, and the bench exits 1
+when one is under 0.95. Writes bench/results/train_throughput.json.
 """
 
 from __future__ import annotations
