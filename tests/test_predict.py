@@ -38,17 +38,25 @@ def test_colorize_any_image_and_original_size(tiny_checkpoint, dataset):
 @pytest.mark.parametrize("conditioning", ["concat", "film", "embedding", "text"])
 def test_the_traced_model_paints_what_the_model_paints_at_every_batch_size(conditioning, head):
     """The Colorizer runs its model as a graph traced on the first batch: later batches of other sizes get the same
-    pixels as the model itself."""
+    pixels as the model itself given the same batches (across batch sizes the convolutions may round differently:
+    an untrained rgb head's colours then move by a level)."""
     model = tiny_model(conditioning, head)
     colorizer = Colorizer(model, REAL_PALETTE)
     outlines = synth.generate(13, seed=4).outlines
     names = [list(REAL_PALETTE)[i % len(REAL_PALETTE)] for i in range(13)]
     cond = colorizer.condition(names)
-    with torch.inference_mode():
-        expected = model(torch.from_numpy(outlines).float()[:, None], cond, hard=True)
-    expected = (expected * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+    def eager(outlines: np.ndarray, cond: torch.Tensor) -> np.ndarray:  # the model, in the Colorizer's batches
+        size, parts = colorizer.batch_size, []
+        for k in range(0, len(outlines), size):
+            with torch.inference_mode():
+                image = model(torch.from_numpy(outlines[k : k + size]).float()[:, None], cond[k : k + size], hard=True)
+            parts.append((image * 255).round().byte().permute(0, 2, 3, 1).numpy())
+        return np.concatenate(parts)
+
     for batch in (slice(0, 1), slice(1, 13), slice(4, 7)):  # traced on one outline, then 12 (8 + 4), then 3
-        assert np.array_equal(colorizer.colorize_arrays(outlines[batch], cond[batch]), expected[batch])
+        expected = eager(outlines[batch], cond[batch])
+        assert np.array_equal(colorizer.colorize_arrays(outlines[batch], cond[batch]), expected)
     assert colorizer.graph is not None
 
 
