@@ -8,7 +8,7 @@ the epoch spent waiting for data. First, the CPU an idle Ray's own processes tak
 against the same loop without Ray, measured in the same round (the plain loops, then Ray started, then its loops;
 each plain loop in new processes, as Ray starts its workers): one worker against one plain process with the same
 threads, two workers against plain PyTorch DDP (gloo, two processes, the same threads each). Two workers against
-one plain process alone on the machine are printed too, not judged: it adds the gradient exchange and the cores'
+one plain process alone on the machine are printed too, not judged: that adds the gradient exchange and the cores'
 sharing, which are not Ray's. The verdict takes each judged ratio's median over the rounds, and the bench exits 1
 when one is under 0.95. Writes bench/results/train_throughput.json.
 """
@@ -40,28 +40,20 @@ from polycolor.runs import init_ray
 from polycolor.train import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-GOAL = 0.95  # of the plain loop per worker, with the same threads (#30)
+GOAL = 0.95  # of the same loop without Ray, per worker (#30)
 
 
 def plain(cfg: TrainConfig, processes: int, threads: int) -> tuple[float, float]:
     """Return (images/s per process, data-wait share) of the plain loop's second epoch in ``processes`` new
     processes of ``threads`` threads each, as Ray starts its workers; several train as one DDP group over gloo."""
-    context = mp.get_context("spawn")
-    results = context.SimpleQueue()
+    results = mp.get_context("spawn").SimpleQueue()
     address = f"tcp://127.0.0.1:{free_port()}"
-    ranks = [
-        context.Process(target=plain_rank, args=(cfg, threads, rank, processes, address, results))
-        for rank in range(processes)
-    ]
-    for process in ranks:
-        process.start()
-    figures = [results.get() for _ in ranks]
-    for process in ranks:
-        process.join()
+    mp.spawn(plain_rank, (cfg, threads, processes, address, results), nprocs=processes)  # raises if a rank fails
+    figures = [results.get() for _ in range(processes)]
     return statistics.mean(f[0] for f in figures), statistics.mean(f[1] for f in figures)
 
 
-def plain_rank(cfg: TrainConfig, threads: int, rank: int, world: int, address: str, results) -> None:
+def plain_rank(rank: int, cfg: TrainConfig, threads: int, world: int, address: str, results) -> None:
     """Train two epochs on ``rank``'s shard, a warm-up and the timed one; put the second's figures."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)

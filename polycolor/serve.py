@@ -268,10 +268,14 @@ class Served:
         colorizer = Colorizer.from_checkpoint(location, device=device)
         colorizer.prepare()  # a text encoder loads now, not on the first new phrase
         card = colorizer.card()
-        probe = colorizer.condition([next(iter(card.vocabulary), "red")])
-        size = card.image_size
-        colorizer.colorize_arrays(np.zeros((1, size, size), bool), probe)  # traces the model: not on a first request
-        return cls(colorizer, card, probe)
+        served = cls(colorizer, card, colorizer.condition([next(iter(card.vocabulary), "red")]))
+        served.paint_probe()  # traces the model now, not on a first request
+        return served
+
+    def paint_probe(self) -> np.ndarray:
+        """Paint one empty outline: a health probe's forward pass, on the path requests take."""
+        size = self.card.image_size
+        return self.colorizer.colorize_arrays(np.zeros((1, size, size), bool), self.probe)
 
 
 @dataclass
@@ -456,10 +460,7 @@ class Model:
         have passed. The state: the checkpoint serving, outlines in recent batches, a refused swap's reason.
         """
         served = self.current()
-        size = served.card.image_size
-        probe = self.model_thread.submit(
-            served.colorizer.colorize_arrays, np.zeros((1, size, size), bool), served.probe
-        )
+        probe = self.model_thread.submit(served.paint_probe)
         try:
             await asyncio.wait_for(asyncio.wrap_future(probe), HEALTH_TIMEOUT_S)
         except TimeoutError:
