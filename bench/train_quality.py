@@ -3,8 +3,8 @@
     python bench/train_quality.py [--presets recipe published] [--ayna ../shared/datasets/ayna] [--ship] [-- extra
     train flags]
 
-Every preset trains for the recipe's epochs and pairs (the same images seen, so about the same wall time on
-one machine; each row prints its own) unless the extra flags say otherwise. Evaluates on: the real validation
+Every preset trains for the recipe's epochs and pairs (as many pairs seen; each prints its own wall time: the
+recipe's first epochs are at half size) unless the extra flags say otherwise. Evaluates on: the real validation
 split, a fresh synthetic split (unseen poses and colours), and shapes the generator never draws (arrow, L,
 heart, house, crescent-free concave "T") in random CSS/hex colours. Then on drawings as people make them
 (``polycolor.drawings``: one shape, several, nested, anti-aliased, ink on paper, JPEG, 64-1024 px, outlines

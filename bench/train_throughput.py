@@ -116,8 +116,12 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="rounds of every loop, each ratio within its round")
     args = parser.parse_args()
-    cfg = TrainConfig().replace(
-        train_pairs=args.pairs, batch_size=args.batch_size, width=args.width, val_pairs=PRESETS["smoke"]["val_pairs"]
+    cfg = TrainConfig().replace(  # full-size pairs every epoch, as the plain loop makes them
+        train_pairs=args.pairs,
+        half_size=0.0,
+        batch_size=args.batch_size,
+        width=args.width,
+        val_pairs=PRESETS["smoke"]["val_pairs"],
     )
     cpus = os.cpu_count() or 2
     half = max(1, cpus // 2)

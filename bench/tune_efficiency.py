@@ -53,8 +53,14 @@ def main() -> int:
     import ray
 
     concurrency = trial_concurrency(ray.cluster_resources(), 1, {"CPU": 1})
-    base = TrainConfig().replace(
-        epochs=args.max_epochs, train_pairs=args.train_pairs, val_pairs=64, threads=1, loader_workers=0, gpu=False
+    base = TrainConfig().replace(  # full size throughout, as the search trains
+        epochs=args.max_epochs,
+        train_pairs=args.train_pairs,
+        val_pairs=64,
+        half_size=0.0,
+        threads=1,
+        loader_workers=0,
+        gpu=False,
     )
     # 8 grid points (4 learning rates x 2 conditionings), the other choices at the recipe's values
     grid_space = {

@@ -104,10 +104,18 @@ class Batches:
         size: int = IMAGE_SIZE,
         mix: Sequence[float] = TRAINING_MIX,
     ):
-        self.length, self.batch_size, self.scenes, self.size = length, batch_size, scenes, size
+        self.length, self.batch_size, self.scenes = length, batch_size, scenes
         self.mix = np.asarray(mix, float) / sum(mix)
         self.seed = (seed,) if isinstance(seed, int) else tuple(seed)
         self.colors, self.device, self.epoch = list(colors), torch.device(device), 0
+        self.size = 0
+        self.resize(size)
+
+    def resize(self, size: int) -> None:
+        """Make the pairs ``size`` px square from now on (a recipe trains its first epochs at half size)."""
+        if size == self.size:
+            return
+        self.size = size
         centres = (torch.arange(size, dtype=torch.float32) + 0.5).to(self.device)
         self.ys, self.xs = torch.meshgrid(centres, centres, indexing="ij")  # (S, S) pixel centres
         self.work: dict[str, torch.Tensor] = {}
@@ -223,7 +231,7 @@ class Batches:
             radius = outer_radius * rng.uniform(0.2, 0.45, TRIES)
             centre = outer_centre + rng.uniform(-0.3, 0.3, (TRIES, 2)) * outer_radius
         elif kind == PLAIN:
-            radius = rng.uniform(0.1, 0.45, TRIES) * size
+            radius = np.minimum(rng.uniform(0.1, 0.45, TRIES) * size, (size - 3) / 2 - width)  # binds below 128 px
             centre = rng.uniform(width + 1 + radius[:, None], size - 2 - width - radius[:, None], (TRIES, 2))
         else:
             most = 0.48 if count == 1 or nested else 0.9 / (count + 1)

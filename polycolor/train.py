@@ -31,6 +31,7 @@ from polycolor.conditioning import MODES
 from polycolor.config import FIELDS, PRESETS, SECTIONS, RunSettings, TrainConfig, add_flags, preset
 from polycolor.data import REAL_PALETTE, PolygonDataset
 from polycolor.generator import Batches
+from polycolor.images import IMAGE_SIZE
 from polycolor.loop import evaluate, make_optimizer, metrics_from_sums, train_one_epoch
 from polycolor.metrics import SCORE, best, colour_line
 from polycolor.model import ConditionalUNet
@@ -163,6 +164,7 @@ def train_loop_per_worker(config: dict, after_epoch: Callable[[int], None] | Non
             torch.set_num_threads(config["threads"] + int(ray_compat.idle_cpus_here() // world))
         if isinstance(train_loader, Batches):
             train_loader.set_epoch(epoch)
+            train_loader.resize(IMAGE_SIZE // 2 if epoch < cfg.half_size_epochs else IMAGE_SIZE)
         elif world > 1:
             train_loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(

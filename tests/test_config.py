@@ -40,6 +40,7 @@ def test_the_published_preset_is_the_published_design():
         (dict(optimizer="sgd"), "optimizer 'sgd' is unknown"),
         (dict(width=12), "width = 12 is out of range; expected a positive multiple of 8"),
         (dict(train_pairs=1, workers=2), "train_pairs = 1 is out of range; expected >= workers (2)"),
+        (dict(half_size=1.0), "half_size = 1.0 is out of range; expected >= 0 and < 1"),
         (dict(learning_rate=0.1), "unknown setting(s) ['learning_rate']"),
     ],
 )
@@ -58,3 +59,13 @@ def test_the_config_round_trips_and_refuses_a_typo():
     broken["optim"]["learning_rate"] = broken["optim"].pop("lr")
     with pytest.raises(ValueError, match="learning_rate"):
         TrainConfig.from_dict(broken)
+
+
+def test_half_size_is_a_share_of_the_epochs_and_never_the_last():
+    """Shortening a run keeps its first epochs at half size in proportion, and the last epoch is always full size."""
+    counts = {epochs: TrainConfig().replace(epochs=epochs, half_size=0.5).half_size_epochs for epochs in (19, 4, 1)}
+    assert counts == {19: 10, 4: 2, 1: 0}
+    assert TrainConfig().replace(half_size=0.0).half_size_epochs == 0
+    older = TrainConfig().to_dict()  # a checkpoint saved before the setting existed resumes as it was trained
+    del older["data"]["half_size"]
+    assert TrainConfig.from_dict(older).half_size_epochs == 0

@@ -77,6 +77,19 @@ def test_an_epoch_replays_exactly_and_each_differs():
         assert not torch.equal(first[0][0], other[0][0])
 
 
+def test_half_size_pairs_keep_the_conventions_and_full_size_comes_back_unchanged():
+    """A recipe's first epochs train at 64 px: every kind of pair is made there (the largest shapes fit), its truth
+    still the fill of its outline; back at 128 px the pairs are those a generator that never shrank makes."""
+    batches = Batches(256, 64, seed=5, scenes=0.6)
+    batches.resize(64)
+    outline, truth = pairs(batches, count=256)
+    assert outline.shape == (256, 64, 64) and (truth.sum(axis=(1, 2)) > outline.sum(axis=(1, 2))).all()
+    assert sum(int((o & ~ndimage.binary_dilation(t)).sum()) for o, t in zip(outline, truth)) <= 4  # ink on the truth
+    batches.resize(128)
+    again, fresh = batches.block(0, 64), Batches(256, 64, seed=5, scenes=0.6).block(0, 64)
+    assert torch.equal(again[0], fresh[0]) and torch.equal(again[1], fresh[1]) and again[2] == fresh[2]
+
+
 def test_pairs_look_like_the_per_image_generators():
     """Ink, filled area, colours and the share of drawings match what synth and drawings make, one image at a time."""
     made = Batches(256, 64, seed=4)

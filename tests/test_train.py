@@ -120,9 +120,9 @@ def test_a_two_worker_run_saves_its_config_and_logs(ray_session, tmp_path):
 
 def test_a_worker_raising_once_resumes_exactly(ray_session, tmp_path):
     """T1, T5: a worker raising once resumes at the last checkpoint's epoch + 1, and ends with the weights of an
-    uninterrupted run."""
+    uninterrupted run, its first two epochs at half size as the recipe's are."""
     log = tmp_path / "flaky.log"
-    cfg = smoke("flaky", epochs=4)
+    cfg = smoke("flaky", epochs=4, half_size=0.5)
     loop = partial(train_loop_per_worker, after_epoch=epoch_logger(log, crash_at=1))
     result = build_trainer(cfg.replace(max_failures=1), str(tmp_path), loop=loop).fit()
     seen = epochs(log)
@@ -133,7 +133,7 @@ def test_a_worker_raising_once_resumes_exactly(ray_session, tmp_path):
 
     clean_log = tmp_path / "clean.log"
     clean = build_trainer(
-        smoke("clean", epochs=4),
+        smoke("clean", epochs=4, half_size=0.5),
         str(tmp_path),
         loop=partial(train_loop_per_worker, after_epoch=epoch_logger(clean_log)),
     ).fit()

@@ -56,7 +56,7 @@ class SearchSettings(Settings):
 
 # Training settings a search fixes unless told (a laptop-sized budget), their flags' names here, what it searches.
 SEARCH_DEFAULTS = dict(  # Progress prints each result; the last trials take the cores the others leave
-    epochs=4, train_pairs=1500, threads=1, max_failures=1, epoch_lines=False, idle_cpus=True
+    epochs=4, train_pairs=1500, half_size=0.0, threads=1, max_failures=1, epoch_lines=False, idle_cpus=True
 )
 FLAGS = {"epochs": "--max-epochs", "workers": "--workers-per-trial", "threads": "--cpus-per-worker"}
 SEARCHED = ("lr", "loss", "conditioning", "batch_size", "width")
