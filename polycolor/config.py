@@ -73,7 +73,7 @@ class DataSettings(Settings):
     half_size: float = setting(
         0.5,
         "synthetic: the share of the epochs, the first ones (rounded up), trained on pairs at half the side (64 px), "
-        "each in about half the time",
+        "each in about a third of the time",
         lambda v: 0 <= v < 1,
         ">= 0 and < 1",
     )

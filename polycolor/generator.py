@@ -108,13 +108,10 @@ class Batches:
         self.mix = np.asarray(mix, float) / sum(mix)
         self.seed = (seed,) if isinstance(seed, int) else tuple(seed)
         self.colors, self.device, self.epoch = list(colors), torch.device(device), 0
-        self.size = 0
         self.resize(size)
 
     def resize(self, size: int) -> None:
         """Make the pairs ``size`` px square from now on (a recipe trains its first epochs at half size)."""
-        if size == self.size:
-            return
         self.size = size
         centres = (torch.arange(size, dtype=torch.float32) + 0.5).to(self.device)
         self.ys, self.xs = torch.meshgrid(centres, centres, indexing="ij")  # (S, S) pixel centres

@@ -78,8 +78,9 @@ def test_an_epoch_replays_exactly_and_each_differs():
 
 
 def test_half_size_pairs_keep_the_conventions_and_full_size_comes_back_unchanged():
-    """A recipe's first epochs train at 64 px: every kind of pair is made there (the largest shapes fit), its truth
-    still the fill of its outline; back at 128 px the pairs are those a generator that never shrank makes."""
+    """A recipe's first epochs train at 64 px: every kind of pair is made there (the largest shapes fit), each
+    enclosing something, its ink on its truth; back at 128 px the pairs are those a generator that never shrank
+    makes."""
     batches = Batches(256, 64, seed=5, scenes=0.6)
     batches.resize(64)
     outline, truth = pairs(batches, count=256)
